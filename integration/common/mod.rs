@@ -1,0 +1,250 @@
+//! Test clusters made of real network namespaces: a "switch" namespace with an underlay
+//! bridge, and one namespace per node joined to it by a veth pair. Everything is checked
+//! with the kernel's own tools (`ip`, `bridge`, `ping`, `tcpdump`).
+#![allow(dead_code)]
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ovl-controller");
+
+/// Root is needed for namespaces; without it a test fails loudly rather than passing.
+pub fn require_root() {
+    let uid = nix::unistd::geteuid();
+    assert!(
+        uid.is_root(),
+        "this integration test needs root (network namespaces); run it via scripts/test.sh as root"
+    );
+}
+
+pub fn sh(cmd: &str) -> Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn sh")
+}
+
+/// Runs a shell command that must succeed; returns its stdout.
+pub fn ok(cmd: &str) -> String {
+    let out = sh(cmd);
+    assert!(
+        out.status.success(),
+        "command failed: {cmd}\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A unique short prefix per test so tests can run in parallel.
+pub fn unique(tag: &str) -> String {
+    format!(
+        "{tag}{}x{}",
+        std::process::id() % 100000,
+        SEQ.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+pub struct Node {
+    pub name: String,
+    pub ns: String,
+    pub address: String,
+}
+
+pub struct Cluster {
+    pub switch: String,
+    pub nodes: Vec<Node>,
+    pub ipv6: bool,
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// `n` nodes named node-a, node-b, ... on an IPv4 (192.0.2.0/24) or IPv6
+    /// (2001:db8::/64) underlay with the given underlay MTU.
+    pub fn new(tag: &str, n: usize, ipv6: bool, underlay_mtu: u32) -> Cluster {
+        require_root();
+        let prefix = unique(tag);
+        let switch = format!("{prefix}-sw");
+        ok(&format!("ip netns add {switch}"));
+        let mut cluster = Cluster {
+            switch: switch.clone(),
+            nodes: vec![],
+            ipv6,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        ok(&format!(
+            "ip -n {switch} link add ub0 type bridge && ip -n {switch} link set ub0 mtu {underlay_mtu} up && ip -n {switch} link set lo up"
+        ));
+        for i in 0..n {
+            let letter = (b'a' + i as u8) as char;
+            let ns = format!("{prefix}-{letter}");
+            let address = if ipv6 {
+                format!("2001:db8::{}", i + 1)
+            } else {
+                format!("192.0.2.{}", i + 1)
+            };
+            let plen = if ipv6 { 64 } else { 24 };
+            ok(&format!("ip netns add {ns}"));
+            ok(&format!(
+                "ip -n {ns} link add eth0 mtu {underlay_mtu} type veth peer name p{i} netns {switch} && \
+                 ip -n {switch} link set p{i} mtu {underlay_mtu} master ub0 up && \
+                 ip -n {ns} link set lo up && \
+                 ip netns exec {ns} sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0 && \
+                 ip -n {ns} addr add {address}/{plen} dev eth0 nodad 2>/dev/null || ip -n {ns} addr add {address}/{plen} dev eth0; \
+                 ip -n {ns} link set eth0 up"
+            ));
+            cluster.nodes.push(Node {
+                name: format!("node-{letter}"),
+                ns,
+                address,
+            });
+        }
+        cluster
+    }
+
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .expect("node in cluster")
+    }
+
+    /// Writes a spec file with these nodes and the given `networks:` YAML block.
+    pub fn spec(&self, file: &str, networks_yaml: &str) -> PathBuf {
+        let mut text = String::from("apiVersion: ovl/v1\ncluster:\n  name: test\nnodes:\n");
+        for n in &self.nodes {
+            let _ = writeln!(text, "  - name: {}\n    address: \"{}\"", n.name, n.address);
+        }
+        text.push_str("networks:\n");
+        text.push_str(networks_yaml);
+        let path = self.dir.path().join(file);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Runs the controller inside a node's namespace.
+    pub fn ctl(&self, node: &str, args: &[&str]) -> Output {
+        let ns = &self.node(node).ns;
+        Command::new("ip")
+            .args(["netns", "exec", ns, BIN])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("spawn ovl-controller")
+    }
+
+    /// `apply -f spec` on a node; must exit 0; returns stdout (the plan).
+    pub fn apply(&self, node: &str, spec: &Path) -> String {
+        let out = self.ctl(node, &["apply", "-f", spec.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "apply on {node} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn apply_all(&self, spec: &Path) {
+        for n in &self.nodes {
+            self.apply(&n.name, spec);
+        }
+    }
+
+    /// One ping from `from` to `to_addr`; true when answered.
+    pub fn ping(&self, from: &str, to_addr: &str) -> bool {
+        let ns = &self.node(from).ns;
+        sh(&format!(
+            "ip netns exec {ns} ping -c 1 -W 2 -q {to_addr} >/dev/null 2>&1"
+        ))
+        .status
+        .success()
+    }
+
+    /// Pings until answered (ARP/ND and bridge learning need a moment), at most ~6 s.
+    pub fn ping_eventually(&self, from: &str, to_addr: &str) -> bool {
+        let ns = &self.node(from).ns;
+        sh(&format!(
+            "ip netns exec {ns} ping -c 3 -i 0.2 -w 6 -q {to_addr} >/dev/null 2>&1"
+        ))
+        .status
+        .success()
+    }
+
+    /// `ip -d -j link` of a node, parsed.
+    pub fn links(&self, node: &str) -> Vec<serde_json::Value> {
+        let ns = &self.node(node).ns;
+        serde_json::from_str(&ok(&format!("ip -n {ns} -d -j link show"))).unwrap()
+    }
+
+    pub fn link(&self, node: &str, name: &str) -> Option<serde_json::Value> {
+        self.links(node).into_iter().find(|l| l["ifname"] == name)
+    }
+
+    /// All-zero FDB destinations on a device, from `bridge -j fdb`.
+    pub fn fdb_dsts(&self, node: &str, dev: &str) -> Vec<String> {
+        let ns = &self.node(node).ns;
+        let v: Vec<serde_json::Value> =
+            serde_json::from_str(&ok(&format!("bridge -n {ns} -j fdb show dev {dev}"))).unwrap();
+        let mut d: Vec<String> = v
+            .iter()
+            .filter(|e| e["mac"] == "00:00:00:00:00:00")
+            .filter_map(|e| e["dst"].as_str().map(str::to_owned))
+            .collect();
+        d.sort();
+        d
+    }
+
+    /// A fingerprint of everything in a node's namespace the controller could touch.
+    pub fn kernel_dump(&self, node: &str) -> String {
+        let ns = &self.node(node).ns;
+        let links = ok(&format!(
+            "ip -n {ns} -d link show | grep -v -E 'link/|^ +(RX|TX)'"
+        ));
+        let addrs = ok(&format!("ip -n {ns} addr show | grep -E 'inet'"));
+        let fdb = ok(&format!(
+            "bridge -n {ns} fdb show | grep -v permanent || true"
+        ));
+        let pol = ok(&format!("ip -n {ns} xfrm policy"));
+        let st = ok(&format!("ip -n {ns} xfrm state"));
+        format!("{links}\n{addrs}\n{fdb}\n{pol}\n{st}")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &self.nodes {
+            let _ = sh(&format!(
+                "ip netns pids {0} | xargs -r kill -9; ip netns del {0}",
+                n.ns
+            ));
+        }
+        let _ = sh(&format!("ip netns del {}", self.switch));
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The change lines of a printed plan (lines starting with +, ~ or -), sorted.
+pub fn plan_lines(plan: &str) -> Vec<String> {
+    let mut v: Vec<String> = plan
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("+ ") || l.starts_with("~ ") || l.starts_with("- "))
+        .map(str::to_owned)
+        .collect();
+    v.sort();
+    v
+}

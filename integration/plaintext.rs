@@ -1,0 +1,400 @@
+//! Plaintext overlay end to end on this machine's kernel: real namespaces, real devices,
+//! real pings, checked with `ip -d -j link`, `bridge -j fdb` and `ip monitor`.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const TWO_NETWORKS: &str = "  - name: blue
+    vni: 100
+    addresses: {node-a: 10.1.0.1/24, node-b: 10.1.0.2/24, node-c: 10.1.0.3/24}
+  - name: red
+    vni: 200
+    nodes: [node-a, node-b]
+    addresses: {node-a: 10.2.0.1/24, node-b: 10.2.0.2/24}
+";
+
+fn two_networks_everywhere(ipv6: bool) {
+    let c = Cluster::new("pt", 3, ipv6, 1500);
+    let spec = c.spec("net.yaml", TWO_NETWORKS);
+    c.apply_all(&spec);
+    // (a) every member pair pings over each network, both ways.
+    let blue = [
+        ("node-a", "10.1.0.1"),
+        ("node-b", "10.1.0.2"),
+        ("node-c", "10.1.0.3"),
+    ];
+    for (from, _) in blue {
+        for (to, addr) in blue {
+            if from != to {
+                assert!(
+                    c.ping_eventually(from, addr),
+                    "blue: {from} -> {to} ({addr})"
+                );
+            }
+        }
+    }
+    assert!(c.ping_eventually("node-a", "10.2.0.2"));
+    assert!(c.ping_eventually("node-b", "10.2.0.1"));
+    // The non-member has no device for red; the members have both devices, VNI, port.
+    assert!(c.link("node-c", "ovbr-200").is_none() && c.link("node-c", "ovvx-200").is_none());
+    let vx = c.link("node-a", "ovvx-200").expect("ovvx-200 on node-a");
+    let info = &vx["linkinfo"]["info_data"];
+    assert_eq!(info["id"], 200);
+    assert_eq!(info["port"], 4789);
+    assert_eq!(vx["master"], "ovbr-200");
+    let expect_mtu = if ipv6 { 1430 } else { 1450 };
+    assert_eq!(vx["mtu"], expect_mtu);
+    assert_eq!(c.link("node-a", "ovbr-200").unwrap()["mtu"], expect_mtu);
+    let (b, cc) = (
+        c.node("node-b").address.clone(),
+        c.node("node-c").address.clone(),
+    );
+    let mut want = vec![b.clone(), cc];
+    want.sort();
+    assert_eq!(c.fdb_dsts("node-a", "ovvx-100"), want);
+    assert_eq!(c.fdb_dsts("node-a", "ovvx-200"), vec![b]);
+    // status explains it.
+    let st = c.ctl("node-a", &["status", "-o", "json"]);
+    assert!(st.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    let names: Vec<&str> = v["networks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["blue", "red"]);
+}
+
+#[test]
+fn a_three_nodes_two_networks_ipv4() {
+    two_networks_everywhere(false);
+}
+
+#[test]
+fn a_three_nodes_two_networks_ipv6() {
+    two_networks_everywhere(true);
+}
+
+/// Starts `ip monitor` and `bridge monitor fdb` in a namespace; returns their output
+/// after `f` ran.
+fn monitored(ns: &str, f: impl FnOnce()) -> String {
+    let mut mon = Command::new("sh")
+        .arg("-c")
+        .arg(format!("ip -n {ns} monitor link address & bridge -n {ns} monitor fdb & ip -n {ns} xfrm monitor & wait"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    f();
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(mon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = mon.kill();
+    let out = mon.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+use std::os::unix::process::CommandExt as _;
+
+#[test]
+fn b_second_apply_changes_nothing() {
+    let c = Cluster::new("idem", 3, false, 1500);
+    let spec = c.spec("net.yaml", TWO_NETWORKS);
+    c.apply_all(&spec);
+    std::thread::sleep(Duration::from_millis(500));
+    for n in ["node-a", "node-c"] {
+        let mut plan = String::new();
+        let events = monitored(&c.node(n).ns.clone(), || plan = c.apply(n, &spec));
+        assert!(plan.contains("No changes"), "{plan}");
+        assert!(plan_lines(&plan).is_empty(), "{plan}");
+        // Bridge learning of traffic is not ours; any event about our objects would be.
+        let ours: Vec<&str> = events.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(
+            ours.is_empty(),
+            "kernel changed during a no-op apply on {n}:\n{events}"
+        );
+    }
+}
+
+#[test]
+fn c_drift_is_repaired_exactly() {
+    let c = Cluster::new("drift", 3, false, 1500);
+    let spec = c.spec("net.yaml", TWO_NETWORKS);
+    c.apply_all(&spec);
+    let a = c.node("node-a").ns.clone();
+    let (b, cc) = (
+        c.node("node-b").address.clone(),
+        c.node("node-c").address.clone(),
+    );
+    ok(&format!("ip -n {a} link del ovvx-200"));
+    ok(&format!(
+        "bridge -n {a} fdb del 00:00:00:00:00:00 dev ovvx-100 dst {cc}"
+    ));
+    ok(&format!("ip -n {a} link set ovbr-100 mtu 1300"));
+    let plan = c.apply("node-a", &spec);
+    let mut want = vec![
+        "+ link ovvx-200 (vxlan vni 200 local 192.0.2.1 dstport 4789 dev eth0, mtu 1450, master ovbr-200) network red".to_owned(),
+        format!("+ fdb 00:00:00:00:00:00 dst {b} on ovvx-200"),
+        "~ link ovvx-200 down => up".to_owned(),
+        format!("+ fdb 00:00:00:00:00:00 dst {cc} on ovvx-100"),
+        "~ link ovbr-100 mtu 1300 => 1450".to_owned(),
+    ];
+    want.sort();
+    assert_eq!(plan_lines(&plan), want, "{plan}");
+    assert!(c.apply("node-a", &spec).contains("No changes"));
+    assert!(c.ping_eventually("node-a", "10.2.0.2"));
+    assert!(c.ping_eventually("node-a", "10.1.0.3"));
+}
+
+#[test]
+fn d_spec_changes_converge_with_exact_plans() {
+    let c = Cluster::new("chg", 3, false, 1500);
+    let spec = c.spec("net.yaml", TWO_NETWORKS);
+    c.apply_all(&spec);
+    let (a, cc) = (
+        c.node("node-a").address.clone(),
+        c.node("node-c").address.clone(),
+    );
+    // node-c leaves blue, blue's MTU changes, red's VNI changes to 201.
+    let changed = c.spec(
+        "net2.yaml",
+        "  - name: blue
+    vni: 100
+    mtu: 1400
+    nodes: [node-a, node-b]
+    addresses: {node-a: 10.1.0.1/24, node-b: 10.1.0.2/24}
+  - name: red
+    vni: 201
+    nodes: [node-a, node-b]
+    addresses: {node-a: 10.2.0.1/24, node-b: 10.2.0.2/24}
+",
+    );
+    let plan_b = c.apply("node-b", &changed);
+    let mut want = vec![
+        format!("- fdb 00:00:00:00:00:00 dst {cc} on ovvx-100"),
+        "~ link ovbr-100 mtu 1450 => 1400".to_owned(),
+        "~ link ovvx-100 mtu 1450 => 1400".to_owned(),
+        "- link ovvx-200".to_owned(),
+        "- link ovbr-200".to_owned(),
+        "+ link ovbr-201 (bridge, mtu 1450) network red".to_owned(),
+        "+ link ovvx-201 (vxlan vni 201 local 192.0.2.2 dstport 4789 dev eth0, mtu 1450, master ovbr-201) network red".to_owned(),
+        "+ address 10.2.0.2/24 on ovbr-201".to_owned(),
+        format!("+ fdb 00:00:00:00:00:00 dst {a} on ovvx-201"),
+        "~ link ovbr-201 down => up".to_owned(),
+        "~ link ovvx-201 down => up".to_owned(),
+    ];
+    want.sort();
+    assert_eq!(plan_lines(&plan_b), want, "{plan_b}");
+    let plan_c = c.apply("node-c", &changed);
+    let mut want_c = vec!["- link ovvx-100".to_owned(), "- link ovbr-100".to_owned()];
+    want_c.sort();
+    assert_eq!(plan_lines(&plan_c), want_c, "{plan_c}");
+    c.apply("node-a", &changed);
+    assert!(c.ping_eventually("node-a", "10.2.0.2"));
+    assert!(c.ping_eventually("node-b", "10.1.0.1"));
+    // A network removed from the spec is removed from the kernel.
+    let only_blue = c.spec(
+        "net3.yaml",
+        "  - name: blue\n    vni: 100\n    mtu: 1400\n    nodes: [node-a, node-b]\n",
+    );
+    let plan = c.apply("node-a", &only_blue);
+    assert!(
+        plan_lines(&plan).contains(&"- link ovbr-201".to_owned()),
+        "{plan}"
+    );
+    assert!(
+        plan_lines(&plan).contains(&"- address 10.1.0.1/24 on ovbr-100".to_owned()),
+        "{plan}"
+    );
+    assert!(c.link("node-a", "ovvx-201").is_none());
+    assert!(c.apply("node-a", &only_blue).contains("No changes"));
+}
+
+#[test]
+fn e_killed_apply_converges_on_the_next_run() {
+    let c = Cluster::new("crash", 1, false, 1500);
+    let mut nets = String::new();
+    for i in 0..200 {
+        nets.push_str(&format!("  - name: n{i}\n    vni: {}\n", 1000 + i));
+    }
+    let spec = c.spec("big.yaml", &nets);
+    let ns = c.node("node-a").ns.clone();
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            BIN,
+            "apply",
+            "-f",
+            spec.to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once it has created some but not all of the 400 links.
+    let mut seen = 0;
+    for _ in 0..2000 {
+        seen = ok(&format!("ip -n {ns} -o link show | grep -c ' ov' || true"))
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        if seen >= 40 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let after_kill: usize = ok(&format!("ip -n {ns} -o link show | grep -c ' ov' || true"))
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    assert!(
+        seen >= 40 && after_kill < 400,
+        "did not catch the apply halfway (saw {seen}, then {after_kill} links)"
+    );
+    let plan = c.apply("node-a", &spec);
+    assert!(!plan_lines(&plan).is_empty());
+    assert!(c.apply("node-a", &spec).contains("No changes"));
+    let links: usize = ok(&format!("ip -n {ns} -o link show up | grep -c ' ov'"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(links, 400);
+}
+
+#[test]
+fn f_delete_removes_ours_and_spares_foreign_objects() {
+    let c = Cluster::new("del", 2, false, 1500);
+    let spec = c.spec(
+        "net.yaml",
+        "  - name: blue\n    vni: 100\n    addresses: {node-a: 10.1.0.1/24, node-b: 10.1.0.2/24}\n",
+    );
+    let a = c.node("node-a").ns.clone();
+    // Foreign objects, including ones that look like ours by name.
+    ok(&format!(
+        "ip -n {a} link add userbr type bridge && \
+         ip -n {a} link add uservx type vxlan id 77 local 192.0.2.1 dstport 4789 dev eth0 && \
+         ip -n {a} link set uservx master userbr && \
+         bridge -n {a} fdb append 00:00:00:00:00:00 dev uservx dst 192.0.2.99 && \
+         ip -n {a} link add ovbr-300 type bridge"
+    ));
+    let foreign = |c: &Cluster| {
+        (
+            c.link("node-a", "userbr").is_some(),
+            c.link("node-a", "uservx").is_some(),
+            c.link("node-a", "ovbr-300").is_some(),
+            c.fdb_dsts("node-a", "uservx"),
+        )
+    };
+    let before = foreign(&c);
+    assert_eq!(before, (true, true, true, vec!["192.0.2.99".to_owned()]));
+    c.apply_all(&spec);
+    assert!(c.ping_eventually("node-a", "10.1.0.2"));
+    assert_eq!(foreign(&c), before);
+    let out = c.ctl("node-a", &["delete", "-f", spec.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(c.link("node-a", "ovbr-100").is_none() && c.link("node-a", "ovvx-100").is_none());
+    assert_eq!(foreign(&c), before);
+    let st = c.ctl("node-a", &["status"]);
+    assert!(
+        stdout(&st).contains("No overlay networks"),
+        "{}",
+        stdout(&st)
+    );
+    // Delete again: nothing to do, still exit 0.
+    let out = c.ctl("node-a", &["delete", "-f", spec.to_str().unwrap()]);
+    assert!(out.status.success() && stdout(&out).contains("No changes"));
+}
+
+fn mtu_edges(ipv6: bool) {
+    let c = Cluster::new("mtu", 2, ipv6, 1500);
+    let spec = c.spec(
+        "net.yaml",
+        "  - name: blue\n    vni: 100\n    addresses: {node-a: 10.1.0.1/24, node-b: 10.1.0.2/24}\n",
+    );
+    c.apply_all(&spec);
+    assert!(c.ping_eventually("node-a", "10.1.0.2"));
+    let mtu = if ipv6 { 1430 } else { 1450 };
+    let sw = c.switch.clone();
+    let a = c.node("node-a").ns.clone();
+    // Count fragments on the underlay while the big pings run.
+    let filter = if ipv6 {
+        "ip6 and ip6[6] == 44"
+    } else {
+        "ip and (ip[6:2] & 0x3fff) != 0"
+    };
+    let pcap = c.dir.path().join("frag.pcap");
+    let mut dump = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &sw,
+            "tcpdump",
+            "-i",
+            "ub0",
+            "-n",
+            "-U",
+            "-w",
+            pcap.to_str().unwrap(),
+            filter,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let fits = sh(&format!(
+        "ip netns exec {a} ping -M do -c 2 -W 2 -s {} 10.1.0.2",
+        mtu - 28
+    ));
+    let too_big = sh(&format!(
+        "ip netns exec {a} ping -M do -c 1 -W 2 -s {} 10.1.0.2",
+        mtu - 27
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(dump.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = dump.wait();
+    assert!(
+        fits.status.success(),
+        "largest DF ping failed: {}",
+        stdout(&fits)
+    );
+    assert!(!too_big.status.success());
+    let msg = format!("{}{}", stdout(&too_big), stderr(&too_big)).to_lowercase();
+    assert!(
+        msg.contains("message too long") || msg.contains("mtu"),
+        "{msg}"
+    );
+    let frags = ok(&format!(
+        "tcpdump -r {} -n 2>/dev/null | wc -l",
+        pcap.display()
+    ));
+    assert_eq!(frags.trim(), "0", "fragments seen on the underlay");
+}
+
+#[test]
+fn h_mtu_edge_ipv4() {
+    mtu_edges(false);
+}
+
+#[test]
+fn h_mtu_edge_ipv6() {
+    mtu_edges(true);
+}

@@ -1,0 +1,72 @@
+use clap::Args;
+
+use ovl::kernel::Kernel;
+use ovl::reconcile::{self, Keys, ReconcileError};
+
+use super::{Common, Failure, SpecFile, load_spec, runtime};
+
+#[derive(Args, Debug)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub spec: SpecFile,
+    /// Print the plan and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DeleteArgs {
+    #[command(flatten)]
+    pub spec: SpecFile,
+    /// Print what would be removed and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+fn reconcile_failure(e: ReconcileError) -> Failure {
+    if e.is_input_error() {
+        Failure::input(e)
+    } else {
+        Failure::runtime(e)
+    }
+}
+
+pub fn run_apply(common: &Common, args: &ApplyArgs) -> Result<(), Failure> {
+    let spec = load_spec(&args.spec.file)?;
+    runtime()?.block_on(async {
+        let kernel = Kernel::connect().map_err(Failure::runtime)?;
+        let node = reconcile::identify_node(&spec, common.node.as_deref(), &kernel)
+            .await
+            .map_err(reconcile_failure)?;
+        let keys = Keys::Unavailable {
+            reason: "keys for encrypted networks are agreed by the agent: start `ovl-controller agent` on this node"
+                .into(),
+        };
+        let outcome = reconcile::apply(&spec, node, &kernel, keys, args.dry_run)
+            .await
+            .map_err(reconcile_failure)?;
+        if args.dry_run {
+            println!("Dry run for node {}: nothing is changed.", node.name);
+        }
+        print!("{}", outcome.plan);
+        if !args.dry_run && !outcome.plan.is_empty() {
+            println!("Applied {} changes on node {}.", outcome.plan.changes.len(), node.name);
+        }
+        match outcome.encrypted_not_up {
+            Some(e) => Err(Failure::runtime(e)),
+            None => Ok(()),
+        }
+    })
+}
+
+pub fn run_delete(_common: &Common, args: &DeleteArgs) -> Result<(), Failure> {
+    let spec = load_spec(&args.spec.file)?;
+    runtime()?.block_on(async {
+        let kernel = Kernel::connect().map_err(Failure::runtime)?;
+        let plan = reconcile::delete(&spec, &kernel, args.dry_run)
+            .await
+            .map_err(reconcile_failure)?;
+        print!("{plan}");
+        Ok(())
+    })
+}

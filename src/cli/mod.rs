@@ -1,0 +1,161 @@
+//! Command-line interface: argument parsing and output only. Each subcommand has its own
+//! file; the work is done by the library.
+
+mod apply;
+mod keygen;
+mod status;
+mod validate;
+
+use std::io::Read as _;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use ovl::spec::{self, MAX_SPEC_BYTES, Spec};
+
+/// Exit codes of the contract: 0 done, 1 failed at run time, 2 invalid input or usage.
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_RUNTIME: u8 = 1;
+pub const EXIT_INPUT: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ovl-controller",
+    version,
+    about = "Declarative VXLAN overlays with kernel IPsec ESP"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every subcommand accepts, so scripts can pass one set to all of them.
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// This node's name in the spec (default: the node whose address is local).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub node: Option<String>,
+    /// Directory for the agent's state.
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        default_value = "/var/lib/ovl-controller"
+    )]
+    pub state_dir: PathBuf,
+    /// The local agent's control socket.
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        default_value = "/run/ovl-controller/agent.sock"
+    )]
+    pub socket: PathBuf,
+    /// This node's private key file.
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        default_value = "/etc/ovl-controller/node.key"
+    )]
+    pub key: PathBuf,
+    /// Log verbosity (also RUST_LOG): error, warn, info, debug, trace.
+    #[arg(long, global = true, value_name = "LEVEL", default_value = "warn")]
+    pub log_level: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Check a spec file and report every problem with its location.
+    Validate(SpecFile),
+    /// Show the plan for this node and apply it.
+    Apply(apply::ApplyArgs),
+    /// Remove everything the spec's networks own on this node.
+    Delete(apply::DeleteArgs),
+    /// Show the overlay state of this node.
+    Status(status::StatusArgs),
+    /// Run the per-node daemon.
+    Agent(SpecFile),
+    /// Rotate keys now (for cron and timers).
+    Rotate(RotateArgs),
+    /// Create this node's identity key (mode 0600) and print its public key.
+    Keygen(keygen::KeygenArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SpecFile {
+    /// The spec file, or - for standard input.
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct RotateArgs {
+    #[arg(long, value_name = "NAME")]
+    pub network: Option<String>,
+    #[arg(long, value_name = "NAME")]
+    pub peer: Option<String>,
+}
+
+/// A failure with the exit code it maps to. Messages are one line where possible.
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn input(message: impl std::fmt::Display) -> Failure {
+        Failure {
+            code: EXIT_INPUT,
+            message: message.to_string(),
+        }
+    }
+    pub fn runtime(message: impl std::fmt::Display) -> Failure {
+        Failure {
+            code: EXIT_RUNTIME,
+            message: message.to_string(),
+        }
+    }
+}
+
+/// Reads and validates a spec file (`-` is standard input), never more than the size
+/// limit plus one byte, so a huge file is refused without being read whole.
+pub fn load_spec(path: &std::path::Path) -> Result<Spec, Failure> {
+    let (name, mut reader): (String, Box<dyn std::io::Read>) = if path.as_os_str() == "-" {
+        ("<stdin>".into(), Box::new(std::io::stdin()))
+    } else {
+        let file = std::fs::File::open(path)
+            .map_err(|e| Failure::input(format!("{}: {e}", path.display())))?;
+        (path.display().to_string(), Box::new(file))
+    };
+    let mut bytes = Vec::new();
+    reader
+        .by_ref()
+        .take(MAX_SPEC_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Failure::input(format!("{name}: {e}")))?;
+    spec::parse(&bytes, &name).map_err(Failure::input)
+}
+
+pub fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Validate(args) => validate::run(&args),
+        Command::Apply(args) => apply::run_apply(&cli.common, &args),
+        Command::Delete(args) => apply::run_delete(&cli.common, &args),
+        Command::Status(args) => status::run(&cli.common, &args),
+        Command::Keygen(args) => keygen::run(&args),
+        Command::Agent(_) | Command::Rotate(_) => Err(Failure::runtime(
+            "the agent and key rotation are not part of this build yet; see README (Status of the project)",
+        )),
+    }
+}
+
+/// A single-threaded runtime: the CLI does one thing at a time.
+pub fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime(format!("cannot start the async runtime: {e}")))
+}

@@ -1,0 +1,119 @@
+//! The only module that talks to the kernel (netlink). Everything else is pure.
+//!
+//! - [`links`]: links, bridges, VXLAN devices, addresses and FDB entries (rtnetlink);
+//! - [`xfrm`]: XFRM states and policies (xfrmnetlink / netlink-packet-xfrm).
+//!
+//! A [`Kernel`] works in the network namespace of the thread that opened it.
+
+pub mod links;
+pub mod xfrm;
+
+use std::net::IpAddr;
+
+use crate::plan::Change;
+use crate::state::{IfName, KernelState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("cannot open a netlink socket: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("netlink {operation} failed: {message}")]
+    Netlink { operation: String, message: String },
+    #[error("kernel returned an unexpected {what}: {detail}")]
+    Unexpected { what: &'static str, detail: String },
+    #[error(
+        "this kernel cannot carry encrypted networks: {detail} (needs CONFIG_INET_ESP/CONFIG_INET6_ESP, \
+         CONFIG_XFRM_USER and the rfc4106(gcm(aes)) AEAD)"
+    )]
+    NoEsp { detail: String },
+    #[error("cannot enter network namespace {path}: {source}")]
+    Netns { path: String, source: std::io::Error },
+    /// The kernel answered a request with an errno (`source.raw_os_error()`).
+    #[error("kernel refused \"{operation}\": {source}")]
+    Refused { operation: String, source: std::io::Error },
+    #[error("{operation}: no link named {link}")]
+    LinkNotFound { operation: String, link: String },
+    /// A link with one of our names exists but is not ours (no ownership alias), so the
+    /// controller will not create, adopt or change it.
+    #[error("{operation}: link {link} already exists and is not owned by ovl-controller ({reason})")]
+    ForeignLink { operation: String, link: String, reason: String },
+    /// A change was handed to the wrong executor (a bug, never a panic).
+    #[error("{operation}: not a {executor} change")]
+    Unsupported { operation: String, executor: &'static str },
+}
+
+impl KernelError {
+    /// The errno the kernel answered with, when it refused a request.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            KernelError::Refused { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+/// The interface that carries a local address, and its MTU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Underlay {
+    pub name: IfName,
+    pub index: u32,
+    pub mtu: u32,
+}
+
+pub struct Kernel {
+    pub(crate) route: rtnetlink::Handle,
+    pub(crate) xfrm: xfrmnetlink::Handle,
+}
+
+impl Kernel {
+    /// Opens netlink connections in the current network namespace. Must be called inside
+    /// a tokio runtime (the connections are spawned on it).
+    pub fn connect() -> Result<Kernel, KernelError> {
+        let (conn, route, _) = rtnetlink::new_connection().map_err(KernelError::Connect)?;
+        tokio::spawn(conn);
+        let (conn, xfrm, _) = xfrmnetlink::new_connection().map_err(KernelError::Connect)?;
+        tokio::spawn(conn);
+        Ok(Kernel { route, xfrm })
+    }
+
+    /// Everything the controller owns in this namespace.
+    pub async fn dump(&self) -> Result<KernelState, KernelError> {
+        let mut state = links::dump(&self.route).await?;
+        let (policies, sas) = xfrm::dump(&self.xfrm).await?;
+        state.policies = policies;
+        state.sas = sas;
+        Ok(state)
+    }
+
+    /// Runs the changes in the given order, stopping at the first failure. The plan's
+    /// order is what keeps every intermediate state safe, so it is never reordered here.
+    pub async fn execute(&self, changes: &[Change]) -> Result<(), KernelError> {
+        for change in changes {
+            tracing::debug!(%change, "kernel change");
+            match change {
+                Change::PutPolicy { .. }
+                | Change::DeletePolicy(_)
+                | Change::AddSa(_)
+                | Change::DeleteSa(_) => xfrm::execute(&self.xfrm, change).await?,
+                _ => links::execute(&self.route, change).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The local interface holding `addr`, if any.
+    pub async fn underlay_for(&self, addr: IpAddr) -> Result<Option<Underlay>, KernelError> {
+        links::underlay_for(&self.route, addr).await
+    }
+
+    /// Every address configured on a local interface (for "which node am I").
+    pub async fn local_addresses(&self) -> Result<Vec<IpAddr>, KernelError> {
+        links::local_addresses(&self.route).await
+    }
+
+    /// Fails with [`KernelError::NoEsp`] when this kernel cannot install an ESP
+    /// AES-GCM SA. Leaves nothing behind.
+    pub async fn check_esp(&self, local: IpAddr) -> Result<(), KernelError> {
+        xfrm::check_esp(&self.xfrm, local).await
+    }
+}

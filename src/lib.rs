@@ -1,0 +1,18 @@
+//! ovl-controller: declarative VXLAN overlays with kernel IPsec ESP.
+//!
+//! Data flows one way (functional core, imperative shell):
+//! ```text
+//! spec file --spec::parse--> Spec --desired::build--> KernelState (desired)
+//! kernel --kernel::dump--> KernelState (observed);  plan::plan(desired, observed) --> Plan
+//! Plan --kernel::execute--> netlink
+//! ```
+
+pub mod desired;
+pub mod keys;
+pub mod kernel;
+pub mod plan;
+pub mod spec;
+pub mod state;
+pub mod reconcile;
+pub mod status;
+pub mod identity;

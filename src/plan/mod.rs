@@ -1,0 +1,228 @@
+//! Desired vs observed -> an ordered list of [`Change`]s (pure).
+//!
+//! The order is what keeps every intermediate state safe:
+//! 1. enforcement first: policies (catch-all block before anything else), then SAs,
+//!    inbound before outbound, so an encrypted network's device never exists without
+//!    its blocking policies and a sender never switches to a key the receiver lacks;
+//! 2. links that go away or must be recreated are deleted (VXLAN before bridge);
+//! 3. links are created down (bridges, then VXLAN ports), then changed;
+//! 4. addresses and FDB entries;
+//! 5. links are brought up (ports, then bridges);
+//! 6. old SAs (outbound, then inbound) and policies that are no longer wanted are removed
+//!    last, after the devices that needed them are gone (catch-alls last of all).
+//!
+//! Only objects in `observed` can be changed or deleted, and `observed` holds only what
+//! the controller owns, so a plan never touches a foreign object.
+
+mod change;
+mod model;
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+pub use change::{Change, ChangeKind};
+pub use model::simulate;
+
+use crate::state::{Direction, IfName, KernelState, Link, LinkKind, Policy, PolicyAction, Sa};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub changes: Vec<Change>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+    pub fn count(&self, kind: ChangeKind) -> usize {
+        self.changes.iter().filter(|c| c.kind() == kind).count()
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return writeln!(f, "No changes: the kernel already matches the spec.");
+        }
+        writeln!(
+            f,
+            "Plan: {} to create, {} to change, {} to delete.",
+            self.count(ChangeKind::Create),
+            self.count(ChangeKind::Modify),
+            self.count(ChangeKind::Delete)
+        )?;
+        for change in &self.changes {
+            writeln!(f, "  {change}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Links whose creation-time parameters differ must be deleted and created again.
+fn needs_recreate(want: &Link, have: &Link) -> bool {
+    match (&want.kind, &have.kind) {
+        (LinkKind::Bridge, LinkKind::Bridge) => false,
+        (LinkKind::Vxlan(a), LinkKind::Vxlan(b)) => a != b,
+        _ => true,
+    }
+}
+
+/// Catch-all block first, then the catch-all inbound requirement, then pair policies:
+/// at no point is a pair policy present without the catch-alls behind it.
+fn policy_rank(p: &Policy) -> (u8, Direction) {
+    let rank = match p.action {
+        PolicyAction::Block => 0,
+        PolicyAction::Esp { src: None, .. } => 1,
+        PolicyAction::Esp { .. } => 2,
+    };
+    (rank, p.id.dir)
+}
+
+/// An SA is outbound when a desired or observed OUT policy of ours names its pair.
+fn is_outbound(sa: &Sa, desired: &KernelState, observed: &KernelState) -> bool {
+    desired.policies.values().chain(observed.policies.values()).any(|p| {
+        p.id.dir == Direction::Out
+            && p.action == PolicyAction::Esp { src: Some(sa.id.src), dst: Some(sa.id.dst) }
+    })
+}
+
+pub fn plan(desired: &KernelState, observed: &KernelState) -> Plan {
+    let mut out = Vec::new();
+
+    // 1. Enforcement: policies, then new SAs (inbound before outbound).
+    let mut puts: Vec<&Policy> = desired
+        .policies
+        .values()
+        .filter(|p| observed.policies.get(&p.id) != Some(*p))
+        .collect();
+    puts.sort_by_key(|p| policy_rank(p));
+    for p in puts {
+        out.push(Change::PutPolicy {
+            policy: p.clone(),
+            replaces: observed.policies.get(&p.id).cloned(),
+        });
+    }
+    let changed_sas: Vec<&Sa> = desired
+        .sas
+        .values()
+        .filter(|sa| observed.sas.get(&sa.id).is_some_and(|o| o != *sa))
+        .collect();
+    for sa in &changed_sas {
+        // Same SPI but other content: the old one must go before the new one can exist.
+        out.push(Change::DeleteSa(sa.id));
+    }
+    let mut new_sas: Vec<&Sa> = desired
+        .sas
+        .values()
+        .filter(|sa| observed.sas.get(&sa.id) != Some(*sa))
+        .collect();
+    new_sas.sort_by_key(|sa| is_outbound(sa, desired, observed));
+    out.extend(new_sas.into_iter().map(|sa| Change::AddSa(sa.clone())));
+
+    // 2. Links to delete or recreate: VXLAN devices before bridges.
+    let mut gone: BTreeSet<IfName> = BTreeSet::new();
+    let mut deletions: Vec<&Link> = observed
+        .links
+        .values()
+        .filter(|have| desired.links.get(&have.name).is_none_or(|want| needs_recreate(want, have)))
+        .collect();
+    deletions.sort_by_key(|l| matches!(l.kind, LinkKind::Bridge));
+    for l in deletions {
+        gone.insert(l.name.clone());
+        out.push(Change::DeleteLink(l.clone()));
+    }
+
+    // 3. Create (down) bridges, then ports; then change what differs.
+    let mut creations: Vec<&Link> = desired
+        .links
+        .values()
+        .filter(|l| !observed.links.contains_key(&l.name) || gone.contains(&l.name))
+        .collect();
+    creations.sort_by_key(|l| !matches!(l.kind, LinkKind::Bridge));
+    for l in &creations {
+        out.push(Change::CreateLink(Link { up: false, ..(*l).clone() }));
+    }
+    for want in desired.links.values() {
+        let Some(have) = observed.links.get(&want.name).filter(|_| !gone.contains(&want.name))
+        else {
+            continue;
+        };
+        if have.alias != want.alias {
+            out.push(Change::SetAlias {
+                link: want.name.clone(),
+                from: have.alias.clone(),
+                to: want.alias.clone(),
+            });
+        }
+        if have.mtu != want.mtu {
+            out.push(Change::SetMtu { link: want.name.clone(), from: have.mtu, to: want.mtu });
+        }
+        // A port whose bridge was recreated has lost its master.
+        let have_master = have.master.clone().filter(|m| !gone.contains(m));
+        if have_master != want.master {
+            out.push(Change::SetMaster {
+                link: want.name.clone(),
+                from: have_master,
+                to: want.master.clone(),
+            });
+        }
+    }
+
+    // 4. Addresses and FDB entries (those on deleted links went with them).
+    let survives = |link: &IfName| !gone.contains(link) && desired.links.contains_key(link);
+    for a in observed.addresses.difference(&desired.addresses) {
+        if survives(&a.link) {
+            out.push(Change::DeleteAddress(a.clone()));
+        }
+    }
+    for a in &desired.addresses {
+        if gone.contains(&a.link) || !observed.addresses.contains(a) {
+            out.push(Change::AddAddress(a.clone()));
+        }
+    }
+    for e in observed.fdb.difference(&desired.fdb) {
+        if survives(&e.link) {
+            out.push(Change::DeleteFdb(e.clone()));
+        }
+    }
+    for e in &desired.fdb {
+        if gone.contains(&e.link) || !observed.fdb.contains(e) {
+            out.push(Change::AddFdb(e.clone()));
+        }
+    }
+
+    // 5. Bring links up: ports before bridges, so the bridge starts forwarding with
+    //    every port in place.
+    let mut ups: Vec<&Link> = desired
+        .links
+        .values()
+        .filter(|want| {
+            want.up
+                && (gone.contains(&want.name)
+                    || observed.links.get(&want.name).is_none_or(|have| !have.up))
+        })
+        .collect();
+    ups.sort_by_key(|l| matches!(l.kind, LinkKind::Bridge));
+    for l in ups {
+        out.push(Change::SetUp { link: l.name.clone() });
+    }
+
+    // 6. Old SAs (outbound first, so nothing is sent on an SA about to lose its inbound
+    //    peer), then policies no longer wanted (pair policies before catch-alls).
+    let mut old_sas: Vec<&Sa> =
+        observed.sas.values().filter(|sa| !desired.sas.contains_key(&sa.id)).collect();
+    old_sas.sort_by_key(|sa| !is_outbound(sa, desired, observed));
+    out.extend(old_sas.into_iter().map(|sa| Change::DeleteSa(sa.id)));
+    let mut old_policies: Vec<&Policy> = observed
+        .policies
+        .values()
+        .filter(|p| !desired.policies.contains_key(&p.id))
+        .collect();
+    old_policies.sort_by_key(|p| std::cmp::Reverse(policy_rank(p)));
+    out.extend(old_policies.into_iter().map(|p| Change::DeletePolicy(p.id)));
+
+    Plan { changes: out }
+}
+
+#[cfg(test)]
+mod tests;

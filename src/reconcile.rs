@@ -1,0 +1,192 @@
+//! One reconcile pass: spec + kernel -> plan -> kernel. Shared by `apply`, `delete` and
+//! (later) the agent. The pure parts live in [`crate::desired`] and [`crate::plan`];
+//! this module only sequences them around the kernel calls.
+
+use std::net::IpAddr;
+
+use crate::desired::{self, DesiredError, Keyring, LocalNode, Scope};
+use crate::kernel::{Kernel, KernelError};
+use crate::plan::{self, Plan};
+use crate::spec::{Node, NodeName, Spec};
+use crate::state::{IfName, KernelState, LinkKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("node {0} is not in the spec")]
+    UnknownNode(String),
+    #[error(
+        "cannot tell which node this is: no node's address is configured on a local interface \
+         (pass --node NAME)"
+    )]
+    NoLocalNode,
+    #[error("cannot tell which node this is: several nodes' addresses are local ({0}); pass --node NAME")]
+    SeveralLocalNodes(String),
+    #[error("node {node}: its address {address} is not configured on any local interface")]
+    AddressNotLocal { node: String, address: IpAddr },
+    #[error(transparent)]
+    Desired(#[from] DesiredError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error("the kernel did not reach the spec after the plan ran; still different:\n{0}")]
+    NotConverged(Plan),
+    #[error("encrypted networks {networks} were not brought up: {reason}")]
+    EncryptedNotUp { networks: String, reason: String },
+}
+
+impl ReconcileError {
+    /// Errors caused by the operator's input (exit code 2) rather than by the run.
+    pub fn is_input_error(&self) -> bool {
+        matches!(
+            self,
+            ReconcileError::UnknownNode(_)
+                | ReconcileError::NoLocalNode
+                | ReconcileError::SeveralLocalNodes(_)
+                | ReconcileError::AddressNotLocal { .. }
+                | ReconcileError::Desired(_)
+        )
+    }
+}
+
+/// `--node NAME`, else the one node whose address is configured locally.
+pub async fn identify_node<'s>(
+    spec: &'s Spec,
+    requested: Option<&str>,
+    kernel: &Kernel,
+) -> Result<&'s Node, ReconcileError> {
+    if let Some(name) = requested {
+        return spec
+            .nodes
+            .iter()
+            .find(|n| n.name.as_str() == name)
+            .ok_or_else(|| ReconcileError::UnknownNode(name.to_owned()));
+    }
+    let local = kernel.local_addresses().await?;
+    let mine: Vec<&Node> = spec.nodes.iter().filter(|n| local.contains(&n.address)).collect();
+    match mine.as_slice() {
+        [] => Err(ReconcileError::NoLocalNode),
+        [one] => Ok(one),
+        many => Err(ReconcileError::SeveralLocalNodes(
+            many.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", "),
+        )),
+    }
+}
+
+/// How encrypted networks are handled on this pass.
+pub enum Keys<'k> {
+    /// Keys held for the peers (from the agent, or handed in by a test).
+    Ring(&'k Keyring),
+    /// No keys can be had (no agent): encrypted networks are left exactly as they are.
+    Unavailable { reason: String },
+}
+
+pub struct Outcome {
+    pub plan: Plan,
+    /// Set when encrypted networks were left down; the caller reports it (exit 1).
+    pub encrypted_not_up: Option<ReconcileError>,
+}
+
+/// Plans (and unless `dry_run`, applies) the spec on this node.
+pub async fn apply(
+    spec: &Spec,
+    node: &Node,
+    kernel: &Kernel,
+    keys: Keys<'_>,
+    dry_run: bool,
+) -> Result<Outcome, ReconcileError> {
+    let underlay = kernel.underlay_for(node.address).await?.ok_or_else(|| {
+        ReconcileError::AddressNotLocal { node: node.name.to_string(), address: node.address }
+    })?;
+    let local = LocalNode { node, underlay: underlay.name, underlay_mtu: underlay.mtu };
+    let encrypted: Vec<&str> = desired::member_networks(spec, &node.name)
+        .filter(|n| n.encrypted)
+        .map(|n| n.name.as_str())
+        .collect();
+
+    let empty = Keyring::new();
+    let mut hold_reason = match &keys {
+        Keys::Unavailable { reason } if !encrypted.is_empty() => Some(reason.clone()),
+        _ => None,
+    };
+    if hold_reason.is_none() && !encrypted.is_empty() {
+        if let Err(e) = kernel.check_esp(node.address).await {
+            hold_reason = Some(e.to_string());
+        }
+    }
+    let (ring, scope) = match (&keys, &hold_reason) {
+        (_, Some(_)) => (&empty, Scope::PlaintextOnly),
+        (Keys::Ring(r), None) => (*r, Scope::All),
+        (Keys::Unavailable { .. }, None) => (&empty, Scope::All),
+    };
+
+    let observed = kernel.dump().await?;
+    let mut want = desired::build(spec, &local, ring, scope)?;
+    if scope == Scope::PlaintextOnly {
+        keep_encrypted_as_is(spec, &node.name, &observed, &mut want);
+    }
+    let plan = plan::plan(&want, &observed);
+    if !dry_run && !plan.is_empty() {
+        kernel.execute(&plan.changes).await?;
+        let after = kernel.dump().await?;
+        let rest = plan::plan(&want, &after);
+        if !rest.is_empty() {
+            return Err(ReconcileError::NotConverged(rest));
+        }
+    }
+    let encrypted_not_up = hold_reason.map(|reason| ReconcileError::EncryptedNotUp {
+        networks: encrypted.join(", "),
+        reason,
+    });
+    Ok(Outcome { plan, encrypted_not_up })
+}
+
+/// Copies into `want` what the kernel holds for the node's encrypted networks (devices,
+/// their addresses and FDB, all XFRM objects), so a pass that cannot handle encrypted
+/// networks changes nothing about them.
+fn keep_encrypted_as_is(spec: &Spec, me: &NodeName, observed: &KernelState, want: &mut KernelState) {
+    let names: Vec<IfName> = desired::member_networks(spec, me)
+        .filter(|n| n.encrypted)
+        .flat_map(|n| [IfName::bridge_for(n.vni), IfName::vxlan_for(n.vni)])
+        .collect();
+    for name in &names {
+        if let Some(link) = observed.links.get(name) {
+            want.links.insert(name.clone(), link.clone());
+        }
+    }
+    want.addresses.extend(observed.addresses.iter().filter(|a| names.contains(&a.link)).cloned());
+    want.fdb.extend(observed.fdb.iter().filter(|e| names.contains(&e.link)).cloned());
+    want.policies = observed.policies.clone();
+    want.sas = observed.sas.clone();
+}
+
+/// Removes what the spec's networks own on this node. XFRM objects go only when no
+/// encrypted network of ours remains.
+pub async fn delete(spec: &Spec, kernel: &Kernel, dry_run: bool) -> Result<Plan, ReconcileError> {
+    let observed = kernel.dump().await?;
+    let want = without_networks(spec, &observed);
+    let plan = plan::plan(&want, &observed);
+    if !dry_run && !plan.is_empty() {
+        kernel.execute(&plan.changes).await?;
+    }
+    Ok(plan)
+}
+
+/// `observed` minus every object of the spec's networks (pure).
+pub fn without_networks(spec: &Spec, observed: &KernelState) -> KernelState {
+    let names: Vec<IfName> = spec
+        .networks
+        .iter()
+        .flat_map(|n| [IfName::bridge_for(n.vni), IfName::vxlan_for(n.vni)])
+        .collect();
+    let mut want = observed.clone();
+    want.links.retain(|name, _| !names.contains(name));
+    want.addresses.retain(|a| !names.contains(&a.link));
+    want.fdb.retain(|e| !names.contains(&e.link));
+    let encrypted_left = want.links.values().any(|l| {
+        matches!(&l.kind, LinkKind::Vxlan(v) if v.port == spec.cluster.encrypted_data_port)
+    });
+    if !encrypted_left {
+        want.policies.clear();
+        want.sas.clear();
+    }
+    want
+}

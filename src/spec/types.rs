@@ -1,0 +1,184 @@
+//! Validated spec types. Constructed only by [`super::parse`], so code that holds a
+//! [`Spec`] can trust every invariant listed in DESIGN.md.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+pub const DEFAULT_CONTROL_PORT: u16 = 7946;
+pub const DEFAULT_DATA_PORT: u16 = 4789;
+pub const DEFAULT_ENCRYPTED_DATA_PORT: u16 = 4790;
+pub const DEFAULT_ROTATION: Duration = Duration::from_secs(12 * 3600);
+
+/// Shortest accepted `rotation`: rotating more often than once a minute only adds
+/// control-plane load and kernel churn; `ovl-controller rotate` covers "now".
+pub const MIN_ROTATION: Duration = Duration::from_secs(60);
+/// Longest accepted `rotation`: keys should not live for months even on a quiet network;
+/// 30 days keeps the "fresh keys" promise meaningful.
+pub const MAX_ROTATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Most nodes in one spec. Encrypted networks are a full mesh of SAs (two per direction
+/// per pair during rotation), so far fewer is practical; the cap bounds the work and
+/// memory a hostile or mistaken spec can cause.
+pub const MAX_NODES: usize = 1024;
+/// Most networks in one spec: each is a bridge and a VXLAN device on every member.
+pub const MAX_NETWORKS: usize = 1024;
+
+/// Smallest overlay MTU: the IPv4 minimum (RFC 791).
+pub const MIN_MTU: u32 = 68;
+/// Smallest overlay MTU for a network whose bridge addresses include IPv6 (RFC 8200).
+pub const MIN_MTU_IPV6: u32 = 1280;
+/// Largest overlay MTU: leaves room under the 65535-byte IP limit for the outer IPv6,
+/// UDP, VXLAN and ESP headers.
+pub const MAX_MTU: u32 = 65000;
+
+/// Shortest accepted IPv4 prefix of a bridge address (a /8 is the widest private block).
+pub const MIN_PREFIX_V4: u8 = 8;
+/// Longest accepted IPv4 prefix: a /30 is the smallest subnet with two usable hosts.
+pub const MAX_PREFIX_V4: u8 = 30;
+/// Shortest accepted IPv6 prefix of a bridge address.
+pub const MIN_PREFIX_V6: u8 = 16;
+/// Longest accepted IPv6 prefix: a /127 still holds two hosts (RFC 6164).
+pub const MAX_PREFIX_V6: u8 = 127;
+
+/// A 24-bit VXLAN network identifier, 1..=16777215.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Vni(u32);
+
+impl Vni {
+    pub const MAX: u32 = 0x00ff_ffff;
+
+    pub fn new(v: u32) -> Option<Vni> {
+        (1..=Self::MAX).contains(&v).then_some(Vni(v))
+    }
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl fmt::Display for Vni {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Names of clusters, nodes and networks: 1..=63 characters of `[A-Za-z0-9._-]`,
+/// starting with an alphanumeric. Kept simple so they are safe in link aliases, logs and
+/// file names.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Name(String);
+
+impl Name {
+    pub const MAX_LEN: usize = 63;
+
+    pub fn new(s: &str) -> Option<Name> {
+        let ok = !s.is_empty()
+            && s.len() <= Self::MAX_LEN
+            && s.as_bytes()[0].is_ascii_alphanumeric()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        ok.then(|| Name(s.to_owned()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub type NodeName = Name;
+pub type NetworkName = Name;
+
+/// A node's static X25519 control-plane public key (32 bytes; base64 in the spec).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PublicKey(pub [u8; 32]);
+
+impl PublicKey {
+    /// Standard base64 of the 32 bytes, 44 characters, as WireGuard writes keys.
+    pub fn to_base64(&self) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(self.0)
+    }
+    pub fn from_base64(s: &str) -> Option<PublicKey> {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(s.trim())
+            .ok()?;
+        Some(PublicKey(bytes.try_into().ok()?))
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({})", self.to_base64())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Spec {
+    pub cluster: Cluster,
+    pub nodes: Vec<Node>,
+    pub networks: Vec<Network>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cluster {
+    pub name: Name,
+    pub control_port: u16,
+    pub data_port: u16,
+    pub encrypted_data_port: u16,
+    pub rotation: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    pub name: NodeName,
+    /// Underlay VTEP address.
+    pub address: IpAddr,
+    pub public_key: Option<PublicKey>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Network {
+    pub name: NetworkName,
+    pub vni: Vni,
+    pub encrypted: bool,
+    /// Explicit MTU of the overlay; `None` means derived from the underlay.
+    pub mtu: Option<u32>,
+    /// Member nodes, resolved: every node when the spec leaves `nodes` out. Sorted, unique.
+    pub nodes: Vec<NodeName>,
+    /// Address put on this network's bridge, per member node.
+    pub addresses: BTreeMap<NodeName, IpNet>,
+}
+
+impl Spec {
+    pub fn node(&self, name: &Name) -> Option<&Node> {
+        self.nodes.iter().find(|n| &n.name == name)
+    }
+    pub fn network(&self, name: &Name) -> Option<&Network> {
+        self.networks.iter().find(|n| &n.name == name)
+    }
+}
+
+impl Network {
+    pub fn has_member(&self, node: &Name) -> bool {
+        self.nodes.iter().any(|n| n == node)
+    }
+}
+
+/// A rejected spec: where and why. Displays as `file:line:column: reason`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{source_name}:{line}:{column}: {reason}")]
+pub struct SpecError {
+    pub source_name: String,
+    pub line: u64,
+    pub column: u64,
+    pub reason: String,
+}

@@ -1,0 +1,185 @@
+//! What the kernel holds for us, explained: per network its devices, MTU, address and
+//! peers; per pair the SAs by SPI. Never a key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::state::{Direction, KernelState, LinkKind, PolicyAction};
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Status {
+    pub networks: Vec<NetworkStatus>,
+    pub policies: Vec<PolicyStatus>,
+    pub sas: Vec<SaStatus>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct NetworkStatus {
+    pub name: String,
+    pub cluster: String,
+    pub vni: Option<u32>,
+    pub bridge: Option<String>,
+    pub vxlan: Option<String>,
+    pub mtu: Option<u32>,
+    pub up: bool,
+    pub encrypted_port: Option<u16>,
+    pub local: Option<String>,
+    pub addresses: Vec<String>,
+    pub peers: Vec<String>,
+    /// What is wrong, in words, when something is.
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct PolicyStatus {
+    pub dir: String,
+    pub src: String,
+    pub dst: String,
+    pub dport: u16,
+    pub priority: u32,
+    pub action: String,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct SaStatus {
+    pub src: String,
+    pub dst: String,
+    pub spi: String,
+    pub replay_window: u32,
+}
+
+impl Status {
+    pub fn from_kernel(state: &KernelState) -> Status {
+        let mut nets: BTreeMap<String, NetworkStatus> = BTreeMap::new();
+        for link in state.links.values() {
+            let name = link.network_from_alias().unwrap_or("?").to_owned();
+            let entry = nets.entry(name.clone()).or_insert_with(|| NetworkStatus {
+                name,
+                cluster: link.cluster_from_alias().unwrap_or("?").to_owned(),
+                vni: None,
+                bridge: None,
+                vxlan: None,
+                mtu: None,
+                up: true,
+                encrypted_port: None,
+                local: None,
+                addresses: vec![],
+                peers: vec![],
+                problems: vec![],
+            });
+            entry.up &= link.up;
+            if !link.up {
+                entry.problems.push(format!("{} is down", link.name));
+            }
+            match &link.kind {
+                LinkKind::Bridge => {
+                    entry.bridge = Some(link.name.to_string());
+                    entry.mtu = Some(link.mtu);
+                    entry.addresses = state
+                        .addresses
+                        .iter()
+                        .filter(|a| a.link == link.name)
+                        .map(|a| a.addr.to_string())
+                        .collect();
+                }
+                LinkKind::Vxlan(v) => {
+                    entry.vxlan = Some(link.name.to_string());
+                    entry.vni = Some(v.vni);
+                    entry.local = Some(v.local.to_string());
+                    entry.peers = state
+                        .fdb
+                        .iter()
+                        .filter(|e| e.link == link.name)
+                        .map(|e| e.remote.to_string())
+                        .collect();
+                    let enc = state.policies.values().any(|p| p.id.selector.dport == v.port);
+                    entry.encrypted_port = enc.then_some(v.port);
+                    if link.master.is_none() {
+                        entry.problems.push(format!("{} is not on a bridge", link.name));
+                    }
+                }
+            }
+        }
+        for n in nets.values_mut() {
+            if n.bridge.is_none() {
+                n.problems.push("bridge missing".into());
+            }
+            if n.vxlan.is_none() {
+                n.problems.push("vxlan device missing".into());
+            }
+        }
+        let policies = state
+            .policies
+            .values()
+            .map(|p| PolicyStatus {
+                dir: p.id.dir.to_string(),
+                src: p.id.selector.src.to_string(),
+                dst: p.id.selector.dst.to_string(),
+                dport: p.id.selector.dport,
+                priority: p.priority,
+                action: match p.action {
+                    PolicyAction::Block => "block".into(),
+                    PolicyAction::Esp { src: None, .. } => "require esp".into(),
+                    PolicyAction::Esp { .. } => "esp".into(),
+                },
+            })
+            .collect();
+        let sas = state
+            .sas
+            .values()
+            .map(|sa| SaStatus {
+                src: sa.id.src.to_string(),
+                dst: sa.id.dst.to_string(),
+                spi: format!("0x{:08x}", sa.id.spi),
+                replay_window: sa.replay_window,
+            })
+            .collect();
+        Status { networks: nets.into_values().collect(), policies, sas }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.networks.is_empty() && self.policies.is_empty() && self.sas.is_empty() {
+            return writeln!(f, "No overlay networks on this node.");
+        }
+        writeln!(f, "NETWORK          VNI       MTU    STATE  ENC  ADDRESS              PEERS")?;
+        for n in &self.networks {
+            writeln!(
+                f,
+                "{:<16} {:<9} {:<6} {:<6} {:<4} {:<20} {}",
+                n.name,
+                n.vni.map_or("-".into(), |v| v.to_string()),
+                n.mtu.map_or("-".into(), |v| v.to_string()),
+                if n.up && n.problems.is_empty() { "up" } else { "DEGRADED" },
+                if n.encrypted_port.is_some() { "yes" } else { "no" },
+                n.addresses.first().map_or("-", |s| s.as_str()),
+                if n.peers.is_empty() { "-".into() } else { n.peers.join(",") },
+            )?;
+            for p in &n.problems {
+                writeln!(f, "  ! {p}")?;
+            }
+        }
+        if !self.policies.is_empty() {
+            let blocks = self.policies.iter().filter(|p| p.action == "block").count();
+            let pairs_out =
+                self.policies.iter().filter(|p| p.action == "esp" && p.dir == Direction::Out.to_string()).count();
+            writeln!(
+                f,
+                "\nEnforcement: {} policies ({} catch-all block, {} peers with ESP out)",
+                self.policies.len(),
+                blocks,
+                pairs_out
+            )?;
+        }
+        if !self.sas.is_empty() {
+            writeln!(f, "\nSECURITY ASSOCIATIONS (ESP, aes-256-gcm, icv 128, esn)")?;
+            for sa in &self.sas {
+                writeln!(f, "  {} -> {}  spi {}  replay {}", sa.src, sa.dst, sa.spi, sa.replay_window)?;
+            }
+        }
+        Ok(())
+    }
+}
