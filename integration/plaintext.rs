@@ -80,9 +80,13 @@ fn a_three_nodes_two_networks_ipv6() {
     two_networks_everywhere(true);
 }
 
-/// Starts `ip monitor` and `bridge monitor fdb` in a namespace; returns their output
-/// after `f` ran.
+/// Runs `ip monitor link address`, `bridge monitor fdb` and `ip xfrm monitor` in a
+/// namespace; waits until the namespace has been quiet for a second (IPv6 DAD and the
+/// like settle), runs `f`, and returns only the events printed while `f` ran.
 fn monitored(ns: &str, f: impl FnOnce()) -> String {
+    use std::io::BufRead as _;
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
     let mut mon = Command::new("sh")
         .arg("-c")
         .arg(format!("ip -n {ns} monitor link address & bridge -n {ns} monitor fdb & ip -n {ns} xfrm monitor & wait"))
@@ -91,16 +95,31 @@ fn monitored(ns: &str, f: impl FnOnce()) -> String {
         .process_group(0)
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let lines: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
+    let reader = std::io::BufReader::new(mon.stdout.take().unwrap());
+    let sink = lines.clone();
+    let collector = std::thread::spawn(move || {
+        for line in reader.lines().map_while(Result::ok) {
+            sink.lock().unwrap().push((Instant::now(), line));
+        }
+    });
+    let started = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let last = lines.lock().unwrap().last().map_or(started, |(t, _)| *t);
+        if last.elapsed() > Duration::from_millis(1500) || started.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+    }
+    let from = Instant::now();
     f();
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = nix::sys::signal::killpg(
-        nix::unistd::Pid::from_raw(mon.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = mon.kill();
-    let out = mon.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    std::thread::sleep(Duration::from_millis(500));
+    let until = Instant::now();
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(mon.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let _ = mon.wait();
+    let _ = collector.join();
+    let events = lines.lock().unwrap();
+    events.iter().filter(|(t, _)| *t >= from && *t <= until).map(|(_, l)| format!("{l}\n")).collect()
 }
 
 use std::os::unix::process::CommandExt as _;
@@ -110,7 +129,6 @@ fn b_second_apply_changes_nothing() {
     let c = Cluster::new("idem", 3, false, 1500);
     let spec = c.spec("net.yaml", TWO_NETWORKS);
     c.apply_all(&spec);
-    std::thread::sleep(Duration::from_millis(500));
     for n in ["node-a", "node-c"] {
         let mut plan = String::new();
         let events = monitored(&c.node(n).ns.clone(), || plan = c.apply(n, &spec));
@@ -147,6 +165,8 @@ fn c_drift_is_repaired_exactly() {
         "~ link ovvx-200 down => up".to_owned(),
         format!("+ fdb 00:00:00:00:00:00 dst {cc} on ovvx-100"),
         "~ link ovbr-100 mtu 1300 => 1450".to_owned(),
+        // The kernel resets a bridge's MTU when its last port goes: part of the drift.
+        "~ link ovbr-200 mtu 1500 => 1450".to_owned(),
     ];
     want.sort();
     assert_eq!(plan_lines(&plan), want, "{plan}");

@@ -102,20 +102,20 @@ pub async fn apply(
         .map(|n| n.name.as_str())
         .collect();
 
-    let empty = Keyring::new();
-    let mut hold_reason = match &keys {
-        Keys::Unavailable { reason } if !encrypted.is_empty() => Some(reason.clone()),
-        _ => None,
-    };
-    if hold_reason.is_none() && !encrypted.is_empty() {
-        if let Err(e) = kernel.check_esp(node.address).await {
+    // Encrypted networks come up only on a kernel that can carry ESP, and only with
+    // keys; otherwise they are left exactly as they are and the caller reports why.
+    let mut hold_reason = None;
+    if !encrypted.is_empty() {
+        if let Err(e) = kernel.check_esp().await {
             hold_reason = Some(e.to_string());
+        } else if let Keys::Unavailable { reason } = &keys {
+            hold_reason = Some(reason.clone());
         }
     }
+    let empty = Keyring::new();
     let (ring, scope) = match (&keys, &hold_reason) {
-        (_, Some(_)) => (&empty, Scope::PlaintextOnly),
         (Keys::Ring(r), None) => (*r, Scope::All),
-        (Keys::Unavailable { .. }, None) => (&empty, Scope::All),
+        _ => (&empty, Scope::PlaintextOnly),
     };
 
     let observed = kernel.dump().await?;

@@ -40,6 +40,13 @@ pub enum KernelError {
     /// A change was handed to the wrong executor (a bug, never a panic).
     #[error("{operation}: not a {executor} change")]
     Unsupported { operation: String, executor: &'static str },
+    /// The kernel holds someone else's XFRM state or policy where the change would
+    /// replace or delete one of ours (its reqid is not in our range): left alone.
+    #[error("{operation}: the kernel's {what} there is not owned by ovl-controller ({detail})")]
+    ForeignXfrm { operation: String, what: &'static str, detail: String },
+    /// An object that cannot be expressed to the kernel (a bug before the executor).
+    #[error("{operation}: {reason}")]
+    Invalid { operation: String, reason: String },
 }
 
 impl KernelError {
@@ -112,8 +119,33 @@ impl Kernel {
     }
 
     /// Fails with [`KernelError::NoEsp`] when this kernel cannot install an ESP
-    /// AES-GCM SA. Leaves nothing behind.
-    pub async fn check_esp(&self, local: IpAddr) -> Result<(), KernelError> {
-        xfrm::check_esp(&self.xfrm, local).await
+    /// AES-GCM SA. The probe runs in a throwaway network namespace of its own, so the
+    /// node's namespace sees no write (a no-op apply stays a no-op for `ip xfrm monitor`).
+    pub async fn check_esp(&self) -> Result<(), KernelError> {
+        // A dedicated thread: unshare() moves the calling thread for good.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(probe_esp_in_scratch_netns());
+        });
+        rx.await.unwrap_or_else(|_| {
+            Err(KernelError::NoEsp { detail: "the ESP probe thread ended without an answer".into() })
+        })
     }
+}
+
+/// Adds and deletes one ESP SA in a fresh network namespace owned by this thread.
+fn probe_esp_in_scratch_netns() -> Result<(), KernelError> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| KernelError::Netns {
+        path: "(new scratch namespace)".into(),
+        source: std::io::Error::from(e),
+    })?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(KernelError::Connect)?;
+    rt.block_on(async {
+        let (conn, xfrm, _) = xfrmnetlink::new_connection().map_err(KernelError::Connect)?;
+        tokio::spawn(conn);
+        xfrm::check_esp(&xfrm, std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)).await
+    })
 }

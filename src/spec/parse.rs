@@ -45,7 +45,7 @@ pub fn parse(bytes: &[u8], source_name: &str) -> Result<Spec, SpecError> {
         serde_saphyr::from_str_with_options::<Option<RawHeader>>(text, options())
         && let Some(v) = &header.api_version
     {
-        validate::check_api_version(&e, v)?;
+        validate::check_api_version(&e, &v.value, validate::loc(v))?;
     }
 
     let raw: Option<Spanned<RawSpec>> =
@@ -56,7 +56,7 @@ pub fn parse(bytes: &[u8], source_name: &str) -> Result<Spec, SpecError> {
             "the spec is empty: expected a mapping with apiVersion, cluster and nodes",
         ));
     };
-    validate::spec(&e, raw.value)
+    validate::spec(&e, &raw.value, validate::loc(&raw))
 }
 
 /// Parser options: strict where YAML is surprising, and bounded so that a small hostile
@@ -97,7 +97,7 @@ fn yaml_error(e: &Errors<'_>, err: &YamlError) -> SpecError {
         YamlError::Budget { breach, .. } => {
             format!("the YAML exceeds a parser limit ({breach:?}); a spec needs none of that")
         }
-        other => UserMessageFormatter.format_message(other).into_owned(),
+        other => plain_words(&UserMessageFormatter.format_message(other)),
     };
     let location = err.location().unwrap_or(serde_saphyr::Location::UNKNOWN);
     let mut out = e.at(location, one_line(&reason));
@@ -105,6 +105,19 @@ fn yaml_error(e: &Errors<'_>, err: &YamlError) -> SpecError {
         out.reason = "invalid YAML".to_owned();
     }
     out
+}
+
+/// The parser's terse phrases for a value of the wrong shape, in the user's words.
+fn plain_words(message: &str) -> String {
+    const PHRASES: [(&str, &str); 3] = [
+        ("expected mapping start", "expected a mapping (`key: value` lines) here"),
+        ("expected sequence start", "expected a list (`- item` lines or `[a, b]`) here"),
+        ("expected string scalar", "expected a single value (a string) here"),
+    ];
+    PHRASES
+        .iter()
+        .find(|(terse, _)| message == *terse)
+        .map_or_else(|| message.to_owned(), |(_, plain)| (*plain).to_owned())
 }
 
 /// Name the line and column (in characters) of the first byte that is not UTF-8.

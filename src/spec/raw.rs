@@ -22,9 +22,12 @@ pub(super) struct RawHeader {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawSpec {
-    pub api_version: Spanned<String>,
-    pub cluster: Spanned<RawCluster>,
-    pub nodes: Spanned<Vec<Spanned<RawNode>>>,
+    #[serde(default)]
+    pub api_version: Req<String>,
+    #[serde(default)]
+    pub cluster: Req<RawCluster>,
+    #[serde(default)]
+    pub nodes: Req<Vec<Spanned<RawNode>>>,
     #[serde(default)]
     pub networks: Option<Spanned<Vec<Spanned<RawNetwork>>>>,
 }
@@ -32,7 +35,8 @@ pub(super) struct RawSpec {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawCluster {
-    pub name: Spanned<String>,
+    #[serde(default)]
+    pub name: Req<String>,
     #[serde(default)]
     pub control_port: Option<Spanned<Scalar>>,
     #[serde(default)]
@@ -46,8 +50,10 @@ pub(super) struct RawCluster {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawNode {
-    pub name: Spanned<String>,
-    pub address: Spanned<String>,
+    #[serde(default)]
+    pub name: Req<String>,
+    #[serde(default)]
+    pub address: Req<String>,
     #[serde(default)]
     pub public_key: Option<Spanned<String>>,
 }
@@ -55,8 +61,10 @@ pub(super) struct RawNode {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawNetwork {
-    pub name: Spanned<String>,
-    pub vni: Spanned<Scalar>,
+    #[serde(default)]
+    pub name: Req<String>,
+    #[serde(default)]
+    pub vni: Req<Scalar>,
     #[serde(default)]
     pub encrypted: Option<Spanned<Scalar>>,
     #[serde(default)]
@@ -65,6 +73,23 @@ pub(super) struct RawNetwork {
     pub nodes: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     pub addresses: Option<Spanned<Entries>>,
+}
+
+/// A required field. Missing (`None`) and null (`Some` of `None`) are told apart and
+/// reported by the validator, a missing one at its parent mapping, a null one at the null.
+#[derive(Debug)]
+pub(super) struct Req<T>(pub Option<Spanned<Option<T>>>);
+
+impl<T> Default for Req<T> {
+    fn default() -> Self {
+        Req(None)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Req<T> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Spanned::<Option<T>>::deserialize(d).map(|s| Req(Some(s)))
+    }
 }
 
 /// A YAML node read without a target type, so that the validator (not serde) words the

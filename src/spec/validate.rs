@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use serde_saphyr::{Location, Spanned};
 
 use super::fields;
-use super::raw::{RawCluster, RawNetwork, RawNode, RawSpec, Scalar, quote};
+use super::raw::{RawCluster, RawNetwork, RawNode, RawSpec, Req, Scalar, quote};
 use super::types::{
     Cluster, DEFAULT_CONTROL_PORT, DEFAULT_DATA_PORT, DEFAULT_ENCRYPTED_DATA_PORT,
     DEFAULT_ROTATION, MAX_MTU, MAX_NETWORKS, MAX_NODES, MAX_ROTATION, MIN_MTU, MIN_MTU_IPV6,
@@ -55,24 +55,49 @@ pub(super) fn loc<T>(s: &Spanned<T>) -> Location {
     }
 }
 
-pub(super) fn check_api_version(e: &Errors<'_>, v: &Spanned<String>) -> Result<(), SpecError> {
-    if v.value == API_VERSION {
+/// The value of a required field and where it is: a missing field is reported at its
+/// parent mapping (`parent`, described as `within`), a null one at the null.
+fn required<'a, T>(
+    e: &Errors<'_>,
+    field: &'a Req<T>,
+    name: &str,
+    within: &str,
+    parent: Location,
+) -> Result<(&'a T, Location), SpecError> {
+    match &field.0 {
+        None => Err(e.at(
+            parent,
+            format!("missing required field `{name}` in {within}"),
+        )),
+        Some(s) => match &s.value {
+            None => Err(e.at(loc(s), format!("`{name}` is null: it needs a value"))),
+            Some(v) => Ok((v, loc(s))),
+        },
+    }
+}
+
+pub(super) fn check_api_version(e: &Errors<'_>, v: &str, at: Location) -> Result<(), SpecError> {
+    if v == API_VERSION {
         Ok(())
     } else {
         Err(e.at(
-            loc(v),
+            at,
             format!(
                 "unsupported apiVersion {}: this version of ovl-controller reads {API_VERSION}",
-                quote(&v.value)
+                quote(v)
             ),
         ))
     }
 }
 
-pub(super) fn spec(e: &Errors<'_>, raw: RawSpec) -> Result<Spec, SpecError> {
-    check_api_version(e, &raw.api_version)?;
-    let cluster = cluster(e, &raw.cluster.value)?;
-    let nodes = nodes(e, &raw.nodes)?;
+/// Validate the whole spec; `top` is where its mapping starts.
+pub(super) fn spec(e: &Errors<'_>, raw: &RawSpec, top: Location) -> Result<Spec, SpecError> {
+    let (api, at) = required(e, &raw.api_version, "apiVersion", "the spec", top)?;
+    check_api_version(e, api, at)?;
+    let (raw_cluster, at) = required(e, &raw.cluster, "cluster", "the spec", top)?;
+    let cluster = cluster(e, raw_cluster, at)?;
+    let (raw_nodes, at) = required(e, &raw.nodes, "nodes", "the spec", top)?;
+    let nodes = nodes(e, raw_nodes, at)?;
     let index: HashMap<Name, usize> = nodes
         .iter()
         .enumerate()
@@ -89,8 +114,8 @@ pub(super) fn spec(e: &Errors<'_>, raw: RawSpec) -> Result<Spec, SpecError> {
         let mut names: HashMap<Name, u64> = HashMap::new();
         let mut vnis: HashMap<Vni, (u64, Name)> = HashMap::new();
         for raw_net in &raw_networks.value {
-            let net = network(e, &raw_net.value, &raw.nodes.value, &nodes, &index)?;
-            let name_loc = loc(&raw_net.value.name);
+            let (net, name_loc, vni_loc) =
+                network(e, &raw_net.value, loc(raw_net), raw_nodes, &nodes, &index)?;
             if let Some(first) = names.insert(net.name.clone(), name_loc.line()) {
                 return Err(e.at(
                     name_loc,
@@ -100,8 +125,8 @@ pub(super) fn spec(e: &Errors<'_>, raw: RawSpec) -> Result<Spec, SpecError> {
                     ),
                 ));
             }
-            let vni_loc = loc(&raw_net.value.vni);
-            if let Some((first, other)) = vnis.insert(net.vni, (vni_loc.line(), net.name.clone())) {
+            if let Some((first, other)) = vnis.insert(net.vni, (vni_loc.line(), net.name.clone()))
+            {
                 return Err(e.at(
                     vni_loc,
                     format!(
@@ -120,9 +145,9 @@ pub(super) fn spec(e: &Errors<'_>, raw: RawSpec) -> Result<Spec, SpecError> {
     })
 }
 
-fn cluster(e: &Errors<'_>, raw: &RawCluster) -> Result<Cluster, SpecError> {
-    let name =
-        fields::name("cluster name", &raw.name.value).map_err(|r| e.at(loc(&raw.name), r))?;
+fn cluster(e: &Errors<'_>, raw: &RawCluster, at: Location) -> Result<Cluster, SpecError> {
+    let (name, name_loc) = required(e, &raw.name, "name", "cluster", at)?;
+    let name = fields::name("cluster name", name).map_err(|r| e.at(name_loc, r))?;
     let port = |what: &str, v: &Option<Spanned<Scalar>>, default: u16| match v {
         None
         | Some(Spanned {
@@ -145,7 +170,7 @@ fn cluster(e: &Errors<'_>, raw: &RawCluster) -> Result<Cluster, SpecError> {
             .as_ref()
             .or(raw.data_port.as_ref())
             .map(loc)
-            .unwrap_or(loc(&raw.name));
+            .unwrap_or(at);
         return Err(e.at(
             at,
             format!(
@@ -182,35 +207,40 @@ fn cluster(e: &Errors<'_>, raw: &RawCluster) -> Result<Cluster, SpecError> {
     })
 }
 
-fn nodes(e: &Errors<'_>, raw: &Spanned<Vec<Spanned<RawNode>>>) -> Result<Vec<Node>, SpecError> {
-    if raw.value.is_empty() {
-        return Err(e.at(loc(raw), "nodes is empty: a spec needs at least one node"));
+fn nodes(
+    e: &Errors<'_>,
+    raw: &[Spanned<RawNode>],
+    at: Location,
+) -> Result<Vec<Node>, SpecError> {
+    if raw.is_empty() {
+        return Err(e.at(at, "nodes is empty: a spec needs at least one node"));
     }
-    if let Some(extra) = raw.value.get(MAX_NODES) {
+    if let Some(extra) = raw.get(MAX_NODES) {
         return Err(e.at(
             loc(extra),
             format!("too many nodes: at most {MAX_NODES} are supported"),
         ));
     }
-    let mut out: Vec<Node> = Vec::with_capacity(raw.value.len());
+    let mut out: Vec<Node> = Vec::with_capacity(raw.len());
     let mut names: HashMap<Name, u64> = HashMap::new();
     let mut addresses: HashMap<IpAddr, (u64, Name)> = HashMap::new();
     let mut keys: HashMap<[u8; 32], (u64, Name)> = HashMap::new();
-    for node in &raw.value {
+    for node in raw {
         let n = &node.value;
-        let name = fields::name("node name", &n.name.value).map_err(|r| e.at(loc(&n.name), r))?;
-        if let Some(first) = names.insert(name.clone(), loc(&n.name).line()) {
+        let (name, name_loc) = required(e, &n.name, "name", "node", loc(node))?;
+        let name = fields::name("node name", name).map_err(|r| e.at(name_loc, r))?;
+        if let Some(first) = names.insert(name.clone(), name_loc.line()) {
             return Err(e.at(
-                loc(&n.name),
+                name_loc,
                 format!("duplicate node name `{name}` (first defined at line {first})"),
             ));
         }
-        let address =
-            fields::underlay_address(&n.address.value).map_err(|r| e.at(loc(&n.address), r))?;
-        let here = (loc(&n.address).line(), name.clone());
+        let (address, address_loc) = required(e, &n.address, "address", "node", loc(node))?;
+        let address = fields::underlay_address(address).map_err(|r| e.at(address_loc, r))?;
+        let here = (address_loc.line(), name.clone());
         if let Some((first, other)) = addresses.insert(address, here) {
             return Err(e.at(
-                loc(&n.address),
+                address_loc,
                 format!(
                     "duplicate node address {address}: node `{other}` has it already \
                      (line {first})"
@@ -246,20 +276,23 @@ fn family(ip: IpAddr) -> &'static str {
     if ip.is_ipv4() { "IPv4" } else { "IPv6" }
 }
 
-/// One network, checked against the (already validated) nodes. `raw_nodes[i]` is the
-/// source of `nodes[i]`.
+/// One network (whose mapping starts at `at`), checked against the already validated
+/// nodes; `raw_nodes[i]` is the source of `nodes[i]`. Also returns where its name and
+/// vni are, for the checks across networks.
 fn network(
     e: &Errors<'_>,
     raw: &RawNetwork,
+    at: Location,
     raw_nodes: &[Spanned<RawNode>],
     nodes: &[Node],
     index: &HashMap<Name, usize>,
-) -> Result<Network, SpecError> {
-    let name =
-        fields::name("network name", &raw.name.value).map_err(|r| e.at(loc(&raw.name), r))?;
-    let vni = fields::int_in("vni", &raw.vni.value, 1, Vni::MAX)
+) -> Result<(Network, Location, Location), SpecError> {
+    let (name, name_loc) = required(e, &raw.name, "name", "network", at)?;
+    let name = fields::name("network name", name).map_err(|r| e.at(name_loc, r))?;
+    let (vni, vni_loc) = required(e, &raw.vni, "vni", "network", at)?;
+    let vni = fields::int_in("vni", vni, 1, Vni::MAX)
         .and_then(|v| Vni::new(v).ok_or_else(|| format!("vni {v} is out of range")))
-        .map_err(|r| e.at(loc(&raw.vni), r))?;
+        .map_err(|r| e.at(vni_loc, r))?;
     let encrypted = match &raw.encrypted {
         None
         | Some(Spanned {
@@ -283,7 +316,7 @@ fn network(
     // when membership is the default "every node").
     let mut members: Vec<(usize, Location)> = Vec::new();
     match &raw.nodes {
-        None => members.extend((0..nodes.len()).map(|i| (i, loc(&raw.name)))),
+        None => members.extend((0..nodes.len()).map(|i| (i, name_loc))),
         Some(list) => {
             if list.value.is_empty() {
                 return Err(e.at(
@@ -340,7 +373,7 @@ fn network(
         && m < MIN_MTU_IPV6
         && addresses.values().any(|a| matches!(a, IpNet::V6(_)))
     {
-        let at = raw.mtu.as_ref().map(loc).unwrap_or(loc(&raw.name));
+        let at = raw.mtu.as_ref().map(loc).unwrap_or(name_loc);
         return Err(e.at(
             at,
             format!(
@@ -370,14 +403,15 @@ fn network(
         .map(|(i, _)| nodes[*i].name.clone())
         .collect();
     member_names.sort();
-    Ok(Network {
+    let network = Network {
         name,
         vni,
         encrypted,
         mtu,
         nodes: member_names,
         addresses,
-    })
+    };
+    Ok((network, name_loc, vni_loc))
 }
 
 /// The `addresses` map: members only, usable host addresses, no two alike, one subnet.

@@ -1,0 +1,600 @@
+//! `kernel::links` on this machine's kernel: bridges, VXLAN devices, addresses and FDB
+//! entries created through the controller's executor, checked against the kernel's own
+//! view (`ip -j`, `bridge -j`) and against `links::dump`.
+//!
+//! Each test runs in its own named network namespace (`ip netns add`), entered with
+//! `setns` by a dedicated thread that then builds a current-thread tokio runtime, so the
+//! netlink sockets live in that namespace; the namespace is deleted by a guard even when
+//! the test fails. The tests need root: without it they fail with a message, they never
+//! pass silently.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::future::Future;
+use std::net::IpAddr;
+use std::process::Command;
+
+use ipnet::IpNet;
+use nix::sched::{CloneFlags, setns};
+use ovl::kernel::{Kernel, KernelError, Underlay, links};
+use ovl::plan::Change;
+use ovl::state::{Address, FdbEntry, IfName, KernelState, Link, LinkKind, SaId, VxlanParams};
+use serde_json::Value;
+
+const ALIAS: &str = "ovl-controller cluster=test network=n1";
+const MTU: u32 = 1400;
+const PORT: u16 = 4789;
+const VNI: u32 = 4097;
+
+// ---------------------------------------------------------------- harness
+
+fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "the kernel_links tests need root (they create network namespaces, links and FDB \
+         entries); run them as root, e.g. `sudo -E cargo test --test kernel_links`"
+    );
+}
+
+/// Deletes the namespace when dropped, also when the test panicked.
+struct NetnsGuard {
+    ns: Ns,
+}
+
+impl NetnsGuard {
+    fn add(tag: &str) -> NetnsGuard {
+        require_root();
+        let name = format!("ovlt-{}-{tag}", std::process::id());
+        // A leftover from a killed run of the same pid would make `add` fail.
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        run("ip", &["netns", "add", &name]);
+        NetnsGuard { ns: Ns { name } }
+    }
+}
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        let out = Command::new("ip").args(["netns", "del", &self.ns.name]).output();
+        if !matches!(&out, Ok(o) if o.status.success()) {
+            eprintln!("warning: cannot delete network namespace {}: {out:?}", self.ns.name);
+        }
+    }
+}
+
+/// A named namespace and the `ip`/`bridge` views of it.
+#[derive(Clone)]
+struct Ns {
+    name: String,
+}
+
+impl Ns {
+    /// Moves the calling thread (only it) into the namespace.
+    fn enter(&self) {
+        let path = format!("/run/netns/{}", self.name);
+        let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        setns(&file, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
+    }
+
+    /// `ip -n NS ARGS`, which must succeed.
+    fn ip(&self, args: &str) -> String {
+        let mut all = vec!["-n", &self.name];
+        all.extend(args.split_whitespace());
+        run("ip", &all)
+    }
+
+    /// `ip -n NS ARGS...` for arguments with spaces in them.
+    fn ip_args(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend(args);
+        run("ip", &all)
+    }
+
+    /// `bridge -n NS ARGS`, which must succeed.
+    fn bridge(&self, args: &str) -> String {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend(args.split_whitespace());
+        run("bridge", &all)
+    }
+
+    /// `ip -n NS ARGS` that is expected to fail.
+    fn ip_fails(&self, args: &str) -> bool {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend(args.split_whitespace());
+        Command::new("ip").args(&all).output().is_ok_and(|o| !o.status.success())
+    }
+
+    /// The kernel's own description of one link (`ip -d -j link show dev NAME`).
+    fn link(&self, name: &str) -> Value {
+        let v: Value = json(&self.ip(&format!("-d -j link show dev {name}")));
+        v[0].clone()
+    }
+
+    fn has_link(&self, name: &str) -> bool {
+        !self.ip_fails(&format!("link show dev {name}"))
+    }
+
+    /// `(address/prefix, scope)` of every address on a link.
+    fn addresses(&self, name: &str) -> Vec<(String, String)> {
+        let v = json(&self.ip(&format!("-j addr show dev {name}")));
+        let infos = v[0]["addr_info"].as_array().cloned().unwrap_or_default();
+        infos
+            .iter()
+            .map(|a| {
+                let addr = format!("{}/{}", a["local"].as_str().unwrap_or("?"), a["prefixlen"]);
+                (addr, a["scope"].as_str().unwrap_or("?").to_owned())
+            })
+            .collect()
+    }
+
+    /// The destinations of the `00:00:00:00:00:00 self` entries on a device.
+    fn zero_fdb(&self, dev: &str) -> BTreeSet<String> {
+        json(&self.bridge(&format!("-j fdb show dev {dev}")))
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter(|e| e["mac"] == "00:00:00:00:00:00")
+            .filter(|e| e["flags"].as_array().is_some_and(|f| f.iter().any(|f| f == "self")))
+            .filter_map(|e| e["dst"].as_str().map(str::to_owned))
+            .collect()
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("bad JSON from iproute2 ({e}): {text}"))
+}
+
+/// What a test body gets: the controller's kernel facade and a plain rtnetlink handle for
+/// `links::dump` (so the checks do not depend on the XFRM half of `Kernel::dump`), both
+/// opened inside the test's namespace.
+struct Ctx {
+    kernel: Kernel,
+    route: rtnetlink::Handle,
+    ns: Ns,
+}
+
+impl Ctx {
+    async fn apply(&self, changes: &[Change]) {
+        for c in changes {
+            if let Err(e) = self.kernel.execute(std::slice::from_ref(c)).await {
+                panic!("{c}: {e}");
+            }
+        }
+    }
+
+    async fn try_apply(&self, change: Change) -> Result<(), KernelError> {
+        self.kernel.execute(&[change]).await
+    }
+
+    async fn dump(&self) -> KernelState {
+        links::dump(&self.route).await.unwrap_or_else(|e| panic!("dump: {e}"))
+    }
+}
+
+/// Runs `body` on a fresh thread that has entered a fresh namespace.
+fn in_netns<F, Fut>(tag: &str, body: F)
+where
+    F: FnOnce(Ctx) -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
+    let guard = NetnsGuard::add(tag);
+    let ns = guard.ns.clone();
+    let result = std::thread::spawn(move || {
+        ns.enter();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("tokio runtime: {e}"));
+        rt.block_on(async move {
+            let kernel = Kernel::connect().unwrap_or_else(|e| panic!("Kernel::connect: {e}"));
+            let (conn, route, _) = rtnetlink::new_connection().unwrap_or_else(|e| panic!("rtnetlink: {e}"));
+            tokio::spawn(conn);
+            body(Ctx { kernel, route, ns }).await;
+        });
+    })
+    .join();
+    drop(guard);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+// ---------------------------------------------------------------- fixtures
+
+fn name(s: &str) -> IfName {
+    s.parse().unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+}
+
+/// The addresses of one test flavour.
+struct Family {
+    local: &'static str,
+    underlay_prefix: u8,
+    remotes: [&'static str; 2],
+    bridge_addr: &'static str,
+}
+
+const V4: Family = Family {
+    local: "192.0.2.1",
+    underlay_prefix: 24,
+    remotes: ["192.0.2.2", "192.0.2.3"],
+    bridge_addr: "10.10.0.1/24",
+};
+
+const V6: Family = Family {
+    local: "2001:db8::1",
+    underlay_prefix: 64,
+    remotes: ["2001:db8::2", "2001:db8::3"],
+    bridge_addr: "fd00:10::1/64",
+};
+
+/// A veth pair `ul0`/`ul1`, up, with `local` on `ul0`: the underlay.
+fn add_underlay(ns: &Ns, f: &Family) {
+    ns.ip("link add ul0 type veth peer name ul1");
+    let nodad = if f.local.contains(':') { " nodad" } else { "" };
+    ns.ip(&format!("addr add {}/{} dev ul0{nodad}", f.local, f.underlay_prefix));
+    ns.ip("link set ul1 up");
+    ns.ip("link set ul0 up");
+}
+
+fn bridge(vni: u32) -> Link {
+    Link {
+        name: name(&format!("ovbr-{vni}")),
+        kind: LinkKind::Bridge,
+        mtu: MTU,
+        master: None,
+        alias: ALIAS.to_owned(),
+        up: false,
+    }
+}
+
+fn vxlan(vni: u32, local: &str) -> Link {
+    Link {
+        name: name(&format!("ovvx-{vni}")),
+        kind: LinkKind::Vxlan(VxlanParams { vni, local: ip(local), port: PORT, underlay: name("ul0") }),
+        mtu: MTU,
+        master: Some(name(&format!("ovbr-{vni}"))),
+        alias: ALIAS.to_owned(),
+        up: false,
+    }
+}
+
+/// The whole network of one VNI as the plan would create it, and the state it leaves.
+fn network(f: &Family) -> (Vec<Change>, KernelState) {
+    let (br, vx) = (bridge(VNI), vxlan(VNI, f.local));
+    let addr = Address { link: br.name.clone(), addr: net(f.bridge_addr) };
+    let fdb: Vec<FdbEntry> = f
+        .remotes
+        .iter()
+        .map(|r| FdbEntry { link: vx.name.clone(), remote: ip(r) })
+        .collect();
+    let mut changes = vec![Change::CreateLink(br.clone()), Change::CreateLink(vx.clone())];
+    changes.push(Change::AddAddress(addr.clone()));
+    changes.extend(fdb.iter().cloned().map(Change::AddFdb));
+    changes.push(Change::SetUp { link: vx.name.clone() });
+    changes.push(Change::SetUp { link: br.name.clone() });
+    let mut state = KernelState::default();
+    for mut l in [br, vx] {
+        l.up = true;
+        state.links.insert(l.name.clone(), l);
+    }
+    state.addresses.insert(addr);
+    state.fdb.extend(fdb);
+    (changes, state)
+}
+
+fn flags(link: &Value) -> Vec<String> {
+    link["flags"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|f| f.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
+}
+
+fn is_up(link: &Value) -> bool {
+    flags(link).iter().any(|f| f == "UP")
+}
+
+// ---------------------------------------------------------------- tests
+
+/// Creates the network, checks every attribute in the kernel's view, and that the dump
+/// returns exactly what was created.
+async fn round_trip(ctx: Ctx, f: &Family) {
+    add_underlay(&ctx.ns, f);
+    let (changes, want) = network(f);
+    let (create, rest) = changes.split_at(2);
+    ctx.apply(create).await;
+
+    // Created down, with MTU, alias and master.
+    let br = ctx.ns.link("ovbr-4097");
+    assert!(!is_up(&br), "bridge created up: {br}");
+    assert_eq!(br["linkinfo"]["info_kind"], "bridge");
+    assert_eq!(br["mtu"], MTU);
+    assert_eq!(br["ifalias"], ALIAS);
+    let vx = ctx.ns.link("ovvx-4097");
+    assert!(!is_up(&vx), "vxlan created up: {vx}");
+    assert_eq!(vx["mtu"], MTU);
+    assert_eq!(vx["ifalias"], ALIAS);
+    assert_eq!(vx["master"], "ovbr-4097");
+    let data = &vx["linkinfo"]["info_data"];
+    assert_eq!(vx["linkinfo"]["info_kind"], "vxlan");
+    assert_eq!(data["id"], VNI);
+    assert_eq!(data["port"], PORT);
+    assert_eq!(data["link"], "ul0");
+    assert_eq!(data["learning"], true);
+    if f.local.contains(':') {
+        assert_eq!(data["local6"], f.local, "{data}");
+        assert_eq!(data["udp_zero_csum6_tx"], false, "{data}");
+    } else {
+        assert_eq!(data["local"], f.local, "{data}");
+        assert_eq!(data["udp_csum"], true, "{data}");
+    }
+    // No remote or group: flooding goes only to the FDB's all-zero entries.
+    assert!(data.get("remote").is_none() && data.get("group").is_none(), "{data}");
+
+    ctx.apply(rest).await;
+    assert!(is_up(&ctx.ns.link("ovbr-4097")));
+    assert!(is_up(&ctx.ns.link("ovvx-4097")));
+    let addrs = ctx.ns.addresses("ovbr-4097");
+    assert!(addrs.contains(&(f.bridge_addr.to_owned(), "global".to_owned())), "{addrs:?}");
+    let remotes: BTreeSet<String> = f.remotes.iter().map(|r| r.to_string()).collect();
+    assert_eq!(ctx.ns.zero_fdb("ovvx-4097"), remotes);
+
+    assert_eq!(ctx.dump().await, want);
+}
+
+#[test]
+fn ipv4_network_round_trips() {
+    in_netns("rt4", |ctx| round_trip(ctx, &V4));
+}
+
+#[test]
+fn ipv6_network_round_trips() {
+    in_netns("rt6", |ctx| round_trip(ctx, &V6));
+}
+
+/// Foreign links, addresses and FDB entries, some named like ours, stay out of the dump.
+#[test]
+fn foreign_objects_are_not_dumped() {
+    in_netns("foreign", |ctx| async move {
+        add_underlay(&ctx.ns, &V4);
+        let (changes, want) = network(&V4);
+        ctx.apply(&changes).await;
+        let ns = &ctx.ns;
+        // A user's bridge with an address.
+        ns.ip("link add br-user type bridge");
+        ns.ip("addr add 10.99.0.1/24 dev br-user");
+        // Our name prefix, no alias / someone else's alias.
+        ns.ip("link add ovbr-77 type bridge");
+        ns.ip("link add ovbr-78 type bridge");
+        ns.ip("link set ovbr-78 alias someone-else");
+        ns.ip("link add ovvx-77 type vxlan id 77 local 192.0.2.1 dstport 4789 dev ul0");
+        ns.bridge("fdb append 00:00:00:00:00:00 dev ovvx-77 dst 192.0.2.77");
+        // Our alias, not our name.
+        ns.ip("link add user-vx type vxlan id 79 local 192.0.2.1 dstport 4789 dev ul0");
+        ns.ip_args(&["link", "set", "user-vx", "alias", ALIAS]);
+        // On our devices, but not ours: a unicast FDB entry, a link-local and a
+        // non-permanent address.
+        ns.bridge("fdb add 02:00:00:00:00:01 dev ovvx-4097 dst 192.0.2.50 self permanent");
+        ns.ip("addr add fe80::1234/64 dev ovbr-4097");
+        ns.ip("addr add 10.10.0.9/24 dev ovbr-4097 valid_lft 600 preferred_lft 600");
+        assert!(ns.zero_fdb("ovvx-77").contains("192.0.2.77"));
+        assert_eq!(ns.link("user-vx")["ifalias"], ALIAS);
+
+        assert_eq!(ctx.dump().await, want);
+    });
+}
+
+/// Every Set* change, observed in the kernel and in the dump.
+#[test]
+fn set_changes_are_observed() {
+    in_netns("set", |ctx| async move {
+        add_underlay(&ctx.ns, &V4);
+        let (br, vx) = (bridge(VNI), vxlan(VNI, V4.local));
+        ctx.apply(&[Change::CreateLink(br.clone()), Change::CreateLink(vx.clone())]).await;
+
+        ctx.apply(&[
+            Change::SetMtu { link: vx.name.clone(), from: MTU, to: 1300 },
+            Change::SetMtu { link: br.name.clone(), from: MTU, to: 1300 },
+        ])
+        .await;
+        assert_eq!(ctx.ns.link("ovvx-4097")["mtu"], 1300);
+        assert_eq!(ctx.ns.link("ovbr-4097")["mtu"], 1300);
+
+        let renamed = "ovl-controller cluster=test network=renamed";
+        ctx.apply(&[Change::SetAlias { link: br.name.clone(), from: ALIAS.into(), to: renamed.into() }])
+            .await;
+        assert_eq!(ctx.ns.link("ovbr-4097")["ifalias"], renamed);
+
+        ctx.apply(&[Change::SetMaster { link: vx.name.clone(), from: vx.master.clone(), to: None }]).await;
+        assert!(ctx.ns.link("ovvx-4097").get("master").is_none());
+        let dumped = ctx.dump().await;
+        assert_eq!(dumped.links[&vx.name].master, None);
+
+        ctx.apply(&[Change::SetMaster { link: vx.name.clone(), from: None, to: Some(br.name.clone()) }])
+            .await;
+        assert_eq!(ctx.ns.link("ovvx-4097")["master"], "ovbr-4097");
+
+        ctx.apply(&[Change::SetUp { link: vx.name.clone() }, Change::SetUp { link: br.name.clone() }]).await;
+        assert!(is_up(&ctx.ns.link("ovvx-4097")));
+        assert!(is_up(&ctx.ns.link("ovbr-4097")));
+
+        let dumped = ctx.dump().await;
+        let b = &dumped.links[&br.name];
+        assert_eq!((b.mtu, b.alias.as_str(), b.up), (1300, renamed, true));
+        let v = &dumped.links[&vx.name];
+        assert_eq!((v.mtu, v.master.as_ref(), v.up), (1300, Some(&br.name), true));
+    });
+}
+
+/// Every Delete* change, observed in the kernel and in the dump; deleting what is gone
+/// fails with the kernel's errno.
+#[test]
+fn delete_changes_are_observed() {
+    in_netns("delete", |ctx| async move {
+        add_underlay(&ctx.ns, &V4);
+        let (changes, mut want) = network(&V4);
+        ctx.apply(&changes).await;
+
+        let first = FdbEntry { link: name("ovvx-4097"), remote: ip(V4.remotes[0]) };
+        ctx.apply(&[Change::DeleteFdb(first.clone())]).await;
+        assert_eq!(ctx.ns.zero_fdb("ovvx-4097"), BTreeSet::from([V4.remotes[1].to_owned()]));
+        want.fdb.remove(&first);
+        assert_eq!(ctx.dump().await, want);
+        // The kernel's own semantics: removing a remote that is not in the all-zero
+        // entry succeeds (and removes nothing) while the entry exists...
+        let again = ctx.try_apply(Change::DeleteFdb(first.clone())).await;
+        assert!(again.is_ok(), "{again:?}");
+        assert_eq!(ctx.ns.zero_fdb("ovvx-4097"), BTreeSet::from([V4.remotes[1].to_owned()]));
+        // ...and fails with ENOENT once the last remote is gone.
+        let last = FdbEntry { link: name("ovvx-4097"), remote: ip(V4.remotes[1]) };
+        ctx.apply(&[Change::DeleteFdb(last.clone())]).await;
+        assert!(ctx.ns.zero_fdb("ovvx-4097").is_empty());
+        want.fdb.remove(&last);
+        let again = ctx.try_apply(Change::DeleteFdb(first)).await;
+        assert_eq!(again.as_ref().err().and_then(KernelError::errno), Some(libc::ENOENT), "{again:?}");
+
+        let addr = Address { link: name("ovbr-4097"), addr: net(V4.bridge_addr) };
+        ctx.apply(&[Change::DeleteAddress(addr.clone())]).await;
+        assert!(!ctx.ns.addresses("ovbr-4097").iter().any(|(a, _)| a == V4.bridge_addr));
+        want.addresses.remove(&addr);
+        assert_eq!(ctx.dump().await, want);
+
+        let vx = want.links[&name("ovvx-4097")].clone();
+        ctx.apply(&[Change::DeleteLink(vx.clone())]).await;
+        assert!(!ctx.ns.has_link("ovvx-4097"));
+        let br = want.links[&name("ovbr-4097")].clone();
+        ctx.apply(&[Change::DeleteLink(br.clone())]).await;
+        assert!(!ctx.ns.has_link("ovbr-4097"));
+        assert!(ctx.ns.has_link("ul0"), "the underlay must survive");
+        assert_eq!(ctx.dump().await, KernelState::default());
+
+        let again = ctx.try_apply(Change::DeleteLink(br)).await;
+        assert_eq!(again.as_ref().err().and_then(KernelError::errno), Some(libc::ENODEV), "{again:?}");
+    });
+}
+
+/// Adding an existing FDB entry or address again succeeds and changes nothing.
+#[test]
+fn adding_twice_is_harmless() {
+    in_netns("twice", |ctx| async move {
+        add_underlay(&ctx.ns, &V4);
+        let (changes, want) = network(&V4);
+        ctx.apply(&changes).await;
+        let again: Vec<Change> = changes
+            .into_iter()
+            .filter(|c| matches!(c, Change::AddFdb(_) | Change::AddAddress(_)))
+            .collect();
+        ctx.apply(&again).await;
+        assert_eq!(ctx.ns.zero_fdb("ovvx-4097").len(), 2);
+        assert_eq!(ctx.dump().await, want);
+    });
+}
+
+/// A link with our name and no alias that is exactly what an interrupted create leaves
+/// is adopted; anything else with our name makes the create fail and is left alone.
+#[test]
+fn create_adopts_only_its_own_leftovers() {
+    in_netns("adopt", |ctx| async move {
+        add_underlay(&ctx.ns, &V4);
+        ctx.ns.ip(&format!("link add ovbr-5 mtu {MTU} type bridge"));
+        ctx.apply(&[Change::CreateLink(bridge(5))]).await;
+        assert_eq!(ctx.ns.link("ovbr-5")["ifalias"], ALIAS);
+        assert!(ctx.dump().await.links.contains_key(&name("ovbr-5")));
+
+        // Different MTU: not a leftover of ours.
+        ctx.ns.ip("link add ovbr-6 mtu 1500 type bridge");
+        let err = ctx.try_apply(Change::CreateLink(bridge(6))).await;
+        assert!(matches!(err, Err(KernelError::ForeignLink { .. })), "{err:?}");
+        let l = ctx.ns.link("ovbr-6");
+        assert!(l.get("ifalias").is_none() && l["mtu"] == 1500, "foreign link changed: {l}");
+
+        // Someone else's alias.
+        ctx.ns.ip(&format!("link add ovbr-7 mtu {MTU} type bridge"));
+        ctx.ns.ip("link set ovbr-7 alias someone-else");
+        let err = ctx.try_apply(Change::CreateLink(bridge(7))).await;
+        assert!(matches!(err, Err(KernelError::ForeignLink { .. })), "{err:?}");
+        assert_eq!(ctx.ns.link("ovbr-7")["ifalias"], "someone-else");
+
+        // Up: not a leftover of ours either (we create links down).
+        ctx.ns.ip(&format!("link add ovbr-8 mtu {MTU} type bridge"));
+        ctx.ns.ip("link set ovbr-8 up");
+        let err = ctx.try_apply(Change::CreateLink(bridge(8))).await;
+        assert!(matches!(err, Err(KernelError::ForeignLink { .. })), "{err:?}");
+
+        let owned: Vec<String> = ctx.dump().await.links.keys().map(|k| k.to_string()).collect();
+        assert_eq!(owned, ["ovbr-5"]);
+    });
+}
+
+/// A VXLAN device on a missing underlay or with a missing master is refused cleanly
+/// and leaves nothing behind.
+#[test]
+fn create_with_missing_dependencies_fails_cleanly() {
+    in_netns("missing", |ctx| async move {
+        add_underlay(&ctx.ns, &V4);
+        let vx = vxlan(VNI, V4.local);
+        let err = ctx.try_apply(Change::CreateLink(vx.clone())).await;
+        assert!(matches!(&err, Err(KernelError::LinkNotFound { link, .. }) if link == "ovbr-4097"), "{err:?}");
+        let mut no_underlay = vx;
+        no_underlay.master = None;
+        if let LinkKind::Vxlan(p) = &mut no_underlay.kind {
+            p.underlay = name("nosuch0");
+        }
+        let err = ctx.try_apply(Change::CreateLink(no_underlay)).await;
+        assert!(matches!(&err, Err(KernelError::LinkNotFound { link, .. }) if link == "nosuch0"), "{err:?}");
+        assert!(!ctx.ns.has_link("ovvx-4097"));
+        assert_eq!(ctx.dump().await, KernelState::default());
+    });
+}
+
+/// XFRM changes handed to the link executor are refused, not run and not a panic.
+#[test]
+fn xfrm_changes_are_refused_by_the_link_executor() {
+    in_netns("xfrm", |ctx| async move {
+        let change = Change::DeleteSa(SaId { src: ip("192.0.2.1"), dst: ip("192.0.2.2"), spi: 0x100 });
+        let err = links::execute(&ctx.route, &change).await;
+        assert!(matches!(err, Err(KernelError::Unsupported { .. })), "{err:?}");
+    });
+}
+
+#[test]
+fn underlay_and_local_addresses() {
+    in_netns("underlay", |ctx| async move {
+        add_underlay(&ctx.ns, &V4);
+        ctx.ns.ip("addr add 2001:db8::1/64 dev ul1 nodad");
+        ctx.ns.ip("link set ul1 mtu 9000");
+        let index = ctx.ns.link("ul0")["ifindex"].as_u64().and_then(|i| u32::try_from(i).ok());
+        let index = index.unwrap_or_else(|| panic!("no ifindex"));
+        let u = ctx.kernel.underlay_for(ip("192.0.2.1")).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(u, Some(Underlay { name: name("ul0"), index, mtu: 1500 }));
+        let u = ctx.kernel.underlay_for(ip("2001:db8::1")).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(u.map(|u| (u.name, u.mtu)), Some((name("ul1"), 9000)));
+        let u = ctx.kernel.underlay_for(ip("203.0.113.1")).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(u, None);
+
+        let local = ctx.kernel.local_addresses().await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(local.contains(&ip("192.0.2.1")) && local.contains(&ip("2001:db8::1")), "{local:?}");
+        assert!(!local.contains(&ip("192.0.2.255")), "broadcast is not a local address: {local:?}");
+    });
+}
