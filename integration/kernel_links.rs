@@ -54,9 +54,14 @@ impl NetnsGuard {
 
 impl Drop for NetnsGuard {
     fn drop(&mut self) {
-        let out = Command::new("ip").args(["netns", "del", &self.ns.name]).output();
+        let out = Command::new("ip")
+            .args(["netns", "del", &self.ns.name])
+            .output();
         if !matches!(&out, Ok(o) if o.status.success()) {
-            eprintln!("warning: cannot delete network namespace {}: {out:?}", self.ns.name);
+            eprintln!(
+                "warning: cannot delete network namespace {}: {out:?}",
+                self.ns.name
+            );
         }
     }
 }
@@ -100,7 +105,10 @@ impl Ns {
     fn ip_fails(&self, args: &str) -> bool {
         let mut all = vec!["-n", self.name.as_str()];
         all.extend(args.split_whitespace());
-        Command::new("ip").args(&all).output().is_ok_and(|o| !o.status.success())
+        Command::new("ip")
+            .args(&all)
+            .output()
+            .is_ok_and(|o| !o.status.success())
     }
 
     /// The kernel's own description of one link (`ip -d -j link show dev NAME`).
@@ -134,7 +142,11 @@ impl Ns {
             .unwrap_or_default()
             .iter()
             .filter(|e| e["mac"] == "00:00:00:00:00:00")
-            .filter(|e| e["flags"].as_array().is_some_and(|f| f.iter().any(|f| f == "self")))
+            .filter(|e| {
+                e["flags"]
+                    .as_array()
+                    .is_some_and(|f| f.iter().any(|f| f == "self"))
+            })
             .filter_map(|e| e["dst"].as_str().map(str::to_owned))
             .collect()
     }
@@ -181,7 +193,9 @@ impl Ctx {
     }
 
     async fn dump(&self) -> KernelState {
-        links::dump(&self.route).await.unwrap_or_else(|e| panic!("dump: {e}"))
+        links::dump(&self.route)
+            .await
+            .unwrap_or_else(|e| panic!("dump: {e}"))
     }
 }
 
@@ -201,7 +215,8 @@ where
             .unwrap_or_else(|e| panic!("tokio runtime: {e}"));
         rt.block_on(async move {
             let kernel = Kernel::connect().unwrap_or_else(|e| panic!("Kernel::connect: {e}"));
-            let (conn, route, _) = rtnetlink::new_connection().unwrap_or_else(|e| panic!("rtnetlink: {e}"));
+            let (conn, route, _) =
+                rtnetlink::new_connection().unwrap_or_else(|e| panic!("rtnetlink: {e}"));
             tokio::spawn(conn);
             body(Ctx { kernel, route, ns }).await;
         });
@@ -253,7 +268,10 @@ const V6: Family = Family {
 fn add_underlay(ns: &Ns, f: &Family) {
     ns.ip("link add ul0 type veth peer name ul1");
     let nodad = if f.local.contains(':') { " nodad" } else { "" };
-    ns.ip(&format!("addr add {}/{} dev ul0{nodad}", f.local, f.underlay_prefix));
+    ns.ip(&format!(
+        "addr add {}/{} dev ul0{nodad}",
+        f.local, f.underlay_prefix
+    ));
     ns.ip("link set ul1 up");
     ns.ip("link set ul0 up");
 }
@@ -272,7 +290,12 @@ fn bridge(vni: u32) -> Link {
 fn vxlan(vni: u32, local: &str) -> Link {
     Link {
         name: name(&format!("ovvx-{vni}")),
-        kind: LinkKind::Vxlan(VxlanParams { vni, local: ip(local), port: PORT, underlay: name("ul0") }),
+        kind: LinkKind::Vxlan(VxlanParams {
+            vni,
+            local: ip(local),
+            port: PORT,
+            underlay: name("ul0"),
+        }),
         mtu: MTU,
         master: Some(name(&format!("ovbr-{vni}"))),
         alias: ALIAS.to_owned(),
@@ -283,17 +306,30 @@ fn vxlan(vni: u32, local: &str) -> Link {
 /// The whole network of one VNI as the plan would create it, and the state it leaves.
 fn network(f: &Family) -> (Vec<Change>, KernelState) {
     let (br, vx) = (bridge(VNI), vxlan(VNI, f.local));
-    let addr = Address { link: br.name.clone(), addr: net(f.bridge_addr) };
+    let addr = Address {
+        link: br.name.clone(),
+        addr: net(f.bridge_addr),
+    };
     let fdb: Vec<FdbEntry> = f
         .remotes
         .iter()
-        .map(|r| FdbEntry { link: vx.name.clone(), remote: ip(r) })
+        .map(|r| FdbEntry {
+            link: vx.name.clone(),
+            remote: ip(r),
+        })
         .collect();
-    let mut changes = vec![Change::CreateLink(br.clone()), Change::CreateLink(vx.clone())];
+    let mut changes = vec![
+        Change::CreateLink(br.clone()),
+        Change::CreateLink(vx.clone()),
+    ];
     changes.push(Change::AddAddress(addr.clone()));
     changes.extend(fdb.iter().cloned().map(Change::AddFdb));
-    changes.push(Change::SetUp { link: vx.name.clone() });
-    changes.push(Change::SetUp { link: br.name.clone() });
+    changes.push(Change::SetUp {
+        link: vx.name.clone(),
+    });
+    changes.push(Change::SetUp {
+        link: br.name.clone(),
+    });
     let mut state = KernelState::default();
     for mut l in [br, vx] {
         l.up = true;
@@ -307,7 +343,11 @@ fn network(f: &Family) -> (Vec<Change>, KernelState) {
 fn flags(link: &Value) -> Vec<String> {
     link["flags"]
         .as_array()
-        .map(|a| a.iter().filter_map(|f| f.as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|f| f.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -350,17 +390,30 @@ async fn round_trip(ctx: Ctx, f: &Family) {
         assert_eq!(data["udp_csum"], true, "{data}");
     }
     // No remote or group: flooding goes only to the FDB's all-zero entries.
-    assert!(data.get("remote").is_none() && data.get("group").is_none(), "{data}");
+    assert!(
+        data.get("remote").is_none() && data.get("group").is_none(),
+        "{data}"
+    );
 
     ctx.apply(rest).await;
     assert!(is_up(&ctx.ns.link("ovbr-4097")));
     assert!(is_up(&ctx.ns.link("ovvx-4097")));
     let addrs = ctx.ns.addresses("ovbr-4097");
-    assert!(addrs.contains(&(f.bridge_addr.to_owned(), "global".to_owned())), "{addrs:?}");
+    assert!(
+        addrs.contains(&(f.bridge_addr.to_owned(), "global".to_owned())),
+        "{addrs:?}"
+    );
     let remotes: BTreeSet<String> = f.remotes.iter().map(|r| r.to_string()).collect();
     assert_eq!(ctx.ns.zero_fdb("ovvx-4097"), remotes);
 
     assert_eq!(ctx.dump().await, want);
+    // The facade's dump (links plus XFRM, which has nothing here) agrees.
+    let full = ctx
+        .kernel
+        .dump()
+        .await
+        .unwrap_or_else(|e| panic!("Kernel::dump: {e}"));
+    assert_eq!(full, want);
 }
 
 #[test]
@@ -398,7 +451,23 @@ fn foreign_objects_are_not_dumped() {
         ns.bridge("fdb add 02:00:00:00:00:01 dev ovvx-4097 dst 192.0.2.50 self permanent");
         ns.ip("addr add fe80::1234/64 dev ovbr-4097");
         ns.ip("addr add 10.10.0.9/24 dev ovbr-4097 valid_lft 600 preferred_lft 600");
+        // They are all really there.
         assert!(ns.zero_fdb("ovvx-77").contains("192.0.2.77"));
+        assert!(
+            ns.bridge("fdb show dev ovvx-4097")
+                .contains("02:00:00:00:00:01 dst 192.0.2.50")
+        );
+        let on_ours = ns.addresses("ovbr-4097");
+        for a in [("fe80::1234/64", "link"), ("10.10.0.9/24", "global")] {
+            assert!(
+                on_ours.contains(&(a.0.to_owned(), a.1.to_owned())),
+                "{on_ours:?}"
+            );
+        }
+        assert!(
+            ns.addresses("br-user")
+                .contains(&("10.99.0.1/24".to_owned(), "global".to_owned()))
+        );
         assert_eq!(ns.link("user-vx")["ifalias"], ALIAS);
 
         assert_eq!(ctx.dump().await, want);
@@ -411,31 +480,64 @@ fn set_changes_are_observed() {
     in_netns("set", |ctx| async move {
         add_underlay(&ctx.ns, &V4);
         let (br, vx) = (bridge(VNI), vxlan(VNI, V4.local));
-        ctx.apply(&[Change::CreateLink(br.clone()), Change::CreateLink(vx.clone())]).await;
+        ctx.apply(&[
+            Change::CreateLink(br.clone()),
+            Change::CreateLink(vx.clone()),
+        ])
+        .await;
 
         ctx.apply(&[
-            Change::SetMtu { link: vx.name.clone(), from: MTU, to: 1300 },
-            Change::SetMtu { link: br.name.clone(), from: MTU, to: 1300 },
+            Change::SetMtu {
+                link: vx.name.clone(),
+                from: MTU,
+                to: 1300,
+            },
+            Change::SetMtu {
+                link: br.name.clone(),
+                from: MTU,
+                to: 1300,
+            },
         ])
         .await;
         assert_eq!(ctx.ns.link("ovvx-4097")["mtu"], 1300);
         assert_eq!(ctx.ns.link("ovbr-4097")["mtu"], 1300);
 
         let renamed = "ovl-controller cluster=test network=renamed";
-        ctx.apply(&[Change::SetAlias { link: br.name.clone(), from: ALIAS.into(), to: renamed.into() }])
-            .await;
+        ctx.apply(&[Change::SetAlias {
+            link: br.name.clone(),
+            from: ALIAS.into(),
+            to: renamed.into(),
+        }])
+        .await;
         assert_eq!(ctx.ns.link("ovbr-4097")["ifalias"], renamed);
 
-        ctx.apply(&[Change::SetMaster { link: vx.name.clone(), from: vx.master.clone(), to: None }]).await;
+        ctx.apply(&[Change::SetMaster {
+            link: vx.name.clone(),
+            from: vx.master.clone(),
+            to: None,
+        }])
+        .await;
         assert!(ctx.ns.link("ovvx-4097").get("master").is_none());
         let dumped = ctx.dump().await;
         assert_eq!(dumped.links[&vx.name].master, None);
 
-        ctx.apply(&[Change::SetMaster { link: vx.name.clone(), from: None, to: Some(br.name.clone()) }])
-            .await;
+        ctx.apply(&[Change::SetMaster {
+            link: vx.name.clone(),
+            from: None,
+            to: Some(br.name.clone()),
+        }])
+        .await;
         assert_eq!(ctx.ns.link("ovvx-4097")["master"], "ovbr-4097");
 
-        ctx.apply(&[Change::SetUp { link: vx.name.clone() }, Change::SetUp { link: br.name.clone() }]).await;
+        ctx.apply(&[
+            Change::SetUp {
+                link: vx.name.clone(),
+            },
+            Change::SetUp {
+                link: br.name.clone(),
+            },
+        ])
+        .await;
         assert!(is_up(&ctx.ns.link("ovvx-4097")));
         assert!(is_up(&ctx.ns.link("ovbr-4097")));
 
@@ -443,7 +545,10 @@ fn set_changes_are_observed() {
         let b = &dumped.links[&br.name];
         assert_eq!((b.mtu, b.alias.as_str(), b.up), (1300, renamed, true));
         let v = &dumped.links[&vx.name];
-        assert_eq!((v.mtu, v.master.as_ref(), v.up), (1300, Some(&br.name), true));
+        assert_eq!(
+            (v.mtu, v.master.as_ref(), v.up),
+            (1300, Some(&br.name), true)
+        );
     });
 }
 
@@ -456,27 +561,51 @@ fn delete_changes_are_observed() {
         let (changes, mut want) = network(&V4);
         ctx.apply(&changes).await;
 
-        let first = FdbEntry { link: name("ovvx-4097"), remote: ip(V4.remotes[0]) };
+        let first = FdbEntry {
+            link: name("ovvx-4097"),
+            remote: ip(V4.remotes[0]),
+        };
         ctx.apply(&[Change::DeleteFdb(first.clone())]).await;
-        assert_eq!(ctx.ns.zero_fdb("ovvx-4097"), BTreeSet::from([V4.remotes[1].to_owned()]));
+        assert_eq!(
+            ctx.ns.zero_fdb("ovvx-4097"),
+            BTreeSet::from([V4.remotes[1].to_owned()])
+        );
         want.fdb.remove(&first);
         assert_eq!(ctx.dump().await, want);
         // The kernel's own semantics: removing a remote that is not in the all-zero
         // entry succeeds (and removes nothing) while the entry exists...
         let again = ctx.try_apply(Change::DeleteFdb(first.clone())).await;
         assert!(again.is_ok(), "{again:?}");
-        assert_eq!(ctx.ns.zero_fdb("ovvx-4097"), BTreeSet::from([V4.remotes[1].to_owned()]));
+        assert_eq!(
+            ctx.ns.zero_fdb("ovvx-4097"),
+            BTreeSet::from([V4.remotes[1].to_owned()])
+        );
         // ...and fails with ENOENT once the last remote is gone.
-        let last = FdbEntry { link: name("ovvx-4097"), remote: ip(V4.remotes[1]) };
+        let last = FdbEntry {
+            link: name("ovvx-4097"),
+            remote: ip(V4.remotes[1]),
+        };
         ctx.apply(&[Change::DeleteFdb(last.clone())]).await;
         assert!(ctx.ns.zero_fdb("ovvx-4097").is_empty());
         want.fdb.remove(&last);
         let again = ctx.try_apply(Change::DeleteFdb(first)).await;
-        assert_eq!(again.as_ref().err().and_then(KernelError::errno), Some(libc::ENOENT), "{again:?}");
+        assert_eq!(
+            again.as_ref().err().and_then(KernelError::errno),
+            Some(libc::ENOENT),
+            "{again:?}"
+        );
 
-        let addr = Address { link: name("ovbr-4097"), addr: net(V4.bridge_addr) };
+        let addr = Address {
+            link: name("ovbr-4097"),
+            addr: net(V4.bridge_addr),
+        };
         ctx.apply(&[Change::DeleteAddress(addr.clone())]).await;
-        assert!(!ctx.ns.addresses("ovbr-4097").iter().any(|(a, _)| a == V4.bridge_addr));
+        assert!(
+            !ctx.ns
+                .addresses("ovbr-4097")
+                .iter()
+                .any(|(a, _)| a == V4.bridge_addr)
+        );
         want.addresses.remove(&addr);
         assert_eq!(ctx.dump().await, want);
 
@@ -490,7 +619,11 @@ fn delete_changes_are_observed() {
         assert_eq!(ctx.dump().await, KernelState::default());
 
         let again = ctx.try_apply(Change::DeleteLink(br)).await;
-        assert_eq!(again.as_ref().err().and_then(KernelError::errno), Some(libc::ENODEV), "{again:?}");
+        assert_eq!(
+            again.as_ref().err().and_then(KernelError::errno),
+            Some(libc::ENODEV),
+            "{again:?}"
+        );
     });
 }
 
@@ -525,24 +658,42 @@ fn create_adopts_only_its_own_leftovers() {
         // Different MTU: not a leftover of ours.
         ctx.ns.ip("link add ovbr-6 mtu 1500 type bridge");
         let err = ctx.try_apply(Change::CreateLink(bridge(6))).await;
-        assert!(matches!(err, Err(KernelError::ForeignLink { .. })), "{err:?}");
+        assert!(
+            matches!(err, Err(KernelError::ForeignLink { .. })),
+            "{err:?}"
+        );
         let l = ctx.ns.link("ovbr-6");
-        assert!(l.get("ifalias").is_none() && l["mtu"] == 1500, "foreign link changed: {l}");
+        assert!(
+            l.get("ifalias").is_none() && l["mtu"] == 1500,
+            "foreign link changed: {l}"
+        );
 
         // Someone else's alias.
         ctx.ns.ip(&format!("link add ovbr-7 mtu {MTU} type bridge"));
         ctx.ns.ip("link set ovbr-7 alias someone-else");
         let err = ctx.try_apply(Change::CreateLink(bridge(7))).await;
-        assert!(matches!(err, Err(KernelError::ForeignLink { .. })), "{err:?}");
+        assert!(
+            matches!(err, Err(KernelError::ForeignLink { .. })),
+            "{err:?}"
+        );
         assert_eq!(ctx.ns.link("ovbr-7")["ifalias"], "someone-else");
 
         // Up: not a leftover of ours either (we create links down).
         ctx.ns.ip(&format!("link add ovbr-8 mtu {MTU} type bridge"));
         ctx.ns.ip("link set ovbr-8 up");
         let err = ctx.try_apply(Change::CreateLink(bridge(8))).await;
-        assert!(matches!(err, Err(KernelError::ForeignLink { .. })), "{err:?}");
+        assert!(
+            matches!(err, Err(KernelError::ForeignLink { .. })),
+            "{err:?}"
+        );
 
-        let owned: Vec<String> = ctx.dump().await.links.keys().map(|k| k.to_string()).collect();
+        let owned: Vec<String> = ctx
+            .dump()
+            .await
+            .links
+            .keys()
+            .map(|k| k.to_string())
+            .collect();
         assert_eq!(owned, ["ovbr-5"]);
     });
 }
@@ -555,14 +706,20 @@ fn create_with_missing_dependencies_fails_cleanly() {
         add_underlay(&ctx.ns, &V4);
         let vx = vxlan(VNI, V4.local);
         let err = ctx.try_apply(Change::CreateLink(vx.clone())).await;
-        assert!(matches!(&err, Err(KernelError::LinkNotFound { link, .. }) if link == "ovbr-4097"), "{err:?}");
+        assert!(
+            matches!(&err, Err(KernelError::LinkNotFound { link, .. }) if link == "ovbr-4097"),
+            "{err:?}"
+        );
         let mut no_underlay = vx;
         no_underlay.master = None;
         if let LinkKind::Vxlan(p) = &mut no_underlay.kind {
             p.underlay = name("nosuch0");
         }
         let err = ctx.try_apply(Change::CreateLink(no_underlay)).await;
-        assert!(matches!(&err, Err(KernelError::LinkNotFound { link, .. }) if link == "nosuch0"), "{err:?}");
+        assert!(
+            matches!(&err, Err(KernelError::LinkNotFound { link, .. }) if link == "nosuch0"),
+            "{err:?}"
+        );
         assert!(!ctx.ns.has_link("ovvx-4097"));
         assert_eq!(ctx.dump().await, KernelState::default());
     });
@@ -572,9 +729,16 @@ fn create_with_missing_dependencies_fails_cleanly() {
 #[test]
 fn xfrm_changes_are_refused_by_the_link_executor() {
     in_netns("xfrm", |ctx| async move {
-        let change = Change::DeleteSa(SaId { src: ip("192.0.2.1"), dst: ip("192.0.2.2"), spi: 0x100 });
+        let change = Change::DeleteSa(SaId {
+            src: ip("192.0.2.1"),
+            dst: ip("192.0.2.2"),
+            spi: 0x100,
+        });
         let err = links::execute(&ctx.route, &change).await;
-        assert!(matches!(err, Err(KernelError::Unsupported { .. })), "{err:?}");
+        assert!(
+            matches!(err, Err(KernelError::Unsupported { .. })),
+            "{err:?}"
+        );
     });
 }
 
@@ -584,17 +748,48 @@ fn underlay_and_local_addresses() {
         add_underlay(&ctx.ns, &V4);
         ctx.ns.ip("addr add 2001:db8::1/64 dev ul1 nodad");
         ctx.ns.ip("link set ul1 mtu 9000");
-        let index = ctx.ns.link("ul0")["ifindex"].as_u64().and_then(|i| u32::try_from(i).ok());
+        let index = ctx.ns.link("ul0")["ifindex"]
+            .as_u64()
+            .and_then(|i| u32::try_from(i).ok());
         let index = index.unwrap_or_else(|| panic!("no ifindex"));
-        let u = ctx.kernel.underlay_for(ip("192.0.2.1")).await.unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(u, Some(Underlay { name: name("ul0"), index, mtu: 1500 }));
-        let u = ctx.kernel.underlay_for(ip("2001:db8::1")).await.unwrap_or_else(|e| panic!("{e}"));
+        let u = ctx
+            .kernel
+            .underlay_for(ip("192.0.2.1"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            u,
+            Some(Underlay {
+                name: name("ul0"),
+                index,
+                mtu: 1500
+            })
+        );
+        let u = ctx
+            .kernel
+            .underlay_for(ip("2001:db8::1"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(u.map(|u| (u.name, u.mtu)), Some((name("ul1"), 9000)));
-        let u = ctx.kernel.underlay_for(ip("203.0.113.1")).await.unwrap_or_else(|e| panic!("{e}"));
+        let u = ctx
+            .kernel
+            .underlay_for(ip("203.0.113.1"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(u, None);
 
-        let local = ctx.kernel.local_addresses().await.unwrap_or_else(|e| panic!("{e}"));
-        assert!(local.contains(&ip("192.0.2.1")) && local.contains(&ip("2001:db8::1")), "{local:?}");
-        assert!(!local.contains(&ip("192.0.2.255")), "broadcast is not a local address: {local:?}");
+        let local = ctx
+            .kernel
+            .local_addresses()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            local.contains(&ip("192.0.2.1")) && local.contains(&ip("2001:db8::1")),
+            "{local:?}"
+        );
+        assert!(
+            !local.contains(&ip("192.0.2.255")),
+            "broadcast is not a local address: {local:?}"
+        );
     });
 }

@@ -50,7 +50,12 @@ pub async fn execute(route: &rtnetlink::Handle, change: &Change) -> Result<(), K
             result.map_err(|e| refused(&op, e))
         }
         Change::SetMtu { link, to, .. } => {
-            change_link(route, &op, LinkUnspec::new_with_name(link.as_str()).mtu(*to)).await
+            change_link(
+                route,
+                &op,
+                LinkUnspec::new_with_name(link.as_str()).mtu(*to),
+            )
+            .await
         }
         Change::SetMaster { link, to, .. } => {
             // IFLA_MASTER 0 is `nomaster`.
@@ -62,7 +67,12 @@ pub async fn execute(route: &rtnetlink::Handle, change: &Change) -> Result<(), K
             change_link(route, &op, msg).await
         }
         Change::SetAlias { link, to, .. } => {
-            change_link(route, &op, LinkUnspec::new_with_name(link.as_str()).alias(to)).await
+            change_link(
+                route,
+                &op,
+                LinkUnspec::new_with_name(link.as_str()).alias(to),
+            )
+            .await
         }
         Change::SetUp { link } => {
             change_link(route, &op, LinkUnspec::new_with_name(link.as_str()).up()).await
@@ -71,9 +81,13 @@ pub async fn execute(route: &rtnetlink::Handle, change: &Change) -> Result<(), K
         Change::DeleteAddress(a) => delete_address(route, a, &op).await,
         Change::AddFdb(e) => add_fdb(route, e, &op).await,
         Change::DeleteFdb(e) => delete_fdb(route, e, &op).await,
-        Change::PutPolicy { .. } | Change::DeletePolicy(_) | Change::AddSa(_) | Change::DeleteSa(_) => {
-            Err(KernelError::Unsupported { operation: op, executor: "link" })
-        }
+        Change::PutPolicy { .. }
+        | Change::DeletePolicy(_)
+        | Change::AddSa(_)
+        | Change::DeleteSa(_) => Err(KernelError::Unsupported {
+            operation: op,
+            executor: "link",
+        }),
     }
 }
 
@@ -135,8 +149,15 @@ async fn create_link(route: &rtnetlink::Handle, link: &Link, op: &str) -> Result
 /// `CreateLink` found a link with that name: adopt it only when it is exactly what an
 /// interrupted `create_link` leaves behind (no alias, same kind and parameters, same
 /// MTU and master, down).
-async fn adopt_half_created(route: &rtnetlink::Handle, link: &Link, op: &str) -> Result<(), KernelError> {
-    let found = dump::all_links(route).await?.into_iter().find(|l| l.name == link.name.as_str());
+async fn adopt_half_created(
+    route: &rtnetlink::Handle,
+    link: &Link,
+    op: &str,
+) -> Result<(), KernelError> {
+    let found = dump::all_links(route)
+        .await?
+        .into_iter()
+        .find(|l| l.name == link.name.as_str());
     let foreign = |reason: String| KernelError::ForeignLink {
         operation: op.to_owned(),
         link: link.name.to_string(),
@@ -159,7 +180,12 @@ async fn adopt_half_created(route: &rtnetlink::Handle, link: &Link, op: &str) ->
         )));
     }
     tracing::warn!(link = %link.name, "adopting a link left without alias by an interrupted create");
-    change_link(route, op, LinkUnspec::new_with_name(link.name.as_str()).alias(&link.alias)).await
+    change_link(
+        route,
+        op,
+        LinkUnspec::new_with_name(link.name.as_str()).alias(&link.alias),
+    )
+    .await
 }
 
 /// `ip link set`: RTM_NEWLINK without NLM_F_CREATE, the link found by name.
@@ -168,7 +194,12 @@ async fn change_link(
     op: &str,
     msg: LinkMessageBuilder<LinkUnspec>,
 ) -> Result<(), KernelError> {
-    route.link().change(msg.build()).execute().await.map_err(|e| refused(op, e))
+    route
+        .link()
+        .change(msg.build())
+        .execute()
+        .await
+        .map_err(|e| refused(op, e))
 }
 
 /// The index of a link by name.
@@ -176,10 +207,14 @@ async fn index_of(route: &rtnetlink::Handle, name: &IfName, op: &str) -> Result<
     let mut links = route.link().get().match_name(name.as_str()).execute();
     match links.try_next().await {
         Ok(Some(msg)) => Ok(msg.header.index),
-        Ok(None) => Err(KernelError::LinkNotFound { operation: op.to_owned(), link: name.to_string() }),
-        Err(e) if errno(&e) == Some(ENODEV) => {
-            Err(KernelError::LinkNotFound { operation: op.to_owned(), link: name.to_string() })
-        }
+        Ok(None) => Err(KernelError::LinkNotFound {
+            operation: op.to_owned(),
+            link: name.to_string(),
+        }),
+        Err(e) if errno(&e) == Some(ENODEV) => Err(KernelError::LinkNotFound {
+            operation: op.to_owned(),
+            link: name.to_string(),
+        }),
         Err(e) => Err(refused(op, e)),
     }
 }
@@ -189,11 +224,18 @@ async fn add_address(route: &rtnetlink::Handle, a: &Address, op: &str) -> Result
     // NLM_F_REPLACE: an address already on the bridge with a finite lifetime (not one
     // of ours, so not in the dump) becomes a permanent one instead of failing with
     // EEXIST on every apply.
-    let request = route.address().add(index, a.addr.addr(), a.addr.prefix_len()).replace();
+    let request = route
+        .address()
+        .add(index, a.addr.addr(), a.addr.prefix_len())
+        .replace();
     request.execute().await.map_err(|e| refused(op, e))
 }
 
-async fn delete_address(route: &rtnetlink::Handle, a: &Address, op: &str) -> Result<(), KernelError> {
+async fn delete_address(
+    route: &rtnetlink::Handle,
+    a: &Address,
+    op: &str,
+) -> Result<(), KernelError> {
     let index = index_of(route, &a.link, op).await?;
     let msg = match a.addr.addr() {
         IpAddr::V4(ip) => rtnetlink::AddressMessageBuilder::<std::net::Ipv4Addr>::new()
@@ -205,7 +247,12 @@ async fn delete_address(route: &rtnetlink::Handle, a: &Address, op: &str) -> Res
             .address(ip, a.addr.prefix_len())
             .build(),
     };
-    route.address().del(msg).execute().await.map_err(|e| refused(op, e))
+    route
+        .address()
+        .del(msg)
+        .execute()
+        .await
+        .map_err(|e| refused(op, e))
 }
 
 /// The bridge-family neighbour message of a head-end replication entry:
@@ -218,8 +265,12 @@ fn fdb_message(index: u32, remote: IpAddr) -> NeighbourMessage {
     // NTF_SELF only: the entry belongs to the VXLAN device's own FDB, not to the
     // bridge it is a port of (no flag at all would go to the bridge).
     msg.header.flags = NeighbourFlags::Own;
-    msg.attributes.push(NeighbourAttribute::LinkLayerAddress(vec![0; 6]));
-    msg.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::from(remote)));
+    msg.attributes
+        .push(NeighbourAttribute::LinkLayerAddress(vec![0; 6]));
+    msg.attributes
+        .push(NeighbourAttribute::Destination(NeighbourAddress::from(
+            remote,
+        )));
     msg
 }
 
@@ -229,7 +280,13 @@ fn fdb_message(index: u32, remote: IpAddr) -> NeighbourMessage {
 async fn add_fdb(route: &rtnetlink::Handle, e: &FdbEntry, op: &str) -> Result<(), KernelError> {
     let index = index_of(route, &e.link, op).await?;
     let msg = RouteNetlinkMessage::NewNeighbour(fdb_message(index, e.remote));
-    match request_ack(route, msg, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND).await {
+    match request_ack(
+        route,
+        msg,
+        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND,
+    )
+    .await
+    {
         Err(err) if errno(&err) == Some(EEXIST) => Ok(()),
         other => other.map_err(|err| refused(op, err)),
     }
@@ -240,7 +297,9 @@ async fn add_fdb(route: &rtnetlink::Handle, e: &FdbEntry, op: &str) -> Result<()
 async fn delete_fdb(route: &rtnetlink::Handle, e: &FdbEntry, op: &str) -> Result<(), KernelError> {
     let index = index_of(route, &e.link, op).await?;
     let msg = RouteNetlinkMessage::DelNeighbour(fdb_message(index, e.remote));
-    request_ack(route, msg, NLM_F_REQUEST | NLM_F_ACK).await.map_err(|err| refused(op, err))
+    request_ack(route, msg, NLM_F_REQUEST | NLM_F_ACK)
+        .await
+        .map_err(|err| refused(op, err))
 }
 
 /// Sends one request with the given header flags and waits for its ACK.
@@ -272,7 +331,13 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
 /// becomes [`KernelError::Netlink`].
 fn refused(op: &str, e: rtnetlink::Error) -> KernelError {
     match e {
-        rtnetlink::Error::NetlinkError(msg) => KernelError::Refused { operation: op.to_owned(), source: msg.to_io() },
-        other => KernelError::Netlink { operation: op.to_owned(), message: other.to_string() },
+        rtnetlink::Error::NetlinkError(msg) => KernelError::Refused {
+            operation: op.to_owned(),
+            source: msg.to_io(),
+        },
+        other => KernelError::Netlink {
+            operation: op.to_owned(),
+            message: other.to_string(),
+        },
     }
 }

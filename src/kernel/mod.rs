@@ -30,16 +30,28 @@ pub enum KernelError {
     Netns { path: String, source: std::io::Error },
     /// The kernel answered a request with an errno (`source.raw_os_error()`).
     #[error("kernel refused \"{operation}\": {source}")]
-    Refused { operation: String, source: std::io::Error },
+    Refused {
+        operation: String,
+        source: std::io::Error,
+    },
     #[error("{operation}: no link named {link}")]
     LinkNotFound { operation: String, link: String },
     /// A link with one of our names exists but is not ours (no ownership alias), so the
     /// controller will not create, adopt or change it.
-    #[error("{operation}: link {link} already exists and is not owned by ovl-controller ({reason})")]
-    ForeignLink { operation: String, link: String, reason: String },
+    #[error(
+        "{operation}: link {link} already exists and is not owned by ovl-controller ({reason})"
+    )]
+    ForeignLink {
+        operation: String,
+        link: String,
+        reason: String,
+    },
     /// A change was handed to the wrong executor (a bug, never a panic).
     #[error("{operation}: not a {executor} change")]
-    Unsupported { operation: String, executor: &'static str },
+    Unsupported {
+        operation: String,
+        executor: &'static str,
+    },
     /// The kernel holds someone else's XFRM state or policy where the change would
     /// replace or delete one of ours (its reqid is not in our range): left alone.
     #[error("{operation}: the kernel's {what} there is not owned by ovl-controller ({detail})")]

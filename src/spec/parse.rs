@@ -66,6 +66,7 @@ fn options() -> Options {
         budget: serde_saphyr::budget! {
             // The schema is 4 levels deep; leave room for nothing pathological.
             max_depth: 16,
+            flow_nesting_limit: 16,
             max_aliases: 1_000,
             max_anchors: 1_000,
             max_merge_keys: 1_000,
@@ -109,7 +110,8 @@ fn yaml_error(e: &Errors<'_>, err: &YamlError) -> SpecError {
 
 /// The parser's terse phrases for a value of the wrong shape, in the user's words.
 fn plain_words(message: &str) -> String {
-    const PHRASES: [(&str, &str); 3] = [
+    const PHRASES: [(&str, &str); 4] = [
+        ("recursion limit exceeded", "the YAML is nested too deeply (a parser limit)"),
         ("expected mapping start", "expected a mapping (`key: value` lines) here"),
         ("expected sequence start", "expected a list (`- item` lines or `[a, b]`) here"),
         ("expected string scalar", "expected a single value (a string) here"),

@@ -15,12 +15,18 @@ use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope,
 };
-use netlink_packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
-use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage,
+};
 
 use super::refused;
 use crate::kernel::{KernelError, Underlay};
-use crate::state::{Address, FdbEntry, IfName, KernelState, Link, LinkKind, VxlanParams, ownership};
+use crate::state::{
+    Address, FdbEntry, IfName, KernelState, Link, LinkKind, VxlanParams, ownership,
+};
 
 /// Everything the controller owns in links, addresses and FDB entries; XFRM policies
 /// and SAs are left empty (see `kernel::xfrm`).
@@ -28,9 +34,16 @@ pub async fn dump(route: &rtnetlink::Handle) -> Result<KernelState, KernelError>
     let mut state = KernelState::default();
     let mut bridges: HashMap<u32, IfName> = HashMap::new();
     let mut vxlans: HashMap<u32, IfName> = HashMap::new();
-    for kl in all_links(route).await?.into_iter().filter(KernelLink::is_owned) {
+    for kl in all_links(route)
+        .await?
+        .into_iter()
+        .filter(KernelLink::is_owned)
+    {
         let Some(link) = kl.to_link() else {
-            tracing::warn!(link = kl.name, "ignoring a link marked as ours that is neither a bridge nor a VXLAN device");
+            tracing::warn!(
+                link = kl.name,
+                "ignoring a link marked as ours that is neither a bridge nor a VXLAN device"
+            );
             continue;
         };
         match link.kind {
@@ -49,7 +62,10 @@ pub async fn dump(route: &rtnetlink::Handle) -> Result<KernelState, KernelError>
             .map_err(|e| refused("dump addresses", e))?;
         for msg in addrs.iter().filter(|m| is_configured(m)) {
             if let (Some(link), Some(addr)) = (bridges.get(&msg.header.index), address_of(msg)) {
-                state.addresses.insert(Address { link: link.clone(), addr });
+                state.addresses.insert(Address {
+                    link: link.clone(),
+                    addr,
+                });
             }
         }
     }
@@ -63,8 +79,13 @@ pub async fn dump(route: &rtnetlink::Handle) -> Result<KernelState, KernelError>
             .await
             .map_err(|e| refused("dump the bridge FDB", e))?;
         for msg in &entries {
-            if let (Some(link), Some(remote)) = (vxlans.get(&msg.header.ifindex), head_end_remote(msg)) {
-                state.fdb.insert(FdbEntry { link: link.clone(), remote });
+            if let (Some(link), Some(remote)) =
+                (vxlans.get(&msg.header.ifindex), head_end_remote(msg))
+            {
+                state.fdb.insert(FdbEntry {
+                    link: link.clone(),
+                    remote,
+                });
             }
         }
     }
@@ -78,10 +99,23 @@ pub async fn dump(route: &rtnetlink::Handle) -> Result<KernelState, KernelError>
 }
 
 /// The local interface holding `addr` (as its local address), with its MTU.
-pub async fn underlay_for(route: &rtnetlink::Handle, addr: IpAddr) -> Result<Option<Underlay>, KernelError> {
+pub async fn underlay_for(
+    route: &rtnetlink::Handle,
+    addr: IpAddr,
+) -> Result<Option<Underlay>, KernelError> {
     let op = format!("find the interface holding {addr}");
-    let addrs: Vec<AddressMessage> = route.address().get().execute().try_collect().await.map_err(|e| refused(&op, e))?;
-    let Some(index) = addrs.iter().find(|m| local_of(m) == Some(addr)).map(|m| m.header.index) else {
+    let addrs: Vec<AddressMessage> = route
+        .address()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| refused(&op, e))?;
+    let Some(index) = addrs
+        .iter()
+        .find(|m| local_of(m) == Some(addr))
+        .map(|m| m.header.index)
+    else {
         return Ok(None);
     };
     let mut links = route.link().get().match_index(index).execute();
@@ -89,26 +123,39 @@ pub async fn underlay_for(route: &rtnetlink::Handle, addr: IpAddr) -> Result<Opt
         return Ok(None);
     };
     let Some(name) = name_of(&msg) else {
-        return Err(KernelError::Unexpected { what: "link message", detail: format!("link {index} has no name") });
+        return Err(KernelError::Unexpected {
+            what: "link message",
+            detail: format!("link {index} has no name"),
+        });
     };
-    let name: IfName = name.parse().map_err(|e: crate::state::BadIfName| KernelError::Unexpected {
-        what: "link name",
-        detail: e.to_string(),
-    })?;
+    let name: IfName =
+        name.parse()
+            .map_err(|e: crate::state::BadIfName| KernelError::Unexpected {
+                what: "link name",
+                detail: e.to_string(),
+            })?;
     let mtu = msg.attributes.iter().find_map(|a| match a {
         LinkAttribute::Mtu(m) => Some(*m),
         _ => None,
     });
     let Some(mtu) = mtu else {
-        return Err(KernelError::Unexpected { what: "link message", detail: format!("link {name} has no MTU") });
+        return Err(KernelError::Unexpected {
+            what: "link message",
+            detail: format!("link {name} has no MTU"),
+        });
     };
     Ok(Some(Underlay { name, index, mtu }))
 }
 
 /// Every address configured on a local interface, each once, sorted.
 pub async fn local_addresses(route: &rtnetlink::Handle) -> Result<Vec<IpAddr>, KernelError> {
-    let addrs: Vec<AddressMessage> =
-        route.address().get().execute().try_collect().await.map_err(|e| refused("dump addresses", e))?;
+    let addrs: Vec<AddressMessage> = route
+        .address()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| refused("dump addresses", e))?;
     let set: BTreeSet<IpAddr> = addrs.iter().filter_map(local_of).collect();
     Ok(set.into_iter().collect())
 }
@@ -146,9 +193,17 @@ impl KernelLink {
 
 /// Every link in the namespace, from one dump.
 pub(super) async fn all_links(route: &rtnetlink::Handle) -> Result<Vec<KernelLink>, KernelError> {
-    let msgs: Vec<LinkMessage> =
-        route.link().get().execute().try_collect().await.map_err(|e| refused("dump links", e))?;
-    let names: HashMap<u32, &str> = msgs.iter().filter_map(|m| Some((m.header.index, name_of(m)?))).collect();
+    let msgs: Vec<LinkMessage> = route
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| refused("dump links", e))?;
+    let names: HashMap<u32, &str> = msgs
+        .iter()
+        .filter_map(|m| Some((m.header.index, name_of(m)?)))
+        .collect();
     Ok(msgs.iter().filter_map(|m| parse_link(m, &names)).collect())
 }
 
@@ -164,7 +219,10 @@ fn name_of(msg: &LinkMessage) -> Option<&str> {
 /// that it compares unequal to every desired name. (`None` cannot happen: `:INDEX` is a
 /// valid [`IfName`].)
 fn name_for_index(index: u32, names: &HashMap<u32, &str>) -> Option<IfName> {
-    names.get(&index).and_then(|n| n.parse().ok()).or_else(|| format!(":{index}").parse().ok())
+    names
+        .get(&index)
+        .and_then(|n| n.parse().ok())
+        .or_else(|| format!(":{index}").parse().ok())
 }
 
 fn parse_link(msg: &LinkMessage, names: &HashMap<u32, &str>) -> Option<KernelLink> {
@@ -279,7 +337,8 @@ fn is_ipv6_link_local(a: &Ipv6Addr) -> bool {
 /// The remote of a head-end replication entry: an all-zero MAC with a destination, in
 /// the device's own FDB (NTF_SELF).
 fn head_end_remote(msg: &NeighbourMessage) -> Option<IpAddr> {
-    if msg.header.family != AddressFamily::Bridge || !msg.header.flags.contains(NeighbourFlags::Own) {
+    if msg.header.family != AddressFamily::Bridge || !msg.header.flags.contains(NeighbourFlags::Own)
+    {
         return None;
     }
     let zero_mac = msg.attributes.iter().any(|a| matches!(a, NeighbourAttribute::LinkLayerAddress(m) if m.len() == 6 && m.iter().all(|b| *b == 0)));
@@ -298,8 +357,12 @@ fn ip_of(d: &NeighbourAddress) -> Option<IpAddr> {
         NeighbourAddress::Inet(a) => Some(IpAddr::V4(*a)),
         NeighbourAddress::Inet6(a) => Some(IpAddr::V6(*a)),
         NeighbourAddress::Other(b) => match b.len() {
-            4 => <[u8; 4]>::try_from(b.as_slice()).ok().map(|o| IpAddr::V4(Ipv4Addr::from(o))),
-            16 => <[u8; 16]>::try_from(b.as_slice()).ok().map(|o| IpAddr::V6(Ipv6Addr::from(o))),
+            4 => <[u8; 4]>::try_from(b.as_slice())
+                .ok()
+                .map(|o| IpAddr::V4(Ipv4Addr::from(o))),
+            16 => <[u8; 16]>::try_from(b.as_slice())
+                .ok()
+                .map(|o| IpAddr::V6(Ipv6Addr::from(o))),
             _ => None,
         },
         _ => None,

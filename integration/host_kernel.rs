@@ -1,0 +1,52 @@
+//! Fail closed on a kernel without ESP (this machine's own kernel): an encrypted network
+//! is not brought up, `apply` exits 1 naming the missing kernel support, and plaintext
+//! networks in the same spec still work.
+
+mod common;
+
+use common::*;
+
+const SPEC: &str = "  - name: sec
+    vni: 300
+    encrypted: true
+    addresses: {node-a: 10.3.0.1/24, node-b: 10.3.0.2/24}
+  - name: blue
+    vni: 100
+    addresses: {node-a: 10.1.0.1/24, node-b: 10.1.0.2/24}
+";
+
+#[test]
+fn e_encrypted_network_fails_closed_without_esp() {
+    require_root();
+    let c = Cluster::new("noesp", 2, false, 1500);
+    let probe = sh(&format!(
+        "ip -n {} xfrm state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x42 mode transport aead 'rfc4106(gcm(aes))' 0x{} 128",
+        c.node("node-a").ns,
+        "11".repeat(36)
+    ));
+    assert!(
+        !probe.status.success(),
+        "this test checks a kernel WITHOUT ESP; this kernel has it (the ESP tests run under UML)"
+    );
+    let spec = c.spec("net.yaml", SPEC);
+    let cap = Capture::start(&c, "noesp", "udp port 4790");
+    for n in ["node-a", "node-b"] {
+        let out = c.ctl(n, &["apply", "-f", spec.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("encrypted networks sec were not brought up"), "{err}");
+        assert!(err.contains("CONFIG_INET_ESP"), "the error must name the missing kernel support: {err}");
+        // The plan shows the plaintext network only.
+        assert!(stdout(&out).contains("ovbr-100") && !stdout(&out).contains("ovbr-300"), "{}", stdout(&out));
+    }
+    assert!(c.link("node-a", "ovbr-300").is_none() && c.link("node-a", "ovvx-300").is_none());
+    assert!(c.ping_eventually("node-a", "10.1.0.2"), "plaintext network must still work");
+    // Nothing can be sent on the encrypted network: it has no device to send through.
+    let send = sh(&format!("ip netns exec {} ping -c 1 -W 1 -I ovbr-300 10.3.0.2", c.node("node-a").ns));
+    assert!(!send.status.success());
+    assert_eq!(cap.stop().lines(""), Vec::<String>::new(), "a packet to the encrypted port left a node");
+    // A second run changes nothing and fails the same way.
+    let out = c.ctl("node-a", &["apply", "-f", spec.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("No changes"), "{}", stdout(&out));
+}
