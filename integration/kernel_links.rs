@@ -654,6 +654,13 @@ fn create_adopts_only_its_own_leftovers() {
         ctx.apply(&[Change::CreateLink(bridge(5))]).await;
         assert_eq!(ctx.ns.link("ovbr-5")["ifalias"], ALIAS);
         assert!(ctx.dump().await.links.contains_key(&name("ovbr-5")));
+        // Creating it again: it is ours, the kernel's EEXIST stands.
+        let err = ctx.try_apply(Change::CreateLink(bridge(5))).await;
+        assert_eq!(
+            err.as_ref().err().and_then(KernelError::errno),
+            Some(libc::EEXIST),
+            "{err:?}"
+        );
 
         // Different MTU: not a leftover of ours.
         ctx.ns.ip("link add ovbr-6 mtu 1500 type bridge");

@@ -166,6 +166,13 @@ async fn adopt_half_created(
     let Some(found) = found else {
         return Err(foreign("it vanished while being looked at".to_owned()));
     };
+    if found.is_owned() {
+        // Ours already (the plan should have seen it): the kernel's answer stands.
+        return Err(KernelError::Refused {
+            operation: op.to_owned(),
+            source: std::io::Error::from_raw_os_error(EEXIST),
+        });
+    }
     if let Some(alias) = &found.alias {
         return Err(foreign(format!("its alias is {alias:?}")));
     }

@@ -251,14 +251,14 @@ fn inbound_sa_is_added_before_outbound_and_removed_after() {
     let desired = build_state(&none, &[(3, true), (3, false)], &[(3, true, 1), (3, false, 1)]);
     let observed = KernelState::default();
     let p = plan(&desired, &observed);
-    let pos = |f: &dyn Fn(&Change) -> bool| p.changes.iter().position(|c| f(c)).unwrap();
+    let pos = |f: &dyn Fn(&Change) -> bool| p.changes.iter().position(f).unwrap();
     let inb = pos(&|c| matches!(c, Change::AddSa(sa) if sa.id.dst == ip(1)));
     let outb = pos(&|c| matches!(c, Change::AddSa(sa) if sa.id.src == ip(1)));
     let block = pos(&|c| matches!(c, Change::PutPolicy { policy, .. } if policy.action == PolicyAction::Block));
     assert!(block < inb && inb < outb, "{p}");
 
     let back = plan(&KernelState::default(), &desired);
-    let pos = |f: &dyn Fn(&Change) -> bool| back.changes.iter().position(|c| f(c)).unwrap();
+    let pos = |f: &dyn Fn(&Change) -> bool| back.changes.iter().position(f).unwrap();
     let del_out = pos(&|c| matches!(c, Change::DeleteSa(id) if id.src == ip(1)));
     let del_in = pos(&|c| matches!(c, Change::DeleteSa(id) if id.dst == ip(1)));
     let del_block = pos(&|c| matches!(c, Change::DeletePolicy(id) if id.dir == Direction::Out && id.selector.dst.prefix_len() == 0));

@@ -30,11 +30,9 @@ pub(super) fn int_in(what: &str, v: &Scalar, lo: u32, hi: u32) -> Result<u32, St
             .filter(|n| (lo..=hi).contains(n))
             .ok_or_else(|| format!("{what} {i} is out of range {lo}..={hi}")),
         // A literal too large for 64 bits arrives as a float: say it is out of range.
-        Scalar::Float(f) if f.is_finite() && f.fract() == 0.0 && f.abs() >= 9.2e18 => {
-            Err(format!(
-                "{what} is out of range {lo}..={hi} (the number does not even fit in 64 bits)"
-            ))
-        }
+        Scalar::Float(f) if f.is_finite() && f.fract() == 0.0 && f.abs() >= 9.2e18 => Err(format!(
+            "{what} is out of range {lo}..={hi} (the number does not even fit in 64 bits)"
+        )),
         other => Err(format!(
             "{what} must be an integer in {lo}..={hi}, found {}",
             other.describe()

@@ -31,10 +31,8 @@ pub fn parse(bytes: &[u8], source_name: &str) -> Result<Spec, SpecError> {
     if bytes.len() > MAX_SPEC_BYTES {
         return Err(e.at(
             start,
-            format!(
-                "the spec is {} bytes, more than the limit of {MAX_SPEC_BYTES} bytes",
-                bytes.len()
-            ),
+            // The CLI reads at most one byte past the limit, so the real size is unknown.
+            format!("the spec is larger than the limit of {MAX_SPEC_BYTES} bytes"),
         ));
     }
     let text = std::str::from_utf8(bytes).map_err(|err| utf8_error(source_name, bytes, err))?;
@@ -64,7 +62,7 @@ pub fn parse(bytes: &[u8], source_name: &str) -> Result<Spec, SpecError> {
 fn options() -> Options {
     serde_saphyr::options! {
         budget: serde_saphyr::budget! {
-            // The schema is 4 levels deep; leave room for nothing pathological.
+            // The schema nests 4 levels; 16 is room to spare, and no more.
             max_depth: 16,
             flow_nesting_limit: 16,
             max_aliases: 1_000,
@@ -111,10 +109,22 @@ fn yaml_error(e: &Errors<'_>, err: &YamlError) -> SpecError {
 /// The parser's terse phrases for a value of the wrong shape, in the user's words.
 fn plain_words(message: &str) -> String {
     const PHRASES: [(&str, &str); 4] = [
-        ("recursion limit exceeded", "the YAML is nested too deeply (a parser limit)"),
-        ("expected mapping start", "expected a mapping (`key: value` lines) here"),
-        ("expected sequence start", "expected a list (`- item` lines or `[a, b]`) here"),
-        ("expected string scalar", "expected a single value (a string) here"),
+        (
+            "recursion limit exceeded",
+            "the YAML is nested too deeply (a parser limit)",
+        ),
+        (
+            "expected mapping start",
+            "expected a mapping (`key: value` lines) here",
+        ),
+        (
+            "expected sequence start",
+            "expected a list (`- item` lines or `[a, b]`) here",
+        ),
+        (
+            "expected string scalar",
+            "expected a single value (a string) here",
+        ),
     ];
     PHRASES
         .iter()

@@ -125,8 +125,7 @@ pub(super) fn spec(e: &Errors<'_>, raw: &RawSpec, top: Location) -> Result<Spec,
                     ),
                 ));
             }
-            if let Some((first, other)) = vnis.insert(net.vni, (vni_loc.line(), net.name.clone()))
-            {
+            if let Some((first, other)) = vnis.insert(net.vni, (vni_loc.line(), net.name.clone())) {
                 return Err(e.at(
                     vni_loc,
                     format!(
@@ -207,11 +206,7 @@ fn cluster(e: &Errors<'_>, raw: &RawCluster, at: Location) -> Result<Cluster, Sp
     })
 }
 
-fn nodes(
-    e: &Errors<'_>,
-    raw: &[Spanned<RawNode>],
-    at: Location,
-) -> Result<Vec<Node>, SpecError> {
+fn nodes(e: &Errors<'_>, raw: &[Spanned<RawNode>], at: Location) -> Result<Vec<Node>, SpecError> {
     if raw.is_empty() {
         return Err(e.at(at, "nodes is empty: a spec needs at least one node"));
     }

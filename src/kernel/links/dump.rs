@@ -174,7 +174,7 @@ pub(super) struct KernelLink {
 }
 
 impl KernelLink {
-    fn is_owned(&self) -> bool {
+    pub(super) fn is_owned(&self) -> bool {
         ownership::is_owned_link(&self.name, self.alias.as_deref())
     }
 
