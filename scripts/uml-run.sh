@@ -21,7 +21,8 @@
 # command runs as root in the caller's working directory with stdin from /dev/null,
 # PATH, HOME, RUST_LOG, RUST_BACKTRACE, RUST_LIB_BACKTRACE, RUST_TEST_*, CI, NO_COLOR,
 # CARGO_*, every OVL_* variable and OVL_IN_UML=1. Its stdout and stderr stream to this
-# script's stdout (both through the guest console, so they are merged).
+# script's stdout (both through the guest console, so they are merged); they are a
+# terminal in the guest only when this script's stdout is one.
 #
 # Exit status: the command's; 124 if the timeout elapsed; 125 if the harness itself
 # failed (UML missing or did not boot, a module did not load, the crypto warm-up
@@ -145,6 +146,8 @@ add_env OVL_IN_UML 1
     printf 'work=%q\n' "$work"
     printf 'start_marker=%q\nend_marker=%q\n' "$start_marker" "$end_marker"
     printf 'kernel_log=%d\n' "$kernel_log"
+    # The command sees a terminal only when our caller has one (no colour codes in CI logs).
+    if [[ -t 1 ]]; then printf 'tty_out=1\n'; else printf 'tty_out=0\n'; fi
     printf 'modules=(%s)\n' "$(printf '%q ' "${modules[@]}")"
     printf 'cwd=%q\n' "$PWD"
     printf 'cmd=(%s)\n' "$(printf '%q ' "$@")"
@@ -201,11 +204,19 @@ ip netns del "$warm"
 t1=$(now)
 
 cd "$cwd" || fail "cannot cd to $cwd"
-(
-    setup_env
-    exec "${cmd[@]}"
-) </dev/null
-rc=$?
+if ((tty_out)); then
+    (
+        setup_env
+        exec "${cmd[@]}"
+    ) </dev/null
+    rc=$?
+else
+    (
+        setup_env
+        exec "${cmd[@]}"
+    ) </dev/null 2>&1 | cat
+    rc=${PIPESTATUS[0]}
+fi
 t2=$(now)
 echo "$end_marker"
 echo "$t0 $t1 $t2" >"$work/times"

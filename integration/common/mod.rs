@@ -208,19 +208,38 @@ impl Cluster {
         d
     }
 
-    /// A fingerprint of everything in a node's namespace the controller could touch.
+    /// A fingerprint of everything in a node's namespace the controller could touch:
+    /// links (kind, VXLAN parameters, MTU, master, alias, admin state), global addresses,
+    /// all-zero FDB entries, XFRM policies and states. Timers, carrier and DAD flags are
+    /// left out: the kernel changes those by itself.
     pub fn kernel_dump(&self, node: &str) -> String {
         let ns = &self.node(node).ns;
-        let links = ok(&format!(
-            "ip -n {ns} -d link show | grep -v -E 'link/|^ +(RX|TX)'"
-        ));
-        let addrs = ok(&format!("ip -n {ns} addr show | grep -E 'inet'"));
-        let fdb = ok(&format!(
-            "bridge -n {ns} fdb show | grep -v permanent || true"
-        ));
-        let pol = ok(&format!("ip -n {ns} xfrm policy"));
-        let st = ok(&format!("ip -n {ns} xfrm state"));
-        format!("{links}\n{addrs}\n{fdb}\n{pol}\n{st}")
+        let mut out = String::new();
+        for l in self.links(node) {
+            let info = &l["linkinfo"];
+            let data = &info["info_data"];
+            let up = l["flags"].as_array().is_some_and(|f| f.iter().any(|x| x == "UP"));
+            let _ = writeln!(
+                out,
+                "link {} kind={} id={} local={} port={} mtu={} master={} alias={} up={up}",
+                l["ifname"], info["info_kind"], data["id"], data["local"], data["port"], l["mtu"], l["master"], l["ifalias"]
+            );
+        }
+        let addrs: Vec<serde_json::Value> = serde_json::from_str(&ok(&format!("ip -n {ns} -j addr show"))).unwrap();
+        for a in addrs {
+            for i in a["addr_info"].as_array().into_iter().flatten() {
+                if i["scope"] != "link" {
+                    let _ = writeln!(out, "addr {} {}/{}", a["ifname"], i["local"], i["prefixlen"]);
+                }
+            }
+        }
+        let fdb: Vec<serde_json::Value> = serde_json::from_str(&ok(&format!("bridge -n {ns} -j fdb show"))).unwrap();
+        for e in fdb.iter().filter(|e| e["mac"] == "00:00:00:00:00:00") {
+            let _ = writeln!(out, "fdb {} {}", e["ifname"], e["dst"]);
+        }
+        out.push_str(&ok(&format!("ip -n {ns} xfrm policy")));
+        out.push_str(&ok(&format!("ip -n {ns} xfrm state")));
+        out
     }
 }
 
