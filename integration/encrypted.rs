@@ -79,7 +79,9 @@ fn a_b_encrypted_and_plaintext_networks_across_three_nodes() {
     let mut spis = BTreeSet::new();
     for n in &s.c.nodes {
         let text = xfrm_states(&s.c, &n.name);
-        let blocks: Vec<&str> = text.split("src ").filter(|b| b.contains("proto esp")).collect();
+        // One block per SA: each starts with a line "src A dst B".
+        let text = format!("\n{text}");
+        let blocks: Vec<&str> = text.split("\nsrc ").filter(|b| b.contains("proto esp")).collect();
         assert_eq!(blocks.len(), 4, "node {}: expected 4 SAs:\n{text}", n.name);
         for b in blocks {
             let first = b.lines().next().unwrap();
@@ -90,7 +92,7 @@ fn a_b_encrypted_and_plaintext_networks_across_three_nodes() {
             assert!(b.contains("aead rfc4106(gcm(aes)) 0x"), "{b}");
             let key = b.split("aead rfc4106(gcm(aes)) 0x").nth(1).unwrap().split_whitespace().collect::<Vec<_>>();
             assert_eq!(key[0].len(), 72, "288-bit key+salt expected: {b}");
-            assert_eq!(key[1], "128", "ICV 128 expected: {b}");
+            assert_eq!(key[1..4], ["(288", "bits)", "128"], "288-bit key, ICV 128 expected: {b}");
             assert!(b.contains("flag esn") || b.contains("esn"), "ESN expected: {b}");
             assert!(b.contains("replay_window 1024"), "replay window expected: {b}");
             assert!(b.contains(&format!("sel src {src}/32 dst {dst}/32 proto udp dport 4790")), "pinned selector expected: {b}");
@@ -201,15 +203,18 @@ fn c_enforcement_drops_plaintext_and_spoofed_esp() {
     assert!(!seen(w), "plaintext VXLAN spoofing a member reached the encrypted bridge");
     assert!(xfrm_errors(c, "node-a") > before);
 
-    // Member B sends real ESP with B->C's key but A's source address.
-    let bn = c.node("node-b").ns.clone();
+    // Member B's keys, but A's source address. B's own namespace already holds an SA
+    // with this (dst, SPI), so the sender is the outsider namespace playing a
+    // compromised B: it has B->C's key and SPI and claims A's address.
+    ok(&format!("ip -n {x} addr del {b_addr}/32 dev eth0"));
     let cn = c.node("node-c");
     let b_ip: IpAddr = b_addr.parse().unwrap();
     let c_ip: IpAddr = cn.address.parse().unwrap();
     let k = &s.rings[&b_ip][&c_ip].outbound[0];
     let hex: String = k.key.expose().iter().map(|b| format!("{b:02x}")).collect();
+    let bn = x.clone();
     ok(&format!(
-        "ip -n {bn} addr add {a}/32 dev eth0 nodad && \
+        "ip -n {bn} addr add {a}/32 dev eth0 && \
          ip -n {bn} xfrm state add src {a} dst {cdst} proto esp spi {spi} reqid 999 mode transport \
            aead 'rfc4106(gcm(aes))' 0x{hex} 128 flag esn replay-window 128 replay-oseq 100000 && \
          ip -n {bn} xfrm policy add src {a}/32 dst {cdst}/32 proto udp dport 4790 dir out priority 10 \

@@ -26,7 +26,9 @@ use ipnet::IpNet;
 use ovl::kernel::{Kernel, KernelError};
 use ovl::keys::SaKey;
 use ovl::plan::Change;
-use ovl::state::{Direction, Lifetime, Policy, PolicyAction, PolicyId, Sa, SaId, Selector, ownership};
+use ovl::state::{
+    Direction, Lifetime, Policy, PolicyAction, PolicyId, Sa, SaId, Selector, ownership,
+};
 
 const R: u32 = ownership::REQID_MIN;
 const PORT: u16 = 4790;
@@ -61,8 +63,15 @@ struct Netns(String);
 impl Netns {
     fn new() -> Netns {
         static SEQ: AtomicU32 = AtomicU32::new(0);
-        assert!(nix::unistd::geteuid().is_root(), "this test needs root (network namespaces)");
-        let name = format!("ovlx-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst));
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root (network namespaces)"
+        );
+        let name = format!(
+            "ovlx-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
         ok(&format!("ip netns add {name}"));
         ok(&format!("ip -n {name} link set lo up"));
         Netns(name)
@@ -75,10 +84,15 @@ impl Netns {
     /// Whether the kernel of this namespace can hold an ESP AES-GCM state, asked with
     /// `ip` (not with the code under test).
     fn has_esp(&self) -> bool {
-        let key: String = SaKey::generate().unwrap().expose().iter().fold(String::new(), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        });
+        let key: String =
+            SaKey::generate()
+                .unwrap()
+                .expose()
+                .iter()
+                .fold(String::new(), |mut s, b| {
+                    let _ = write!(s, "{b:02x}");
+                    s
+                });
         let (added, _) = run(&format!(
             "ip -n {} xfrm state add src 198.51.100.1 dst 198.51.100.2 proto esp spi 0x77 mode transport \
              aead 'rfc4106(gcm(aes))' 0x{key} 128",
@@ -107,7 +121,10 @@ impl Netns {
             let thread = s.spawn(move || {
                 let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
                 nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
                 rt.block_on(async move {
                     let kernel = Kernel::connect().expect("netlink connection");
                     f(kernel).await
@@ -138,7 +155,19 @@ fn net(s: &str) -> IpNet {
 }
 
 fn policy(dir: Direction, src: &str, dst: &str, priority: u32, action: PolicyAction) -> Policy {
-    Policy { id: PolicyId { dir, selector: Selector { src: net(src), dst: net(dst), dport: PORT } }, priority, action, reqid: R }
+    Policy {
+        id: PolicyId {
+            dir,
+            selector: Selector {
+                src: net(src),
+                dst: net(dst),
+                dport: PORT,
+            },
+        },
+        priority,
+        action,
+        reqid: R,
+    }
 }
 
 /// The suggested layout for node A with peer B: block catch-all out, require-ESP
@@ -146,10 +175,43 @@ fn policy(dir: Direction, src: &str, dst: &str, priority: u32, action: PolicyAct
 fn policies_of_a() -> Vec<Policy> {
     let (a, b) = (ip(A), ip(B));
     vec![
-        policy(Direction::Out, "0.0.0.0/0", "0.0.0.0/0", 2000, PolicyAction::Block),
-        policy(Direction::In, "0.0.0.0/0", &format!("{A}/32"), 2000, PolicyAction::Esp { src: None, dst: None }),
-        policy(Direction::Out, &format!("{A}/32"), &format!("{B}/32"), 1000, PolicyAction::Esp { src: Some(a), dst: Some(b) }),
-        policy(Direction::In, &format!("{B}/32"), &format!("{A}/32"), 1000, PolicyAction::Esp { src: Some(b), dst: Some(a) }),
+        policy(
+            Direction::Out,
+            "0.0.0.0/0",
+            "0.0.0.0/0",
+            2000,
+            PolicyAction::Block,
+        ),
+        policy(
+            Direction::In,
+            "0.0.0.0/0",
+            &format!("{A}/32"),
+            2000,
+            PolicyAction::Esp {
+                src: None,
+                dst: None,
+            },
+        ),
+        policy(
+            Direction::Out,
+            &format!("{A}/32"),
+            &format!("{B}/32"),
+            1000,
+            PolicyAction::Esp {
+                src: Some(a),
+                dst: Some(b),
+            },
+        ),
+        policy(
+            Direction::In,
+            &format!("{B}/32"),
+            &format!("{A}/32"),
+            1000,
+            PolicyAction::Esp {
+                src: Some(b),
+                dst: Some(a),
+            },
+        ),
     ]
 }
 
@@ -157,16 +219,53 @@ fn policies_of_a() -> Vec<Policy> {
 fn policies_of_b() -> Vec<Policy> {
     let (a, b) = (ip(A), ip(B));
     vec![
-        policy(Direction::Out, "0.0.0.0/0", "0.0.0.0/0", 2000, PolicyAction::Block),
-        policy(Direction::In, "0.0.0.0/0", &format!("{B}/32"), 2000, PolicyAction::Esp { src: None, dst: None }),
-        policy(Direction::Out, &format!("{B}/32"), &format!("{A}/32"), 1000, PolicyAction::Esp { src: Some(b), dst: Some(a) }),
-        policy(Direction::In, &format!("{A}/32"), &format!("{B}/32"), 1000, PolicyAction::Esp { src: Some(a), dst: Some(b) }),
+        policy(
+            Direction::Out,
+            "0.0.0.0/0",
+            "0.0.0.0/0",
+            2000,
+            PolicyAction::Block,
+        ),
+        policy(
+            Direction::In,
+            "0.0.0.0/0",
+            &format!("{B}/32"),
+            2000,
+            PolicyAction::Esp {
+                src: None,
+                dst: None,
+            },
+        ),
+        policy(
+            Direction::Out,
+            &format!("{B}/32"),
+            &format!("{A}/32"),
+            1000,
+            PolicyAction::Esp {
+                src: Some(b),
+                dst: Some(a),
+            },
+        ),
+        policy(
+            Direction::In,
+            &format!("{A}/32"),
+            &format!("{B}/32"),
+            1000,
+            PolicyAction::Esp {
+                src: Some(a),
+                dst: Some(b),
+            },
+        ),
     ]
 }
 
 fn sa(src: &str, dst: &str, spi: u32, replay_window: u32, lifetime: Lifetime) -> Sa {
     Sa {
-        id: SaId { src: ip(src), dst: ip(dst), spi },
+        id: SaId {
+            src: ip(src),
+            dst: ip(dst),
+            spi,
+        },
         reqid: R,
         key: SaKey::generate().unwrap(),
         replay_window,
@@ -185,7 +284,12 @@ const LIMITS: Lifetime = Lifetime {
 };
 
 fn puts(ps: &[Policy]) -> Vec<Change> {
-    ps.iter().map(|p| Change::PutPolicy { policy: p.clone(), replaces: None }).collect()
+    ps.iter()
+        .map(|p| Change::PutPolicy {
+            policy: p.clone(),
+            replaces: None,
+        })
+        .collect()
 }
 
 fn hex(key: &SaKey) -> String {
@@ -210,7 +314,10 @@ fn esp_policies_and_sas_round_trip() {
     let ns = Netns::new();
     ns.require_esp();
     let policies = policies_of_a();
-    let sas = vec![sa(A, B, 0x1001, 128, Lifetime::default()), sa(B, A, 0x2001, 256, LIMITS)];
+    let sas = vec![
+        sa(A, B, 0x1001, 128, Lifetime::default()),
+        sa(B, A, 0x2001, 256, LIMITS),
+    ];
     let mut changes = puts(&policies);
     changes.extend(sas.iter().cloned().map(Change::AddSa));
 
@@ -219,30 +326,70 @@ fn esp_policies_and_sas_round_trip() {
         k.dump().await.expect("dump")
     });
     assert_eq!(state.policies, by_id_p(&policies), "policies round-trip");
-    assert!(state.sas == by_id_s(&sas), "SAs round-trip (not printed: they hold keys)");
+    assert!(
+        state.sas == by_id_s(&sas),
+        "SAs round-trip (not printed: they hold keys)"
+    );
 
     // The kernel's own view.
     let text = ns.ip("xfrm policy");
-    assert_eq!(text.matches("reqid 259063808 mode transport").count(), 4, "{text}");
-    assert!(text.contains("dir out action block priority 2000"), "{text}");
+    assert_eq!(
+        text.matches("reqid 259063808 mode transport").count(),
+        4,
+        "{text}"
+    );
+    assert!(
+        text.contains("dir out action block priority 2000"),
+        "{text}"
+    );
     assert_eq!(text.matches("proto udp dport 4790").count(), 4, "{text}");
-    assert!(!text.contains("level use"), "every template is required:\n{text}");
+    assert!(
+        !text.contains("level use"),
+        "every template is required:\n{text}"
+    );
     assert!(text.contains(&format!("tmpl src {A} dst {B}")), "{text}");
     assert!(text.contains(&format!("tmpl src {B} dst {A}")), "{text}");
     let text = ns.ip("-s xfrm state");
     for s in &sas {
         let spi = format!("spi 0x{:08x}", s.id.spi);
-        let block = text.split("\nsrc ").find(|b| b.contains(&spi)).unwrap_or_else(|| panic!("no state with {spi}"));
-        assert!(block.contains("reqid 259063808(0x0f710000) mode transport"), "state {spi}: reqid/mode");
+        let block = text
+            .split("\nsrc ")
+            .find(|b| b.contains(&spi))
+            .unwrap_or_else(|| panic!("no state with {spi}"));
+        assert!(
+            block.contains("reqid 259063808(0x0f710000) mode transport"),
+            "state {spi}: reqid/mode"
+        );
         assert!(block.contains("flag esn"), "state {spi}: ESN");
-        assert!(block.contains(&format!("replay_window {}", s.replay_window)), "state {spi}: replay window");
-        assert!(block.contains(&format!("aead rfc4106(gcm(aes)) 0x{} (288 bits) 128", hex(&s.key))), "state {spi}: AEAD and key");
-        let sel = format!("sel src {}/32 dst {}/32 proto udp dport {PORT}", s.id.src, s.id.dst);
+        assert!(
+            block.contains(&format!("replay_window {}", s.replay_window)),
+            "state {spi}: replay window"
+        );
+        assert!(
+            block.contains(&format!(
+                "aead rfc4106(gcm(aes)) 0x{} (288 bits) 128",
+                hex(&s.key)
+            )),
+            "state {spi}: AEAD and key"
+        );
+        let sel = format!(
+            "sel src {}/32 dst {}/32 proto udp dport {PORT}",
+            s.id.src, s.id.dst
+        );
         assert!(block.contains(&sel), "state {spi}: {sel}");
     }
-    assert!(text.contains("limit: soft 1099511627776(bytes), hard 2199023255552(bytes)"), "byte limits");
-    assert!(text.contains("expire add: soft 3600(sec), hard 7200(sec)"), "time limits");
-    assert!(text.contains("limit: soft (INF)(bytes), hard (INF)(bytes)"), "no byte limit");
+    assert!(
+        text.contains("limit: soft 1099511627776(bytes), hard 2199023255552(bytes)"),
+        "byte limits"
+    );
+    assert!(
+        text.contains("expire add: soft 3600(sec), hard 7200(sec)"),
+        "time limits"
+    );
+    assert!(
+        text.contains("limit: soft (INF)(bytes), hard (INF)(bytes)"),
+        "no byte limit"
+    );
 }
 
 #[test]
@@ -255,17 +402,30 @@ fn esp_put_policy_replaces_and_is_idempotent() {
     p.action = PolicyAction::Block;
     let second = p.clone();
     let (after_first, after_again, after_second) = ns.with_kernel(|k| async move {
-        k.execute(&puts(&[first.clone()])).await.expect("put");
+        k.execute(&puts(std::slice::from_ref(&first)))
+            .await
+            .expect("put");
         let a = k.dump().await.expect("dump").policies;
-        k.execute(&puts(&[first.clone()])).await.expect("put again");
+        k.execute(&puts(std::slice::from_ref(&first)))
+            .await
+            .expect("put again");
         let b = k.dump().await.expect("dump").policies;
-        k.execute(&[Change::PutPolicy { policy: second.clone(), replaces: Some(first.clone()) }]).await.expect("replace");
+        k.execute(&[Change::PutPolicy {
+            policy: second.clone(),
+            replaces: Some(first.clone()),
+        }])
+        .await
+        .expect("replace");
         (a, b, k.dump().await.expect("dump").policies)
     });
     assert_eq!(after_first, by_id_p(&policies_of_a()[2..3]));
     assert_eq!(after_again, after_first);
     assert_eq!(after_second, by_id_p(&[p]));
-    assert_eq!(ns.ip("xfrm policy").matches("\tdir ").count(), 1, "one policy for the selector");
+    assert_eq!(
+        ns.ip("xfrm policy").matches("\tdir ").count(),
+        1,
+        "one policy for the selector"
+    );
 }
 
 #[test]
@@ -281,44 +441,96 @@ fn esp_foreign_objects_are_left_alone() {
         hex(&SaKey::generate().unwrap())
     ));
     let policies = policies_of_a();
-    let ours = vec![sa(A, B, 0x1001, 128, Lifetime::default()), sa(B, A, 0x2001, 128, Lifetime::default())];
-    let foreign_sa = SaId { src: ip("198.51.100.2"), dst: ip("198.51.100.1"), spi: 0x3001 };
+    let ours = [
+        sa(A, B, 0x1001, 128, Lifetime::default()),
+        sa(B, A, 0x2001, 128, Lifetime::default()),
+    ];
+    let foreign_sa = SaId {
+        src: ip("198.51.100.2"),
+        dst: ip("198.51.100.1"),
+        spi: 0x3001,
+    };
     let foreign_policy = policies[1].id;
     let before_policies = ns.ip("xfrm policy");
 
-    let mut changes: Vec<Change> = puts(&[policies[0].clone(), policies[2].clone(), policies[3].clone()]);
+    let mut changes: Vec<Change> = puts(&[
+        policies[0].clone(),
+        policies[2].clone(),
+        policies[3].clone(),
+    ]);
     changes.extend(ours.iter().cloned().map(Change::AddSa));
-    let (dumped, put_foreign, del_foreign, del_foreign_sa, after) = ns.with_kernel(|k| async move {
-        k.execute(&changes).await.expect("execute");
-        let dumped = k.dump().await.expect("dump");
-        let put_foreign = k.execute(&puts(&[policies[1].clone()])).await;
-        let del_foreign = k.execute(&[Change::DeletePolicy(foreign_policy)]).await;
-        let del_foreign_sa = k.execute(&[Change::DeleteSa(foreign_sa)]).await;
-        let mut deletes: Vec<Change> = ours.iter().map(|s| Change::DeleteSa(s.id)).collect();
-        deletes.extend([0, 2, 3].map(|i| Change::DeletePolicy(policies[i].id)));
-        k.execute(&deletes).await.expect("delete ours");
-        // Deleting what is already gone is fine.
-        k.execute(&deletes).await.expect("delete ours again");
-        (dumped, put_foreign, del_foreign, del_foreign_sa, k.dump().await.expect("dump"))
-    });
-    assert_eq!(dumped.policies.len(), 3, "only ours: {:?}", dumped.policies.keys());
+    let (dumped, put_foreign, del_foreign, del_foreign_sa, after) =
+        ns.with_kernel(|k| async move {
+            k.execute(&changes).await.expect("execute");
+            let dumped = k.dump().await.expect("dump");
+            let put_foreign = k.execute(&puts(&[policies[1].clone()])).await;
+            let del_foreign = k.execute(&[Change::DeletePolicy(foreign_policy)]).await;
+            let del_foreign_sa = k.execute(&[Change::DeleteSa(foreign_sa)]).await;
+            let mut deletes: Vec<Change> = ours.iter().map(|s| Change::DeleteSa(s.id)).collect();
+            deletes.extend([0, 2, 3].map(|i| Change::DeletePolicy(policies[i].id)));
+            k.execute(&deletes).await.expect("delete ours");
+            // Deleting what is already gone is fine.
+            k.execute(&deletes).await.expect("delete ours again");
+            (
+                dumped,
+                put_foreign,
+                del_foreign,
+                del_foreign_sa,
+                k.dump().await.expect("dump"),
+            )
+        });
+    assert_eq!(
+        dumped.policies.len(),
+        3,
+        "only ours: {:?}",
+        dumped.policies.keys()
+    );
     assert!(dumped.policies.values().all(|p| p.reqid == R));
     assert_eq!(dumped.sas.keys().copied().collect::<Vec<_>>(), {
-        let mut ids = vec![SaId { src: ip(A), dst: ip(B), spi: 0x1001 }, SaId { src: ip(B), dst: ip(A), spi: 0x2001 }];
+        let mut ids = vec![
+            SaId {
+                src: ip(A),
+                dst: ip(B),
+                spi: 0x1001,
+            },
+            SaId {
+                src: ip(B),
+                dst: ip(A),
+                spi: 0x2001,
+            },
+        ];
         ids.sort();
         ids
     });
-    for (what, result) in [("put", put_foreign), ("delete", del_foreign), ("delete SA", del_foreign_sa)] {
+    for (what, result) in [
+        ("put", put_foreign),
+        ("delete", del_foreign),
+        ("delete SA", del_foreign_sa),
+    ] {
         match result {
             Err(KernelError::ForeignXfrm { .. }) => {}
             other => panic!("{what} over a foreign object: expected ForeignXfrm, got {other:?}"),
         }
     }
-    assert!(after.policies.is_empty() && after.sas.is_empty(), "ours are gone");
-    assert_eq!(ns.ip("xfrm policy"), before_policies, "foreign policies untouched");
+    assert!(
+        after.policies.is_empty() && after.sas.is_empty(),
+        "ours are gone"
+    );
+    assert_eq!(
+        ns.ip("xfrm policy"),
+        before_policies,
+        "foreign policies untouched"
+    );
     let states = ns.ip("xfrm state");
-    assert!(states.contains("spi 0x00003001 reqid 1 mode transport"), "foreign state kept: {states}");
-    assert_eq!(states.matches("\tproto esp").count(), 1, "only the foreign state is left");
+    assert!(
+        states.contains("spi 0x00003001 reqid 1 mode transport"),
+        "foreign state kept: {states}"
+    );
+    assert_eq!(
+        states.matches("\tproto esp").count(),
+        1,
+        "only the foreign state is left"
+    );
 }
 
 /// The XFRM layer's probe, on a connection of its own in the current namespace.
@@ -345,10 +557,120 @@ fn esp_check_esp_leaves_nothing_behind() {
     assert!(state.sas.is_empty());
 }
 
+#[test]
+fn esp_ipv6_round_trip() {
+    let ns = Netns::new();
+    ns.require_esp();
+    let (a, b) = (ip("2001:db8::1"), ip("2001:db8::2"));
+    let policies = vec![
+        policy(Direction::Out, "::/0", "::/0", 2000, PolicyAction::Block),
+        policy(
+            Direction::In,
+            "::/0",
+            "2001:db8::1/128",
+            2000,
+            PolicyAction::Esp {
+                src: None,
+                dst: None,
+            },
+        ),
+        policy(
+            Direction::Out,
+            "2001:db8::1/128",
+            "2001:db8::2/128",
+            1000,
+            PolicyAction::Esp {
+                src: Some(a),
+                dst: Some(b),
+            },
+        ),
+    ];
+    let sas = [sa("2001:db8::1", "2001:db8::2", 0x1001, 128, LIMITS)];
+    let mut changes = puts(&policies);
+    changes.extend(sas.iter().cloned().map(Change::AddSa));
+    let state = ns.with_kernel(|k| async move {
+        k.execute(&changes).await.expect("execute");
+        k.dump().await.expect("dump")
+    });
+    assert_eq!(state.policies, by_id_p(&policies));
+    assert!(
+        state.sas == by_id_s(&sas),
+        "SAs round-trip (not printed: they hold keys)"
+    );
+    let text = ns.ip("xfrm state");
+    assert!(
+        text.contains("sel src 2001:db8::1/128 dst 2001:db8::2/128 proto udp dport 4790"),
+        "{text}"
+    );
+}
+
+/// Objects of ours changed by hand into a form we never install dump as `reqid: 0`, so
+/// they never equal a desired object, and the plan's changes restore them.
+#[test]
+fn esp_hand_changed_objects_are_replaced() {
+    let ns = Netns::new();
+    ns.require_esp();
+    let p = policies_of_a()[3].clone();
+    let good = sa(A, B, 0x5001, 128, Lifetime::default());
+    let initial = vec![
+        Change::PutPolicy {
+            policy: p.clone(),
+            replaces: None,
+        },
+        Change::AddSa(good.clone()),
+    ];
+    ns.with_kernel(|k| async move { k.execute(&initial).await.expect("execute") });
+    // `level use` accepts plaintext; ICV 64 is not our AEAD setting.
+    ns.ip(&format!(
+        "xfrm policy update src {B}/32 dst {A}/32 proto udp dport {PORT} dir in priority 1000 \
+         tmpl src {B} dst {A} proto esp mode transport reqid {R} level use"
+    ));
+    ns.ip(&format!(
+        "xfrm state delete src {A} dst {B} proto esp spi 0x5001"
+    ));
+    ns.ip(&format!(
+        "xfrm state add src {A} dst {B} proto esp spi 0x5001 reqid {R} mode transport flag esn replay-window 128 \
+         aead 'rfc4106(gcm(aes))' 0x{} 64 sel src {A}/32 dst {B}/32 proto udp dport {PORT}",
+        hex(&good.key)
+    ));
+    let (odd, fixed) = ns.with_kernel(|k| async move {
+        let odd = k.dump().await.expect("dump");
+        let observed = odd.policies.get(&p.id).cloned();
+        let repair = vec![
+            Change::PutPolicy {
+                policy: p.clone(),
+                replaces: observed,
+            },
+            Change::DeleteSa(good.id),
+            Change::AddSa(good.clone()),
+        ];
+        k.execute(&repair).await.expect("repair");
+        let fixed = k.dump().await.expect("dump");
+        (odd, (fixed, p, good))
+    });
+    let (fixed, p, good) = fixed;
+    assert_eq!(
+        odd.policies.get(&p.id).map(|o| o.reqid),
+        Some(0),
+        "level use is not ours as installed"
+    );
+    assert_eq!(
+        odd.sas.get(&good.id).map(|o| o.reqid),
+        Some(0),
+        "ICV 64 is not ours as installed"
+    );
+    assert_eq!(fixed.policies, by_id_p(&[p]));
+    assert!(fixed.sas == by_id_s(&[good]), "SA restored");
+    assert!(!ns.ip("xfrm policy").contains("level use"));
+}
+
 /// Two namespaces joined by a veth pair: A (192.0.2.1) and B (192.0.2.2).
 fn pair() -> (Netns, Netns) {
     let (a, b) = (Netns::new(), Netns::new());
-    ok(&format!("ip -n {} link add va type veth peer name vb netns {}", a.0, b.0));
+    ok(&format!(
+        "ip -n {} link add va type veth peer name vb netns {}",
+        a.0, b.0
+    ));
     a.ip(&format!("addr add {A}/24 dev va"));
     b.ip(&format!("addr add {B}/24 dev vb"));
     a.ip("link set va up");
@@ -358,14 +680,18 @@ fn pair() -> (Netns, Netns) {
 
 /// Sends one UDP datagram from `ns` to `dst:port` with bash's /dev/udp.
 fn send_udp(ns: &Netns, dst: &str, port: u16) -> (bool, String) {
-    run(&format!("ip netns exec {} bash -c 'echo ping >/dev/udp/{dst}/{port}'", ns.0))
+    run(&format!(
+        "ip netns exec {} bash -c 'echo ping >/dev/udp/{dst}/{port}'",
+        ns.0
+    ))
 }
 
 /// Binds `addr:PORT` in the namespace, runs `send`, and says whether a datagram came in.
 fn receives(ns: &Netns, addr: &str, send: impl FnOnce() + Send) -> bool {
     ns.with_kernel(|_k| async move {
         let sock = UdpSocket::bind((ip(addr), PORT)).expect("bind");
-        sock.set_read_timeout(Some(Duration::from_millis(1500))).expect("timeout");
+        sock.set_read_timeout(Some(Duration::from_millis(1500)))
+            .expect("timeout");
         send();
         let mut buf = [0u8; 64];
         sock.recv(&mut buf).is_ok()
@@ -376,20 +702,33 @@ fn receives(ns: &Netns, addr: &str, send: impl FnOnce() + Send) -> bool {
 fn esp_block_and_require_policies_enforce() {
     let (a, b) = pair();
     a.require_esp();
-    assert!(receives(&a, A, || assert!(send_udp(&b, A, PORT).0)), "control: plaintext arrives without policies");
+    assert!(
+        receives(&a, A, || assert!(send_udp(&b, A, PORT).0)),
+        "control: plaintext arrives without policies"
+    );
 
     let pa = policies_of_a();
     let pb = policies_of_b();
     // B: only the block catch-all out (with its ownership template).
     b.with_kernel(|k| async move { k.execute(&puts(&pb[..1])).await.expect("put") });
     let (sent, text) = send_udp(&b, A, PORT);
-    assert!(!sent && text.contains("not permitted"), "block out drops at the sender: {text}");
+    assert!(
+        !sent && text.contains("not permitted"),
+        "block out drops at the sender: {text}"
+    );
     assert!(send_udp(&b, A, PORT + 1).0, "other ports are not touched");
-    b.with_kernel(|k| async move { k.execute(&[Change::DeletePolicy(policies_of_b()[0].id)]).await.expect("delete") });
+    b.with_kernel(|k| async move {
+        k.execute(&[Change::DeletePolicy(policies_of_b()[0].id)])
+            .await
+            .expect("delete")
+    });
     assert!(send_udp(&b, A, PORT).0, "the block policy is gone");
     // A: only the require-ESP catch-all in.
     a.with_kernel(|k| async move { k.execute(&puts(&pa[1..2])).await.expect("put") });
-    assert!(!receives(&a, A, || assert!(send_udp(&b, A, PORT).0)), "require-ESP in drops plaintext");
+    assert!(
+        !receives(&a, A, || assert!(send_udp(&b, A, PORT).0)),
+        "require-ESP in drops plaintext"
+    );
 }
 
 #[test]
@@ -405,11 +744,23 @@ fn esp_sas_carry_udp_between_namespaces() {
     a.with_kernel(|k| async move { k.execute(&on_a).await.expect("execute on A") });
     b.with_kernel(|k| async move { k.execute(&on_b).await.expect("execute on B") });
 
-    assert!(receives(&b, B, || assert!(send_udp(&a, B, PORT).0)), "A -> B over ESP");
-    assert!(receives(&a, A, || assert!(send_udp(&b, A, PORT).0)), "B -> A over ESP");
+    assert!(
+        receives(&b, B, || assert!(send_udp(&a, B, PORT).0)),
+        "A -> B over ESP"
+    );
+    assert!(
+        receives(&a, A, || assert!(send_udp(&b, A, PORT).0)),
+        "B -> A over ESP"
+    );
     let stats = b.ip("-s xfrm state");
-    let inbound = stats.split("\nsrc ").find(|s| s.contains("spi 0x00001001")).expect("A->B state on B");
-    assert!(!inbound.contains("\n\t  0(bytes), 0(packets)"), "B decrypted with the A->B SA");
+    let inbound = stats
+        .split("\nsrc ")
+        .find(|s| s.contains("spi 0x00001001"))
+        .expect("A->B state on B");
+    assert!(
+        !inbound.contains("\n\t  0(bytes), 0(packets)"),
+        "B decrypted with the A->B SA"
+    );
 }
 
 /// Runs on any kernel: `check_esp` must agree with what `ip xfrm` finds, and leave no

@@ -5,9 +5,10 @@
 //!
 //! An SA is ours when its reqid is in [`ownership::REQID_MIN`]..=[`ownership::REQID_MAX`];
 //! a policy is ours when one of its templates carries such a reqid. That holds for block
-//! policies too: the kernel keeps (and dumps) a template on a `block` policy and ignores
-//! it for matching (checked on 6.1 in UML and on 6.18; a block policy with a template
-//! still drops), so no second marker (XFRM marks, a priority range) is needed.
+//! policies too: the kernel keeps (and dumps) a template on a `block` policy (checked on
+//! 6.1 in UML and on 6.18) and a block policy with a template still drops (sendto gets
+//! EPERM; `integration/kernel_xfrm.rs` checks it in UML), so no second marker (XFRM
+//! marks, a priority range) is needed.
 //! [`ownership::REQID_MAX`] is reserved for the throwaway SA of [`check_esp`].
 //!
 //! Before replacing or deleting anything, the executor asks the kernel what occupies
@@ -93,7 +94,10 @@ pub async fn execute(h: &xfrmnetlink::Handle, change: &Change) -> Result<(), Ker
         Change::DeletePolicy(id) => policy::delete(h, id, &op).await,
         Change::AddSa(sa) => sa::add(h, sa, &op).await,
         Change::DeleteSa(id) => sa::delete(h, id, &op).await,
-        _ => Err(KernelError::Unsupported { operation: op, executor: "XFRM" }),
+        _ => Err(KernelError::Unsupported {
+            operation: op,
+            executor: "XFRM",
+        }),
     }
 }
 
@@ -132,12 +136,14 @@ impl NlError {
     fn into_kernel(self, operation: &str) -> KernelError {
         let operation = operation.to_owned();
         match self {
-            NlError::Errno(errno) => {
-                KernelError::Refused { operation, source: std::io::Error::from_raw_os_error(errno) }
-            }
-            NlError::Closed => {
-                KernelError::Netlink { operation, message: "the netlink connection is closed".into() }
-            }
+            NlError::Errno(errno) => KernelError::Refused {
+                operation,
+                source: std::io::Error::from_raw_os_error(errno),
+            },
+            NlError::Closed => KernelError::Netlink {
+                operation,
+                message: "the netlink connection is closed".into(),
+            },
             NlError::Timeout => KernelError::Netlink {
                 operation,
                 message: format!("no complete answer within {} s", REQUEST_TIMEOUT.as_secs()),
@@ -146,9 +152,10 @@ impl NlError {
                 operation,
                 message: format!("the dump was interrupted {DUMP_ATTEMPTS} times in a row"),
             },
-            NlError::Unexpected(what) => {
-                KernelError::Unexpected { what: "netlink reply", detail: format!("{what} to {operation}") }
-            }
+            NlError::Unexpected(what) => KernelError::Unexpected {
+                what: "netlink reply",
+                detail: format!("{what} to {operation}"),
+            },
         }
     }
 }
@@ -174,23 +181,33 @@ async fn exchange(
             interrupted |= msg.header.flags & NLM_F_DUMP_INTR != 0;
             match msg.payload {
                 NetlinkPayload::InnerMessage(m) => out.push(m),
-                NetlinkPayload::Error(e) => match e.code {
-                    Some(code) => return Err(NlError::Errno(code.get().saturating_abs())),
-                    None => {} // the ACK
-                },
+                NetlinkPayload::Error(e) => {
+                    // No code: the ACK.
+                    if let Some(code) = e.code {
+                        return Err(NlError::Errno(code.get().saturating_abs()));
+                    }
+                }
                 NetlinkPayload::Done(_) | NetlinkPayload::Noop => {}
                 NetlinkPayload::Overrun(_) => return Err(NlError::Unexpected("overrun")),
                 _ => return Err(NlError::Unexpected("unknown netlink message")),
             }
         }
-        if interrupted { Err(NlError::Interrupted) } else { Ok(out) }
+        if interrupted {
+            Err(NlError::Interrupted)
+        } else {
+            Ok(out)
+        }
     };
-    tokio::time::timeout(REQUEST_TIMEOUT, collect).await.map_err(|_| NlError::Timeout)?
+    tokio::time::timeout(REQUEST_TIMEOUT, collect)
+        .await
+        .map_err(|_| NlError::Timeout)?
 }
 
 /// A request that expects only an ACK.
 async fn ack(h: &xfrmnetlink::Handle, message: XfrmMessage) -> Result<(), NlError> {
-    exchange(h, message, NLM_F_REQUEST | NLM_F_ACK).await.map(drop)
+    exchange(h, message, NLM_F_REQUEST | NLM_F_ACK)
+        .await
+        .map(drop)
 }
 
 /// A dump, retried while the kernel reports it as interrupted.
@@ -219,7 +236,9 @@ fn family_of(addr: IpAddr) -> u16 {
 /// Reads an `xfrm_address_t` of the given family.
 fn ip_of(family: u16, a: &Address) -> Option<IpAddr> {
     match family {
-        AF_INET => Some(IpAddr::V4(Ipv4Addr::new(a.addr[0], a.addr[1], a.addr[2], a.addr[3]))),
+        AF_INET => Some(IpAddr::V4(Ipv4Addr::new(
+            a.addr[0], a.addr[1], a.addr[2], a.addr[3],
+        ))),
         AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(a.addr))),
         _ => None,
     }

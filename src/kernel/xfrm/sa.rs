@@ -55,16 +55,28 @@ pub(super) async fn dump(h: &xfrmnetlink::Handle) -> Result<BTreeMap<SaId, Sa>, 
 
 /// Adds the SA (NEWSA: fails if its destination and SPI are taken).
 pub(super) async fn add(h: &xfrmnetlink::Handle, sa: &Sa, op: &str) -> Result<(), KernelError> {
-    let message = encode(sa).map_err(|reason| KernelError::Invalid { operation: op.to_owned(), reason })?;
-    ack(h, XfrmMessage::AddSa(message)).await.map_err(|e| e.into_kernel(op))
+    let message = encode(sa).map_err(|reason| KernelError::Invalid {
+        operation: op.to_owned(),
+        reason,
+    })?;
+    ack(h, XfrmMessage::AddSa(message))
+        .await
+        .map_err(|e| e.into_kernel(op))
 }
 
 /// Deletes our SA with this id; nothing there is fine, someone else's there is an error.
-pub(super) async fn delete(h: &xfrmnetlink::Handle, id: &SaId, op: &str) -> Result<(), KernelError> {
+pub(super) async fn delete(
+    h: &xfrmnetlink::Handle,
+    id: &SaId,
+    op: &str,
+) -> Result<(), KernelError> {
     let occupant = match exchange(h, XfrmMessage::GetSa(id_message(id)), NLM_F_REQUEST).await {
         Ok(replies) => replies.into_iter().find_map(|m| match m {
             XfrmMessage::AddSa(mut m) => {
-                let found = (m.user_sa_info.reqid, ip_of(m.user_sa_info.family, &m.user_sa_info.saddr));
+                let found = (
+                    m.user_sa_info.reqid,
+                    ip_of(m.user_sa_info.family, &m.user_sa_info.saddr),
+                );
                 scrub(&mut m);
                 Some(found)
             }
@@ -102,26 +114,41 @@ pub(super) async fn delete(h: &xfrmnetlink::Handle, id: &SaId, op: &str) -> Resu
 /// See [`super::check_esp`].
 pub(super) async fn probe(h: &xfrmnetlink::Handle, local: IpAddr) -> Result<(), KernelError> {
     let op = format!("probe for ESP with {SA_AEAD_NAME} on {local}");
-    let no_random = || KernelError::Invalid { operation: op.clone(), reason: "the OS gave no random bytes".into() };
+    let no_random = || KernelError::Invalid {
+        operation: op.clone(),
+        reason: "the OS gave no random bytes".into(),
+    };
     // A random SPI can collide with an existing SA (EEXIST): draw again a few times.
     for _ in 0..4 {
         let spi = loop {
             let mut bytes = [0u8; 4];
-            SystemRandom::new().fill(&mut bytes).map_err(|_| no_random())?;
+            SystemRandom::new()
+                .fill(&mut bytes)
+                .map_err(|_| no_random())?;
             let spi = u32::from_be_bytes(bytes);
             if spi >= 0x100 {
                 break spi; // 1..=255 are reserved by IANA
             }
         };
         let sa = Sa {
-            id: SaId { src: local, dst: local, spi },
+            id: SaId {
+                src: local,
+                dst: local,
+                spi,
+            },
             reqid: PROBE_REQID,
             key: SaKey::generate().map_err(|_| no_random())?,
             replay_window: 128,
             dport: 0,
-            lifetime: Lifetime { hard_add_seconds: 60, ..Lifetime::default() },
+            lifetime: Lifetime {
+                hard_add_seconds: 60,
+                ..Lifetime::default()
+            },
         };
-        let message = encode(&sa).map_err(|reason| KernelError::Invalid { operation: op.clone(), reason })?;
+        let message = encode(&sa).map_err(|reason| KernelError::Invalid {
+            operation: op.clone(),
+            reason,
+        })?;
         match ack(h, XfrmMessage::AddSa(message)).await {
             Ok(()) => {
                 return match ack(h, XfrmMessage::DeleteSa(id_message(&sa.id))).await {
@@ -148,7 +175,10 @@ pub(super) async fn probe(h: &xfrmnetlink::Handle, local: IpAddr) -> Result<(), 
             Err(e) => return Err(e.into_kernel(&op)),
         }
     }
-    Err(KernelError::Netlink { operation: op, message: "every random SPI tried was taken".into() })
+    Err(KernelError::Netlink {
+        operation: op,
+        message: "every random SPI tried was taken".into(),
+    })
 }
 
 fn id_message(id: &SaId) -> DelGetMessage {
@@ -207,10 +237,16 @@ fn aead_name() -> [u8; XFRM_ALG_AEAD_NAME_LEN] {
 /// kernel and drop it.
 pub(super) fn encode(sa: &Sa) -> Result<ModifyMessage, String> {
     if !ownership::is_owned_reqid(sa.reqid) {
-        return Err(format!("reqid {} is not in our range: the SA would not be ours", sa.reqid));
+        return Err(format!(
+            "reqid {} is not in our range: the SA would not be ours",
+            sa.reqid
+        ));
     }
     if family_of(sa.id.src) != family_of(sa.id.dst) {
-        return Err(format!("SA mixes address families ({} -> {})", sa.id.src, sa.id.dst));
+        return Err(format!(
+            "SA mixes address families ({} -> {})",
+            sa.id.src, sa.id.dst
+        ));
     }
     let l = &sa.lifetime;
     let mut m = ModifyMessage::default();
@@ -256,18 +292,29 @@ pub(super) fn decode(m: &ModifyMessage) -> Owned<Sa> {
         return Owned::Foreign;
     }
     let reqid = info.reqid;
-    let unaddressable = |reason: &str| Owned::Unaddressable { reason: format!("reqid {reqid}: {reason}") };
-    let (Some(src), Some(dst)) = (ip_of(info.family, &info.saddr), ip_of(info.family, &info.id.daddr)) else {
+    let unaddressable = |reason: &str| Owned::Unaddressable {
+        reason: format!("reqid {reqid}: {reason}"),
+    };
+    let (Some(src), Some(dst)) = (
+        ip_of(info.family, &info.saddr),
+        ip_of(info.family, &info.id.daddr),
+    ) else {
         return unaddressable(&format!("address family {}", info.family));
     };
-    let id = SaId { src, dst, spi: info.id.spi };
+    let id = SaId {
+        src,
+        dst,
+        spi: info.id.spi,
+    };
 
     let mut as_installed = info.mode == XFRM_MODE_TRANSPORT && info.flags == XFRM_STATE_ESN;
     let mut key = None;
     let mut replay_window = None;
     for attr in &m.nlas {
         match attr {
-            XfrmAttrs::Mark(mark) if mark.value != 0 || mark.mask != 0 => return unaddressable("marked"),
+            XfrmAttrs::Mark(mark) if mark.value != 0 || mark.mask != 0 => {
+                return unaddressable("marked");
+            }
             XfrmAttrs::IfId(v) if *v != 0 => return unaddressable("has an interface id"),
             XfrmAttrs::EncryptionAlgAead(a) => {
                 let ours = a.alg_name == aead_name()

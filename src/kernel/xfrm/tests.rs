@@ -5,13 +5,15 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use netlink_packet_xfrm::{
-    IPPROTO_ESP, IPPROTO_UDP, Mark, XFRM_INF, XFRM_MODE_TRANSPORT, XFRM_MODE_TUNNEL, XFRM_POLICY_ALLOW,
-    XFRM_POLICY_BLOCK, XFRM_POLICY_FWD, XFRM_STATE_ESN, XfrmAttrs,
+    IPPROTO_ESP, IPPROTO_UDP, Mark, XFRM_INF, XFRM_MODE_TRANSPORT, XFRM_MODE_TUNNEL,
+    XFRM_POLICY_ALLOW, XFRM_POLICY_BLOCK, XFRM_POLICY_FWD, XFRM_STATE_ESN, XfrmAttrs,
 };
 
 use super::{Owned, policy, sa};
 use crate::keys::{SA_KEY_LEN, SaKey};
-use crate::state::{Direction, Lifetime, Policy, PolicyAction, PolicyId, Sa, SaId, Selector, ownership};
+use crate::state::{
+    Direction, Lifetime, Policy, PolicyAction, PolicyId, Sa, SaId, Selector, ownership,
+};
 
 const R: u32 = ownership::REQID_MIN;
 
@@ -23,20 +25,74 @@ fn net(s: &str) -> IpNet {
 }
 
 fn pol(dir: Direction, src: &str, dst: &str, priority: u32, action: PolicyAction) -> Policy {
-    let id = PolicyId { dir, selector: Selector { src: net(src), dst: net(dst), dport: 4790 } };
-    Policy { id, priority, action, reqid: R }
+    let id = PolicyId {
+        dir,
+        selector: Selector {
+            src: net(src),
+            dst: net(dst),
+            dport: 4790,
+        },
+    };
+    Policy {
+        id,
+        priority,
+        action,
+        reqid: R,
+    }
 }
 
 fn policies() -> Vec<Policy> {
     let (a, b) = (ip("192.0.2.1"), ip("192.0.2.2"));
     let (a6, b6) = (ip("2001:db8::1"), ip("2001:db8::2"));
     vec![
-        pol(Direction::Out, "0.0.0.0/0", "0.0.0.0/0", 2000, PolicyAction::Block),
-        pol(Direction::In, "0.0.0.0/0", "192.0.2.1/32", 2000, PolicyAction::Esp { src: None, dst: None }),
-        pol(Direction::Out, "192.0.2.1/32", "192.0.2.2/32", 1000, PolicyAction::Esp { src: Some(a), dst: Some(b) }),
-        pol(Direction::In, "192.0.2.2/32", "192.0.2.1/32", 1000, PolicyAction::Esp { src: Some(b), dst: Some(a) }),
+        pol(
+            Direction::Out,
+            "0.0.0.0/0",
+            "0.0.0.0/0",
+            2000,
+            PolicyAction::Block,
+        ),
+        pol(
+            Direction::In,
+            "0.0.0.0/0",
+            "192.0.2.1/32",
+            2000,
+            PolicyAction::Esp {
+                src: None,
+                dst: None,
+            },
+        ),
+        pol(
+            Direction::Out,
+            "192.0.2.1/32",
+            "192.0.2.2/32",
+            1000,
+            PolicyAction::Esp {
+                src: Some(a),
+                dst: Some(b),
+            },
+        ),
+        pol(
+            Direction::In,
+            "192.0.2.2/32",
+            "192.0.2.1/32",
+            1000,
+            PolicyAction::Esp {
+                src: Some(b),
+                dst: Some(a),
+            },
+        ),
         pol(Direction::Out, "::/0", "::/0", 2000, PolicyAction::Block),
-        pol(Direction::Out, "2001:db8::1/128", "2001:db8::2/128", 1000, PolicyAction::Esp { src: Some(a6), dst: Some(b6) }),
+        pol(
+            Direction::Out,
+            "2001:db8::1/128",
+            "2001:db8::2/128",
+            1000,
+            PolicyAction::Esp {
+                src: Some(a6),
+                dst: Some(b6),
+            },
+        ),
     ]
 }
 
@@ -57,26 +113,44 @@ fn policies_round_trip() {
 
 #[test]
 fn policy_encoding_is_the_documented_one() {
-    let [block, catch_in, pair_out, ..] = &policies()[..] else { unreachable!() };
+    let [block, catch_in, pair_out, ..] = &policies()[..] else {
+        unreachable!()
+    };
     let m = policy::encode(block).unwrap();
     let info = &m.user_policy_info;
     assert_eq!(info.action, XFRM_POLICY_BLOCK);
-    assert_eq!((info.selector.proto, info.selector.dport, info.selector.dport_mask), (IPPROTO_UDP, 4790, 0xffff));
+    assert_eq!(
+        (
+            info.selector.proto,
+            info.selector.dport,
+            info.selector.dport_mask
+        ),
+        (IPPROTO_UDP, 4790, 0xffff)
+    );
     assert_eq!((info.selector.sport, info.selector.sport_mask), (0, 0));
     assert_eq!(info.priority, 2000);
-    let [XfrmAttrs::Template(t)] = &m.nlas[..] else { panic!("one template attribute") };
+    let [XfrmAttrs::Template(t)] = &m.nlas[..] else {
+        panic!("one template attribute")
+    };
     assert_eq!(t.len(), 1);
-    assert_eq!((t[0].reqid, t[0].id.proto, t[0].mode, t[0].optional), (R, IPPROTO_ESP, XFRM_MODE_TRANSPORT, 0));
+    assert_eq!(
+        (t[0].reqid, t[0].id.proto, t[0].mode, t[0].optional),
+        (R, IPPROTO_ESP, XFRM_MODE_TRANSPORT, 0)
+    );
     assert_eq!([t[0].aalgos, t[0].ealgos, t[0].calgos], [u32::MAX; 3]);
     assert_eq!(t[0].family, info.selector.family);
 
     let m = policy::encode(catch_in).unwrap();
     assert_eq!(m.user_policy_info.action, XFRM_POLICY_ALLOW);
-    let [XfrmAttrs::Template(t)] = &m.nlas[..] else { panic!("one template attribute") };
+    let [XfrmAttrs::Template(t)] = &m.nlas[..] else {
+        panic!("one template attribute")
+    };
     assert_eq!((t[0].saddr.addr, t[0].id.daddr.addr), ([0; 16], [0; 16]));
 
     let m = policy::encode(pair_out).unwrap();
-    let [XfrmAttrs::Template(t)] = &m.nlas[..] else { panic!("one template attribute") };
+    let [XfrmAttrs::Template(t)] = &m.nlas[..] else {
+        panic!("one template attribute")
+    };
     assert_eq!(&t[0].saddr.addr[..4], &[192, 0, 2, 1]);
     assert_eq!(&t[0].id.daddr.addr[..4], &[192, 0, 2, 2]);
 }
@@ -90,7 +164,10 @@ fn foreign_and_odd_policies() {
     }
     assert!(matches!(policy::decode(&m), Owned::Foreign));
     m.nlas.clear();
-    assert!(matches!(policy::decode(&m), Owned::Foreign), "no template, no owner");
+    assert!(
+        matches!(policy::decode(&m), Owned::Foreign),
+        "no template, no owner"
+    );
 
     // `level use` would accept plaintext: ours, but never equal to what we want.
     let mut m = policy::encode(p).unwrap();
@@ -108,7 +185,10 @@ fn foreign_and_odd_policies() {
     assert_eq!(ours(policy::decode(&m)).reqid, 0);
 
     let mut m = policy::encode(p).unwrap();
-    m.nlas.push(XfrmAttrs::Mark(Mark { value: 1, mask: 0xff }));
+    m.nlas.push(XfrmAttrs::Mark(Mark {
+        value: 1,
+        mask: 0xff,
+    }));
     assert!(matches!(policy::decode(&m), Owned::Unaddressable { .. }));
 
     let mut m = policy::encode(p).unwrap();
@@ -129,13 +209,20 @@ fn policy_encoding_refuses_what_would_not_be_ours_or_valid() {
     p.id.selector.dst = net("::/0");
     assert!(policy::encode(&p).is_err());
     let mut p = policies()[2].clone();
-    p.action = PolicyAction::Esp { src: Some(ip("2001:db8::1")), dst: None };
+    p.action = PolicyAction::Esp {
+        src: Some(ip("2001:db8::1")),
+        dst: None,
+    };
     assert!(policy::encode(&p).is_err());
 }
 
 fn an_sa(src: &str, dst: &str, lifetime: Lifetime) -> Sa {
     Sa {
-        id: SaId { src: ip(src), dst: ip(dst), spi: 0x1234_5678 },
+        id: SaId {
+            src: ip(src),
+            dst: ip(dst),
+            spi: 0x1234_5678,
+        },
         reqid: R,
         key: SaKey::generate().unwrap(),
         replay_window: 128,
@@ -166,17 +253,42 @@ fn sas_round_trip() {
 
 #[test]
 fn sa_encoding_is_the_documented_one() {
-    let s = an_sa("192.0.2.1", "192.0.2.2", Lifetime { hard_add_seconds: 60, ..Lifetime::default() });
+    let s = an_sa(
+        "192.0.2.1",
+        "192.0.2.2",
+        Lifetime {
+            hard_add_seconds: 60,
+            ..Lifetime::default()
+        },
+    );
     let m = sa::encode(&s).unwrap();
     let info = &m.user_sa_info;
-    assert_eq!((info.id.proto, info.mode, info.reqid, info.id.spi), (IPPROTO_ESP, XFRM_MODE_TRANSPORT, R, 0x1234_5678));
+    assert_eq!(
+        (info.id.proto, info.mode, info.reqid, info.id.spi),
+        (IPPROTO_ESP, XFRM_MODE_TRANSPORT, R, 0x1234_5678)
+    );
     assert_eq!((info.flags, info.replay_window), (XFRM_STATE_ESN, 0));
     let sel = &info.selector;
-    assert_eq!((sel.prefixlen_s, sel.prefixlen_d, sel.proto, sel.dport, sel.dport_mask), (32, 32, IPPROTO_UDP, 4790, 0xffff));
+    assert_eq!(
+        (
+            sel.prefixlen_s,
+            sel.prefixlen_d,
+            sel.proto,
+            sel.dport,
+            sel.dport_mask
+        ),
+        (32, 32, IPPROTO_UDP, 4790, 0xffff)
+    );
     assert_eq!(sel.sport_mask, 0);
     let c = &info.lifetime_cfg;
-    assert_eq!((c.soft_byte_limit, c.hard_packet_limit), (XFRM_INF, XFRM_INF));
-    assert_eq!((c.soft_add_expires_seconds, c.hard_add_expires_seconds), (0, 60));
+    assert_eq!(
+        (c.soft_byte_limit, c.hard_packet_limit),
+        (XFRM_INF, XFRM_INF)
+    );
+    assert_eq!(
+        (c.soft_add_expires_seconds, c.hard_add_expires_seconds),
+        (0, 60)
+    );
     let aead = m.nlas.iter().find_map(|a| match a {
         XfrmAttrs::EncryptionAlgAead(a) => Some(a),
         _ => None,
@@ -201,7 +313,8 @@ fn odd_and_foreign_sas() {
 
     // A larval state (after ALLOCSPI) has no key yet.
     let mut m = sa::encode(&s).unwrap();
-    m.nlas.retain(|a| !matches!(a, XfrmAttrs::EncryptionAlgAead(_)));
+    m.nlas
+        .retain(|a| !matches!(a, XfrmAttrs::EncryptionAlgAead(_)));
     let got = ours(sa::decode(&m));
     assert_eq!((got.id, got.reqid), (s.id, 0));
     assert_eq!(got.key.expose(), &[0; SA_KEY_LEN]);
@@ -211,7 +324,10 @@ fn odd_and_foreign_sas() {
     assert_eq!(ours(sa::decode(&m)).reqid, 0);
 
     let mut m = sa::encode(&s).unwrap();
-    m.nlas.push(XfrmAttrs::Mark(Mark { value: 5, mask: 0xff }));
+    m.nlas.push(XfrmAttrs::Mark(Mark {
+        value: 5,
+        mask: 0xff,
+    }));
     assert!(matches!(sa::decode(&m), Owned::Unaddressable { .. }));
 
     let mut bad = s.clone();
@@ -238,7 +354,12 @@ fn scrub_zeroes_keys() {
 async fn other_changes_are_refused() {
     let (conn, h, _) = xfrmnetlink::new_connection().unwrap();
     tokio::spawn(conn);
-    let change = crate::plan::Change::SetUp { link: "ovbr-1".parse().unwrap() };
+    let change = crate::plan::Change::SetUp {
+        link: "ovbr-1".parse().unwrap(),
+    };
     let err = super::execute(&h, &change).await.unwrap_err();
-    assert!(matches!(err, crate::kernel::KernelError::Unsupported { .. }), "{err}");
+    assert!(
+        matches!(err, crate::kernel::KernelError::Unsupported { .. }),
+        "{err}"
+    );
 }
