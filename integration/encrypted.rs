@@ -40,7 +40,8 @@ impl Setup {
     fn apply_all(&self, spec: &std::path::Path) {
         for n in &self.c.nodes {
             let ring = &self.rings[&n.address.parse::<IpAddr>().unwrap()];
-            apply_with_keys(&n.ns, spec, &n.name, ring).unwrap_or_else(|e| panic!("apply on {}: {e}", n.name));
+            apply_with_keys(&n.ns, spec, &n.name, ring)
+                .unwrap_or_else(|e| panic!("apply on {}: {e}", n.name));
         }
     }
 }
@@ -59,20 +60,44 @@ fn a_b_encrypted_and_plaintext_networks_across_three_nodes() {
     for (i, from) in ["node-a", "node-b", "node-c"].iter().enumerate() {
         for j in 1..=3 {
             if i + 1 != j {
-                assert!(s.c.ping_eventually(from, &format!("10.3.0.{j}")), "sec: {from} -> 10.3.0.{j}");
-                assert!(s.c.ping_eventually(from, &format!("10.1.0.{j}")), "blue: {from} -> 10.1.0.{j}");
+                assert!(
+                    s.c.ping_eventually(from, &format!("10.3.0.{j}")),
+                    "sec: {from} -> 10.3.0.{j}"
+                );
+                assert!(
+                    s.c.ping_eventually(from, &format!("10.1.0.{j}")),
+                    "blue: {from} -> 10.1.0.{j}"
+                );
             }
         }
     }
     let pcap = cap.stop();
-    assert_eq!(pcap.lines("udp port 4790"), Vec::<String>::new(), "plaintext on the encrypted port");
+    assert_eq!(
+        pcap.lines("udp port 4790"),
+        Vec::<String>::new(),
+        "plaintext on the encrypted port"
+    );
     let esp = pcap.lines("esp");
-    assert!(esp.len() >= 12, "expected ESP between the VTEPs, saw {}", esp.len());
+    assert!(
+        esp.len() >= 12,
+        "expected ESP between the VTEPs, saw {}",
+        esp.len()
+    );
     let vteps: Vec<String> = s.c.nodes.iter().map(|n| n.address.clone()).collect();
     for l in &esp {
-        assert!(vteps.iter().filter(|v| l.contains(&format!("{v} >")) || l.contains(&format!("> {v}"))).count() == 2, "ESP not between VTEPs: {l}");
+        assert!(
+            vteps
+                .iter()
+                .filter(|v| l.contains(&format!("{v} >")) || l.contains(&format!("> {v}")))
+                .count()
+                == 2,
+            "ESP not between VTEPs: {l}"
+        );
     }
-    assert!(!pcap.lines("udp port 4789").is_empty(), "control: plaintext VXLAN must be visible");
+    assert!(
+        !pcap.lines("udp port 4789").is_empty(),
+        "control: plaintext VXLAN must be visible"
+    );
 
     // (b) the SAs as the kernel reports them.
     let mut keys: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
@@ -81,7 +106,10 @@ fn a_b_encrypted_and_plaintext_networks_across_three_nodes() {
         let text = xfrm_states(&s.c, &n.name);
         // One block per SA: each starts with a line "src A dst B".
         let text = format!("\n{text}");
-        let blocks: Vec<&str> = text.split("\nsrc ").filter(|b| b.contains("proto esp")).collect();
+        let blocks: Vec<&str> = text
+            .split("\nsrc ")
+            .filter(|b| b.contains("proto esp"))
+            .collect();
         assert_eq!(blocks.len(), 4, "node {}: expected 4 SAs:\n{text}", n.name);
         for b in blocks {
             let first = b.lines().next().unwrap();
@@ -90,19 +118,51 @@ fn a_b_encrypted_and_plaintext_networks_across_three_nodes() {
                 (w.next().unwrap().to_owned(), w.nth(1).unwrap().to_owned())
             };
             assert!(b.contains("aead rfc4106(gcm(aes)) 0x"), "{b}");
-            let key = b.split("aead rfc4106(gcm(aes)) 0x").nth(1).unwrap().split_whitespace().collect::<Vec<_>>();
+            let key = b
+                .split("aead rfc4106(gcm(aes)) 0x")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .collect::<Vec<_>>();
             assert_eq!(key[0].len(), 72, "288-bit key+salt expected: {b}");
-            assert_eq!(key[1..4], ["(288", "bits)", "128"], "288-bit key, ICV 128 expected: {b}");
-            assert!(b.contains("flag esn") || b.contains("esn"), "ESN expected: {b}");
-            assert!(b.contains("replay_window 1024"), "replay window expected: {b}");
-            assert!(b.contains(&format!("sel src {src}/32 dst {dst}/32 proto udp dport 4790")), "pinned selector expected: {b}");
-            let spi = b.split("spi ").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+            assert_eq!(
+                key[1..4],
+                ["(288", "bits)", "128"],
+                "288-bit key, ICV 128 expected: {b}"
+            );
+            assert!(
+                b.contains("flag esn") || b.contains("esn"),
+                "ESN expected: {b}"
+            );
+            assert!(
+                b.contains("replay_window 1024"),
+                "replay window expected: {b}"
+            );
+            assert!(
+                b.contains(&format!(
+                    "sel src {src}/32 dst {dst}/32 proto udp dport 4790"
+                )),
+                "pinned selector expected: {b}"
+            );
+            let spi = b
+                .split("spi ")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_owned();
             spis.insert((src.clone(), dst.clone(), spi));
-            keys.entry((src, dst)).or_default().insert(key[0].to_owned());
+            keys.entry((src, dst))
+                .or_default()
+                .insert(key[0].to_owned());
         }
     }
     assert_eq!(keys.len(), 6, "one SA per ordered pair: {keys:?}");
-    assert!(keys.values().all(|k| k.len() == 1), "sender and receiver hold the same key");
+    assert!(
+        keys.values().all(|k| k.len() == 1),
+        "sender and receiver hold the same key"
+    );
     let distinct: BTreeSet<&String> = keys.values().flatten().collect();
     assert_eq!(distinct.len(), 6, "every direction has its own key");
     let spi_values: BTreeSet<&String> = spis.iter().map(|(_, _, s)| s).collect();
@@ -132,14 +192,29 @@ for _ in range(5): s.sendto(vx + eth + ip + icmp, (dst, dport))
 fn craft(c: &Cluster, ns: &str, args: &str) {
     let script = c.dir.path().join("craft.py");
     std::fs::write(&script, CRAFT).unwrap();
-    ok(&format!("ip netns exec {ns} python3 {} {args}", script.display()));
+    ok(&format!(
+        "ip netns exec {ns} python3 {} {args}",
+        script.display()
+    ));
 }
 
 /// Starts tcpdump on a node's device for ICMP from `inner_src`.
 fn watch(c: &Cluster, node: &str, dev: &str, inner_src: &str) -> Child {
     let ns = &c.node(node).ns;
     let child = Command::new("ip")
-        .args(["netns", "exec", ns, "tcpdump", "-i", dev, "-n", "-l", "-c", "1", &format!("icmp and src host {inner_src}")])
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "tcpdump",
+            "-i",
+            dev,
+            "-n",
+            "-l",
+            "-c",
+            "1",
+            &format!("icmp and src host {inner_src}"),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -157,10 +232,13 @@ fn seen(mut child: Child) -> bool {
 }
 
 fn xfrm_errors(c: &Cluster, node: &str) -> u64 {
-    ok(&format!("ip netns exec {} cat /proc/net/xfrm_stat", c.node(node).ns))
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .sum()
+    ok(&format!(
+        "ip netns exec {} cat /proc/net/xfrm_stat",
+        c.node(node).ns
+    ))
+    .lines()
+    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+    .sum()
 }
 
 /// (c) plaintext VXLAN to the encrypted port is dropped whoever sends it, and an ESP
@@ -185,14 +263,23 @@ fn c_enforcement_drops_plaintext_and_spoofed_esp() {
     // Control: the same crafted packet on the plaintext network is delivered.
     let w = watch(c, "node-a", "ovbr-100", "10.1.0.99");
     craft(c, &x, &format!("{a} 4789 100 10.1.0.99 10.1.0.1"));
-    assert!(seen(w), "control packet on the plaintext network was not delivered: the probe is broken");
+    assert!(
+        seen(w),
+        "control packet on the plaintext network was not delivered: the probe is broken"
+    );
 
     // From a non-member.
     let before = xfrm_errors(c, "node-a");
     let w = watch(c, "node-a", "ovbr-300", "10.3.0.99");
     craft(c, &x, &format!("{a} 4790 300 10.3.0.99 10.3.0.1"));
-    assert!(!seen(w), "plaintext VXLAN from a non-member reached the encrypted bridge");
-    assert!(xfrm_errors(c, "node-a") > before, "XFRM error counters did not count the drop");
+    assert!(
+        !seen(w),
+        "plaintext VXLAN from a non-member reached the encrypted bridge"
+    );
+    assert!(
+        xfrm_errors(c, "node-a") > before,
+        "XFRM error counters did not count the drop"
+    );
 
     // From a namespace spoofing member B's address.
     let b_addr = c.node("node-b").address.clone();
@@ -200,7 +287,10 @@ fn c_enforcement_drops_plaintext_and_spoofed_esp() {
     let before = xfrm_errors(c, "node-a");
     let w = watch(c, "node-a", "ovbr-300", "10.3.0.97");
     craft(c, &x, &format!("{a} 4790 300 10.3.0.97 10.3.0.1 {b_addr}"));
-    assert!(!seen(w), "plaintext VXLAN spoofing a member reached the encrypted bridge");
+    assert!(
+        !seen(w),
+        "plaintext VXLAN spoofing a member reached the encrypted bridge"
+    );
     assert!(xfrm_errors(c, "node-a") > before);
 
     // Member B's keys, but A's source address. B's own namespace already holds an SA
@@ -225,14 +315,25 @@ fn c_enforcement_drops_plaintext_and_spoofed_esp() {
     let cap = Capture::start(c, "spoof", "esp");
     let before = xfrm_errors(c, "node-c");
     let w = watch(c, "node-c", "ovbr-300", "10.3.0.98");
-    craft(c, &bn, &format!("{} 4790 300 10.3.0.98 10.3.0.3 {a}", cn.address));
+    craft(
+        c,
+        &bn,
+        &format!("{} 4790 300 10.3.0.98 10.3.0.3 {a}", cn.address),
+    );
     assert!(!seen(w), "ESP from B claiming A's address was delivered");
-    let spoofed = cap.stop().lines(&format!("esp and src host {a} and dst host {}", cn.address));
+    let spoofed = cap
+        .stop()
+        .lines(&format!("esp and src host {a} and dst host {}", cn.address));
     assert!(
-        spoofed.iter().any(|l| l.contains(&format!("spi=0x{:08x}", k.spi))),
+        spoofed
+            .iter()
+            .any(|l| l.contains(&format!("spi=0x{:08x}", k.spi))),
         "the spoofed ESP packet was not sent: {spoofed:?}"
     );
-    assert!(xfrm_errors(c, "node-c") > before, "XFRM error counters did not count the spoofed packet");
+    assert!(
+        xfrm_errors(c, "node-c") > before,
+        "XFRM error counters did not count the spoofed packet"
+    );
 }
 
 struct NsGuard(String);
@@ -245,7 +346,18 @@ impl Drop for NsGuard {
 /// A ping flood from `from` to `to` in the background; returns it for later.
 fn flood(c: &Cluster, from: &str, to: &str) -> Child {
     Command::new("ip")
-        .args(["netns", "exec", &c.node(from).ns, "ping", "-q", "-i", "0.01", "-W", "1", to])
+        .args([
+            "netns",
+            "exec",
+            &c.node(from).ns,
+            "ping",
+            "-q",
+            "-i",
+            "0.01",
+            "-W",
+            "1",
+            to,
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -259,7 +371,11 @@ fn flood(c: &Cluster, from: &str, to: &str) -> Child {
 fn d_no_plaintext_during_apply_changes_and_delete() {
     let s = setup("chg", false);
     let cap = Capture::start(&s.c, "d", "udp port 4790 or esp");
-    let mut floods = vec![flood(&s.c, "node-a", "10.3.0.2"), flood(&s.c, "node-b", "10.3.0.3"), flood(&s.c, "node-c", "10.3.0.1")];
+    let mut floods = vec![
+        flood(&s.c, "node-a", "10.3.0.2"),
+        flood(&s.c, "node-b", "10.3.0.3"),
+        flood(&s.c, "node-c", "10.3.0.1"),
+    ];
     s.apply_all(&s.spec);
     assert!(s.c.ping_eventually("node-a", "10.3.0.3"));
     // Spec change: MTU of sec, node-c leaves sec.
@@ -275,8 +391,16 @@ fn d_no_plaintext_during_apply_changes_and_delete() {
         let out = s.c.ctl(n, &["delete", "-f", changed.to_str().unwrap()]);
         assert!(out.status.success(), "{}", stderr(&out));
         assert!(s.c.link(n, "ovbr-300").is_none());
-        assert_eq!(ok(&format!("ip -n {} xfrm state", s.c.node(n).ns)).trim(), "", "SAs left after delete");
-        assert_eq!(ok(&format!("ip -n {} xfrm policy", s.c.node(n).ns)).trim(), "", "policies left after delete");
+        assert_eq!(
+            ok(&format!("ip -n {} xfrm state", s.c.node(n).ns)).trim(),
+            "",
+            "SAs left after delete"
+        );
+        assert_eq!(
+            ok(&format!("ip -n {} xfrm policy", s.c.node(n).ns)).trim(),
+            "",
+            "policies left after delete"
+        );
     }
     std::thread::sleep(Duration::from_millis(500));
     for f in &mut floods {
@@ -284,8 +408,15 @@ fn d_no_plaintext_during_apply_changes_and_delete() {
         let _ = f.wait();
     }
     let pcap = cap.stop();
-    assert_eq!(pcap.lines("udp port 4790"), Vec::<String>::new(), "plaintext of the encrypted network on the wire");
-    assert!(pcap.lines("esp").len() > 50, "the floods should have been carried in ESP");
+    assert_eq!(
+        pcap.lines("udp port 4790"),
+        Vec::<String>::new(),
+        "plaintext of the encrypted network on the wire"
+    );
+    assert!(
+        pcap.lines("esp").len() > 50,
+        "the floods should have been carried in ESP"
+    );
 }
 
 /// (f) foreign XFRM objects, as strongSwan would install them, survive apply and delete.
@@ -303,16 +434,23 @@ fn f_foreign_xfrm_objects_survive() {
     let foreign = || {
         let st = ok(&format!("ip -n {a} xfrm state"));
         let pol = ok(&format!("ip -n {a} xfrm policy"));
-        (st.contains("198.51.100.7") && st.contains("0x00005000"), pol.contains("198.51.100.7/32") && pol.contains("dport 500"))
+        (
+            st.contains("198.51.100.7") && st.contains("0x00005000"),
+            pol.contains("198.51.100.7/32") && pol.contains("dport 500"),
+        )
     };
     assert_eq!(foreign(), (true, true));
     s.apply_all(&s.spec);
     assert!(s.c.ping_eventually("node-a", "10.3.0.2"));
     assert_eq!(foreign(), (true, true));
-    let out = s.c.ctl("node-a", &["delete", "-f", s.spec.to_str().unwrap()]);
+    let out =
+        s.c.ctl("node-a", &["delete", "-f", s.spec.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(foreign(), (true, true));
-    assert!(!ok(&format!("ip -n {a} xfrm state")).contains("192.0.2.2"), "our SAs should be gone");
+    assert!(
+        !ok(&format!("ip -n {a} xfrm state")).contains("192.0.2.2"),
+        "our SAs should be gone"
+    );
 }
 
 fn mtu_edges(ipv6: bool) {
@@ -322,17 +460,38 @@ fn mtu_edges(ipv6: bool) {
     let mtu = if ipv6 { 1396 } else { 1416 };
     assert_eq!(s.c.link("node-a", "ovvx-300").unwrap()["mtu"], mtu);
     assert_eq!(s.c.link("node-a", "ovbr-300").unwrap()["mtu"], mtu);
-    let filter = if ipv6 { "ip6 and ip6[6] == 44" } else { "ip and (ip[6:2] & 0x3fff) != 0" };
+    let filter = if ipv6 {
+        "ip6 and ip6[6] == 44"
+    } else {
+        "ip and (ip[6:2] & 0x3fff) != 0"
+    };
     let cap = Capture::start(&s.c, "frag", filter);
     let a = s.c.node("node-a").ns.clone();
-    let fits = sh(&format!("ip netns exec {a} ping -M do -c 2 -W 2 -s {} 10.3.0.2", mtu - 28));
-    let too_big = sh(&format!("ip netns exec {a} ping -M do -c 1 -W 2 -s {} 10.3.0.2", mtu - 27));
+    let fits = sh(&format!(
+        "ip netns exec {a} ping -M do -c 2 -W 2 -s {} 10.3.0.2",
+        mtu - 28
+    ));
+    let too_big = sh(&format!(
+        "ip netns exec {a} ping -M do -c 1 -W 2 -s {} 10.3.0.2",
+        mtu - 27
+    ));
     let pcap = cap.stop();
-    assert!(fits.status.success(), "largest DF ping over the encrypted network failed: {}", stdout(&fits));
+    assert!(
+        fits.status.success(),
+        "largest DF ping over the encrypted network failed: {}",
+        stdout(&fits)
+    );
     assert!(!too_big.status.success());
     let msg = format!("{}{}", stdout(&too_big), stderr(&too_big)).to_lowercase();
-    assert!(msg.contains("message too long") || msg.contains("mtu"), "{msg}");
-    assert_eq!(pcap.lines(""), Vec::<String>::new(), "fragments on the underlay");
+    assert!(
+        msg.contains("message too long") || msg.contains("mtu"),
+        "{msg}"
+    );
+    assert_eq!(
+        pcap.lines(""),
+        Vec::<String>::new(),
+        "fragments on the underlay"
+    );
 }
 
 /// (g) the default MTU of an encrypted network accounts for ESP exactly.

@@ -32,19 +32,45 @@ fn e_encrypted_network_fails_closed_without_esp() {
     let cap = Capture::start(&c, "noesp", "udp port 4790");
     for n in ["node-a", "node-b"] {
         let out = c.ctl(n, &["apply", "-f", spec.to_str().unwrap()]);
-        assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{}{}",
+            stdout(&out),
+            stderr(&out)
+        );
         let err = stderr(&out);
-        assert!(err.contains("encrypted networks sec were not brought up"), "{err}");
-        assert!(err.contains("CONFIG_INET_ESP"), "the error must name the missing kernel support: {err}");
+        assert!(
+            err.contains("encrypted networks sec were not brought up"),
+            "{err}"
+        );
+        assert!(
+            err.contains("CONFIG_INET_ESP"),
+            "the error must name the missing kernel support: {err}"
+        );
         // The plan shows the plaintext network only.
-        assert!(stdout(&out).contains("ovbr-100") && !stdout(&out).contains("ovbr-300"), "{}", stdout(&out));
+        assert!(
+            stdout(&out).contains("ovbr-100") && !stdout(&out).contains("ovbr-300"),
+            "{}",
+            stdout(&out)
+        );
     }
     assert!(c.link("node-a", "ovbr-300").is_none() && c.link("node-a", "ovvx-300").is_none());
-    assert!(c.ping_eventually("node-a", "10.1.0.2"), "plaintext network must still work");
+    assert!(
+        c.ping_eventually("node-a", "10.1.0.2"),
+        "plaintext network must still work"
+    );
     // Nothing can be sent on the encrypted network: it has no device to send through.
-    let send = sh(&format!("ip netns exec {} ping -c 1 -W 1 -I ovbr-300 10.3.0.2", c.node("node-a").ns));
+    let send = sh(&format!(
+        "ip netns exec {} ping -c 1 -W 1 -I ovbr-300 10.3.0.2",
+        c.node("node-a").ns
+    ));
     assert!(!send.status.success());
-    assert_eq!(cap.stop().lines(""), Vec::<String>::new(), "a packet to the encrypted port left a node");
+    assert_eq!(
+        cap.stop().lines(""),
+        Vec::<String>::new(),
+        "a packet to the encrypted port left a node"
+    );
     // A second run changes nothing and fails the same way.
     let out = c.ctl("node-a", &["apply", "-f", spec.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));

@@ -24,7 +24,11 @@ fn corpus() -> Vec<Case> {
         .map(|l| {
             let cols: Vec<&str> = l.split('\t').collect();
             assert!(cols.len() >= 3, "bad EXPECTED.tsv row: {l}");
-            Case { file: dir.join(cols[0]), expect: cols[1].to_owned(), location: cols[2].to_owned() }
+            Case {
+                file: dir.join(cols[0]),
+                expect: cols[1].to_owned(),
+                location: cols[2].to_owned(),
+            }
         })
         .collect();
     assert!(cases.len() >= 30, "corpus has only {} cases", cases.len());
@@ -40,9 +44,17 @@ fn check_message(case: &Case, stderr: &str) {
     );
     if case.location != "-" {
         let want = format!("{}:{}", case.file.display(), case.location);
-        assert!(stderr.contains(&want), "{}: expected location {want} in: {stderr}", case.file.display());
+        assert!(
+            stderr.contains(&want),
+            "{}: expected location {want} in: {stderr}",
+            case.file.display()
+        );
     }
-    assert_eq!(stderr.trim().lines().count(), 1, "message should be one line: {stderr}");
+    assert_eq!(
+        stderr.trim().lines().count(),
+        1,
+        "message should be one line: {stderr}"
+    );
 }
 
 #[test]
@@ -54,7 +66,13 @@ fn every_invalid_spec_is_refused_with_its_location() {
             .stdin(Stdio::null())
             .output()
             .unwrap();
-        assert_eq!(out.status.code(), Some(2), "{}: {}", case.file.display(), stderr(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{}: {}",
+            case.file.display(),
+            stderr(&out)
+        );
         check_message(&case, &stderr(&out));
     }
 }
@@ -63,7 +81,10 @@ fn every_invalid_spec_is_refused_with_its_location() {
 fn invalid_specs_change_nothing_in_the_kernel() {
     let c = Cluster::new("bad", 1, false, 1500);
     // Something of ours in place first, so "nothing changed" covers existing objects.
-    let good = c.spec("good.yaml", "  - name: blue\n    vni: 100\n    addresses: {node-a: 10.1.0.1/24}\n");
+    let good = c.spec(
+        "good.yaml",
+        "  - name: blue\n    vni: 100\n    addresses: {node-a: 10.1.0.1/24}\n",
+    );
     c.apply("node-a", &good);
     let before = c.kernel_dump("node-a");
     let huge = c.dir.path().join("huge.yaml");
@@ -73,13 +94,27 @@ fn invalid_specs_change_nothing_in_the_kernel() {
     }
     std::fs::write(&huge, text).unwrap();
     let mut cases = corpus();
-    cases.push(Case { file: huge, expect: "larger than".into(), location: "1:1".into() });
+    cases.push(Case {
+        file: huge,
+        expect: "larger than".into(),
+        location: "1:1".into(),
+    });
     for case in &cases {
-        for args in [vec!["apply", "-f"], vec!["apply", "--dry-run", "-f"], vec!["delete", "-f"]] {
+        for args in [
+            vec!["apply", "-f"],
+            vec!["apply", "--dry-run", "-f"],
+            vec!["delete", "-f"],
+        ] {
             let mut full = args.clone();
             full.push(case.file.to_str().unwrap());
             let out = c.ctl("node-a", &full);
-            assert_eq!(out.status.code(), Some(2), "{args:?} {}: {}", case.file.display(), stderr(&out));
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{args:?} {}: {}",
+                case.file.display(),
+                stderr(&out)
+            );
             check_message(case, &stderr(&out));
         }
     }
@@ -99,8 +134,17 @@ fn spec_from_stdin_is_located_as_stdin() {
 
 #[test]
 fn usage_errors_exit_2() {
-    for args in [vec!["apply"], vec!["frobnicate"], vec!["status", "-o", "xml"], vec!["validate", "-f", "/nonexistent/spec.yaml"]] {
-        let out = Command::new(BIN).args(&args).stdin(Stdio::null()).output().unwrap();
+    for args in [
+        vec!["apply"],
+        vec!["frobnicate"],
+        vec!["status", "-o", "xml"],
+        vec!["validate", "-f", "/nonexistent/spec.yaml"],
+    ] {
+        let out = Command::new(BIN)
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
     }
 }

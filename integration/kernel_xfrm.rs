@@ -545,7 +545,7 @@ fn esp_check_esp_leaves_nothing_behind() {
     let ns = Netns::new();
     ns.require_esp();
     let (scratch, v4, v6, state) = ns.with_kernel(|k| async move {
-        let scratch = k.check_esp().await;
+        let scratch = k.check_esp(ip(A)).await;
         let v4 = probe_here(ip(A)).await;
         let v6 = probe_here(ip("2001:db8::1")).await;
         (scratch, v4, v6, k.dump().await.expect("dump"))
@@ -773,7 +773,8 @@ fn check_esp_agrees_with_ip_xfrm() {
     if std::env::var("OVL_IN_UML").as_deref() == Ok("1") {
         assert!(esp, "the UML guest should have ESP");
     }
-    let results = ns.with_kernel(|k| async move { [k.check_esp().await, probe_here(ip(A)).await] });
+    let results =
+        ns.with_kernel(|k| async move { [k.check_esp(ip(A)).await, probe_here(ip(A)).await] });
     for result in results {
         match (esp, result) {
             (true, Ok(())) => {}

@@ -107,7 +107,9 @@ fn monitored(ns: &str, f: impl FnOnce()) -> String {
     loop {
         std::thread::sleep(Duration::from_millis(200));
         let last = lines.lock().unwrap().last().map_or(started, |(t, _)| *t);
-        if last.elapsed() > Duration::from_millis(1500) || started.elapsed() > Duration::from_secs(20) {
+        if last.elapsed() > Duration::from_millis(1500)
+            || started.elapsed() > Duration::from_secs(20)
+        {
             break;
         }
     }
@@ -115,11 +117,18 @@ fn monitored(ns: &str, f: impl FnOnce()) -> String {
     f();
     std::thread::sleep(Duration::from_millis(500));
     let until = Instant::now();
-    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(mon.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(mon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
     let _ = mon.wait();
     let _ = collector.join();
     let events = lines.lock().unwrap();
-    events.iter().filter(|(t, _)| *t >= from && *t <= until).map(|(_, l)| format!("{l}\n")).collect()
+    events
+        .iter()
+        .filter(|(t, _)| *t >= from && *t <= until)
+        .map(|(_, l)| format!("{l}\n"))
+        .collect()
 }
 
 use std::os::unix::process::CommandExt as _;

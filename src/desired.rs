@@ -99,9 +99,21 @@ pub enum DesiredError {
         "network {network}: mtu {mtu} does not fit: the underlay {underlay} has mtu {underlay_mtu}, \
          which leaves at most {max} for this network"
     )]
-    MtuTooLarge { network: String, mtu: u32, max: u32, underlay: String, underlay_mtu: u32 },
-    #[error("network {network}: the underlay {underlay} (mtu {underlay_mtu}) is too small for an overlay")]
-    UnderlayTooSmall { network: String, underlay: String, underlay_mtu: u32 },
+    MtuTooLarge {
+        network: String,
+        mtu: u32,
+        max: u32,
+        underlay: String,
+        underlay_mtu: u32,
+    },
+    #[error(
+        "network {network}: the underlay {underlay} (mtu {underlay_mtu}) is too small for an overlay"
+    )]
+    UnderlayTooSmall {
+        network: String,
+        underlay: String,
+        underlay_mtu: u32,
+    },
 }
 
 /// Networks of the spec this node is a member of.
@@ -172,7 +184,10 @@ pub fn build(
 }
 
 fn peers<'s>(spec: &'s Spec, net: &'s Network, me: &'s NodeName) -> impl Iterator<Item = &'s Node> {
-    net.nodes.iter().filter(move |n| *n != me).filter_map(|n| spec.node(n))
+    net.nodes
+        .iter()
+        .filter(move |n| *n != me)
+        .filter_map(|n| spec.node(n))
 }
 
 fn add_network(
@@ -218,10 +233,16 @@ fn add_network(
         },
     );
     if let Some(addr) = net.addresses.get(&local.node.name) {
-        state.addresses.insert(Address { link: bridge, addr: *addr });
+        state.addresses.insert(Address {
+            link: bridge,
+            addr: *addr,
+        });
     }
     for peer in peers(spec, net, &local.node.name) {
-        state.fdb.insert(FdbEntry { link: vxlan.clone(), remote: peer.address });
+        state.fdb.insert(FdbEntry {
+            link: vxlan.clone(),
+            remote: peer.address,
+        });
     }
     Ok(())
 }
@@ -247,16 +268,36 @@ fn add_enforcement(
     let me = local.node.address;
     let dport = spec.cluster.encrypted_data_port;
     let mut put = |dir, src, dst, priority, action| {
-        let id = PolicyId { dir, selector: Selector { src, dst, dport } };
-        state.policies.insert(id, Policy { id, priority, action, reqid: OVERLAY_REQID });
+        let id = PolicyId {
+            dir,
+            selector: Selector { src, dst, dport },
+        };
+        state.policies.insert(
+            id,
+            Policy {
+                id,
+                priority,
+                action,
+                reqid: OVERLAY_REQID,
+            },
+        );
     };
-    put(Direction::Out, any_net(me), any_net(me), CATCHALL_POLICY_PRIORITY, PolicyAction::Block);
+    put(
+        Direction::Out,
+        any_net(me),
+        any_net(me),
+        CATCHALL_POLICY_PRIORITY,
+        PolicyAction::Block,
+    );
     put(
         Direction::In,
         any_net(me),
         host_net(me),
         CATCHALL_POLICY_PRIORITY,
-        PolicyAction::Esp { src: None, dst: None },
+        PolicyAction::Esp {
+            src: None,
+            dst: None,
+        },
     );
     for &peer in peers {
         put(
@@ -264,23 +305,35 @@ fn add_enforcement(
             host_net(me),
             host_net(peer),
             PAIR_POLICY_PRIORITY,
-            PolicyAction::Esp { src: Some(me), dst: Some(peer) },
+            PolicyAction::Esp {
+                src: Some(me),
+                dst: Some(peer),
+            },
         );
         put(
             Direction::In,
             host_net(peer),
             host_net(me),
             PAIR_POLICY_PRIORITY,
-            PolicyAction::Esp { src: Some(peer), dst: Some(me) },
+            PolicyAction::Esp {
+                src: Some(peer),
+                dst: Some(me),
+            },
         );
-        let Some(peer_keys) = keys.get(&peer) else { continue };
+        let Some(peer_keys) = keys.get(&peer) else {
+            continue;
+        };
         let sas = peer_keys
             .inbound
             .iter()
             .map(|k| (peer, me, k))
             .chain(peer_keys.outbound.iter().map(|k| (me, peer, k)));
         for (src, dst, k) in sas {
-            let id = SaId { src, dst, spi: k.spi };
+            let id = SaId {
+                src,
+                dst,
+                spi: k.spi,
+            };
             state.sas.insert(
                 id,
                 Sa {
@@ -319,7 +372,10 @@ mod tests {
                 let esp = 8 + 8 + (30 + mtu + 2).div_ceil(4) * 4 + 16;
                 assert!(outer + esp <= underlay, "{underlay} {ipv6} {mtu}");
                 let esp_next = 8 + 8 + (30 + mtu + 1 + 2).div_ceil(4) * 4 + 16;
-                assert!(outer + esp_next > underlay, "not maximal: {underlay} {ipv6} {mtu}");
+                assert!(
+                    outer + esp_next > underlay,
+                    "not maximal: {underlay} {ipv6} {mtu}"
+                );
             }
         }
     }

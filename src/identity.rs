@@ -20,8 +20,13 @@ pub enum IdentityError {
     #[error("cannot generate a key pair: {0}")]
     Generate(String),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{path}: refusing a key file readable or writable by group or others (mode {mode:o}); chmod 600 it")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path}: refusing a key file readable or writable by group or others (mode {mode:o}); chmod 600 it"
+    )]
     Permissions { path: PathBuf, mode: u32 },
     #[error("{path}: not a key file written by `ovl-controller keygen`")]
     Format { path: PathBuf },
@@ -54,12 +59,18 @@ impl Identity {
             .map_err(|_| IdentityError::Generate("unexpected public key length".into()))?;
         let mut kp = kp;
         zeroize::Zeroize::zeroize(&mut kp.private);
-        Ok(Identity { private: Secret::from_bytes(private), public: PublicKey(public) })
+        Ok(Identity {
+            private: Secret::from_bytes(private),
+            public: PublicKey(public),
+        })
     }
 
     /// Writes the private key to a new file created with mode 0600 (never replaced).
     pub fn write(&self, path: &Path) -> Result<(), IdentityError> {
-        let io = |source| IdentityError::Io { path: path.to_owned(), source };
+        let io = |source| IdentityError::Io {
+            path: path.to_owned(),
+            source,
+        };
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -67,30 +78,42 @@ impl Identity {
             .open(path)
             .map_err(|e| {
                 if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    IdentityError::Exists { path: path.to_owned() }
+                    IdentityError::Exists {
+                        path: path.to_owned(),
+                    }
                 } else {
                     io(e)
                 }
             })?;
         let mut text = base64::engine::general_purpose::STANDARD.encode(self.private.expose());
         text.push('\n');
-        let result = file.write_all(text.as_bytes()).and_then(|_| file.sync_all());
+        let result = file
+            .write_all(text.as_bytes())
+            .and_then(|_| file.sync_all());
         zeroize::Zeroize::zeroize(&mut text);
         result.map_err(io)
     }
 
     /// Reads a key file, refusing one that group or others may read.
     pub fn load(path: &Path) -> Result<Identity, IdentityError> {
-        let io = |source| IdentityError::Io { path: path.to_owned(), source };
+        let io = |source| IdentityError::Io {
+            path: path.to_owned(),
+            source,
+        };
         let meta = std::fs::metadata(path).map_err(io)?;
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
-            return Err(IdentityError::Permissions { path: path.to_owned(), mode });
+            return Err(IdentityError::Permissions {
+                path: path.to_owned(),
+                mode,
+            });
         }
         let mut text = std::fs::read_to_string(path).map_err(io)?;
         let decoded = base64::engine::general_purpose::STANDARD.decode(text.trim());
         zeroize::Zeroize::zeroize(&mut text);
-        let format = || IdentityError::Format { path: path.to_owned() };
+        let format = || IdentityError::Format {
+            path: path.to_owned(),
+        };
         let mut bytes = decoded.map_err(|_| format())?;
         let private: Result<[u8; 32], _> = bytes.as_slice().try_into();
         zeroize::Zeroize::zeroize(&mut bytes);
@@ -130,6 +153,9 @@ mod tests {
         Identity::generate().unwrap().write(&path).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
         let err = Identity::load(&path).err().unwrap();
-        assert!(matches!(err, IdentityError::Permissions { mode: 0o640, .. }), "{err}");
+        assert!(
+            matches!(err, IdentityError::Permissions { mode: 0o640, .. }),
+            "{err}"
+        );
     }
 }

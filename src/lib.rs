@@ -7,12 +7,14 @@
 //! Plan --kernel::execute--> netlink
 //! ```
 
+pub mod control;
 pub mod desired;
-pub mod keys;
+pub mod identity;
 pub mod kernel;
+pub mod keys;
+pub mod logging;
 pub mod plan;
+pub mod reconcile;
 pub mod spec;
 pub mod state;
-pub mod reconcile;
 pub mod status;
-pub mod identity;

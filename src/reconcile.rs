@@ -19,7 +19,9 @@ pub enum ReconcileError {
          (pass --node NAME)"
     )]
     NoLocalNode,
-    #[error("cannot tell which node this is: several nodes' addresses are local ({0}); pass --node NAME")]
+    #[error(
+        "cannot tell which node this is: several nodes' addresses are local ({0}); pass --node NAME"
+    )]
     SeveralLocalNodes(String),
     #[error("node {node}: its address {address} is not configured on any local interface")]
     AddressNotLocal { node: String, address: IpAddr },
@@ -61,12 +63,19 @@ pub async fn identify_node<'s>(
             .ok_or_else(|| ReconcileError::UnknownNode(name.to_owned()));
     }
     let local = kernel.local_addresses().await?;
-    let mine: Vec<&Node> = spec.nodes.iter().filter(|n| local.contains(&n.address)).collect();
+    let mine: Vec<&Node> = spec
+        .nodes
+        .iter()
+        .filter(|n| local.contains(&n.address))
+        .collect();
     match mine.as_slice() {
         [] => Err(ReconcileError::NoLocalNode),
         [one] => Ok(one),
         many => Err(ReconcileError::SeveralLocalNodes(
-            many.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", "),
+            many.iter()
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
         )),
     }
 }
@@ -94,9 +103,16 @@ pub async fn apply(
     dry_run: bool,
 ) -> Result<Outcome, ReconcileError> {
     let underlay = kernel.underlay_for(node.address).await?.ok_or_else(|| {
-        ReconcileError::AddressNotLocal { node: node.name.to_string(), address: node.address }
+        ReconcileError::AddressNotLocal {
+            node: node.name.to_string(),
+            address: node.address,
+        }
     })?;
-    let local = LocalNode { node, underlay: underlay.name, underlay_mtu: underlay.mtu };
+    let local = LocalNode {
+        node,
+        underlay: underlay.name,
+        underlay_mtu: underlay.mtu,
+    };
     let encrypted: Vec<&str> = desired::member_networks(spec, &node.name)
         .filter(|n| n.encrypted)
         .map(|n| n.name.as_str())
@@ -106,7 +122,7 @@ pub async fn apply(
     // keys; otherwise they are left exactly as they are and the caller reports why.
     let mut hold_reason = None;
     if !encrypted.is_empty() {
-        if let Err(e) = kernel.check_esp().await {
+        if let Err(e) = kernel.check_esp(node.address).await {
             hold_reason = Some(e.to_string());
         } else if let Keys::Unavailable { reason } = &keys {
             hold_reason = Some(reason.clone());
@@ -136,13 +152,21 @@ pub async fn apply(
         networks: encrypted.join(", "),
         reason,
     });
-    Ok(Outcome { plan, encrypted_not_up })
+    Ok(Outcome {
+        plan,
+        encrypted_not_up,
+    })
 }
 
 /// Copies into `want` what the kernel holds for the node's encrypted networks (devices,
 /// their addresses and FDB, all XFRM objects), so a pass that cannot handle encrypted
 /// networks changes nothing about them.
-fn keep_encrypted_as_is(spec: &Spec, me: &NodeName, observed: &KernelState, want: &mut KernelState) {
+fn keep_encrypted_as_is(
+    spec: &Spec,
+    me: &NodeName,
+    observed: &KernelState,
+    want: &mut KernelState,
+) {
     let names: Vec<IfName> = desired::member_networks(spec, me)
         .filter(|n| n.encrypted)
         .flat_map(|n| [IfName::bridge_for(n.vni), IfName::vxlan_for(n.vni)])
@@ -152,8 +176,20 @@ fn keep_encrypted_as_is(spec: &Spec, me: &NodeName, observed: &KernelState, want
             want.links.insert(name.clone(), link.clone());
         }
     }
-    want.addresses.extend(observed.addresses.iter().filter(|a| names.contains(&a.link)).cloned());
-    want.fdb.extend(observed.fdb.iter().filter(|e| names.contains(&e.link)).cloned());
+    want.addresses.extend(
+        observed
+            .addresses
+            .iter()
+            .filter(|a| names.contains(&a.link))
+            .cloned(),
+    );
+    want.fdb.extend(
+        observed
+            .fdb
+            .iter()
+            .filter(|e| names.contains(&e.link))
+            .cloned(),
+    );
     want.policies = observed.policies.clone();
     want.sas = observed.sas.clone();
 }
@@ -181,9 +217,9 @@ pub fn without_networks(spec: &Spec, observed: &KernelState) -> KernelState {
     want.links.retain(|name, _| !names.contains(name));
     want.addresses.retain(|a| !names.contains(&a.link));
     want.fdb.retain(|e| !names.contains(&e.link));
-    let encrypted_left = want.links.values().any(|l| {
-        matches!(&l.kind, LinkKind::Vxlan(v) if v.port == spec.cluster.encrypted_data_port)
-    });
+    let encrypted_left = want.links.values().any(
+        |l| matches!(&l.kind, LinkKind::Vxlan(v) if v.port == spec.cluster.encrypted_data_port),
+    );
     if !encrypted_left {
         want.policies.clear();
         want.sas.clear();

@@ -68,8 +68,14 @@ impl FromStr for IfName {
             && s.len() <= Self::MAX_LEN
             && s != "."
             && s != ".."
-            && !s.bytes().any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace());
-        if ok { Ok(IfName(s.to_owned())) } else { Err(BadIfName(s.to_owned())) }
+            && !s
+                .bytes()
+                .any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace());
+        if ok {
+            Ok(IfName(s.to_owned()))
+        } else {
+            Err(BadIfName(s.to_owned()))
+        }
     }
 }
 
@@ -111,14 +117,23 @@ pub struct Link {
 
 impl Link {
     pub fn alias_for(cluster: &str, network: &str) -> String {
-        format!("{} cluster={} network={}", ownership::ALIAS_PREFIX, cluster, network)
+        format!(
+            "{} cluster={} network={}",
+            ownership::ALIAS_PREFIX,
+            cluster,
+            network
+        )
     }
     /// The network name recorded in the alias, if any.
     pub fn network_from_alias(&self) -> Option<&str> {
-        self.alias.split(' ').find_map(|kv| kv.strip_prefix("network="))
+        self.alias
+            .split(' ')
+            .find_map(|kv| kv.strip_prefix("network="))
     }
     pub fn cluster_from_alias(&self) -> Option<&str> {
-        self.alias.split(' ').find_map(|kv| kv.strip_prefix("cluster="))
+        self.alias
+            .split(' ')
+            .find_map(|kv| kv.strip_prefix("cluster="))
     }
 }
 
@@ -173,7 +188,10 @@ pub enum PolicyAction {
     Block,
     /// Require ESP transport between `src` and `dst` (both unspecified for a catch-all
     /// inbound policy) through an SA with our reqid.
-    Esp { src: Option<IpAddr>, dst: Option<IpAddr> },
+    Esp {
+        src: Option<IpAddr>,
+        dst: Option<IpAddr>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -94,10 +94,15 @@ impl Status {
                         .filter(|e| e.link == link.name)
                         .map(|e| e.remote.to_string())
                         .collect();
-                    let enc = state.policies.values().any(|p| p.id.selector.dport == v.port);
+                    let enc = state
+                        .policies
+                        .values()
+                        .any(|p| p.id.selector.dport == v.port);
                     entry.encrypted_port = enc.then_some(v.port);
                     if link.master.is_none() {
-                        entry.problems.push(format!("{} is not on a bridge", link.name));
+                        entry
+                            .problems
+                            .push(format!("{} is not on a bridge", link.name));
                     }
                 }
             }
@@ -136,7 +141,11 @@ impl Status {
                 replay_window: sa.replay_window,
             })
             .collect();
-        Status { networks: nets.into_values().collect(), policies, sas }
+        Status {
+            networks: nets.into_values().collect(),
+            policies,
+            sas,
+        }
     }
 }
 
@@ -145,7 +154,10 @@ impl fmt::Display for Status {
         if self.networks.is_empty() && self.policies.is_empty() && self.sas.is_empty() {
             return writeln!(f, "No overlay networks on this node.");
         }
-        writeln!(f, "NETWORK          VNI       MTU    STATE  ENC  ADDRESS              PEERS")?;
+        writeln!(
+            f,
+            "NETWORK          VNI       MTU    STATE  ENC  ADDRESS              PEERS"
+        )?;
         for n in &self.networks {
             writeln!(
                 f,
@@ -153,10 +165,22 @@ impl fmt::Display for Status {
                 n.name,
                 n.vni.map_or("-".into(), |v| v.to_string()),
                 n.mtu.map_or("-".into(), |v| v.to_string()),
-                if n.up && n.problems.is_empty() { "up" } else { "DEGRADED" },
-                if n.encrypted_port.is_some() { "yes" } else { "no" },
+                if n.up && n.problems.is_empty() {
+                    "up"
+                } else {
+                    "DEGRADED"
+                },
+                if n.encrypted_port.is_some() {
+                    "yes"
+                } else {
+                    "no"
+                },
                 n.addresses.first().map_or("-", |s| s.as_str()),
-                if n.peers.is_empty() { "-".into() } else { n.peers.join(",") },
+                if n.peers.is_empty() {
+                    "-".into()
+                } else {
+                    n.peers.join(",")
+                },
             )?;
             for p in &n.problems {
                 writeln!(f, "  ! {p}")?;
@@ -164,8 +188,11 @@ impl fmt::Display for Status {
         }
         if !self.policies.is_empty() {
             let blocks = self.policies.iter().filter(|p| p.action == "block").count();
-            let pairs_out =
-                self.policies.iter().filter(|p| p.action == "esp" && p.dir == Direction::Out.to_string()).count();
+            let pairs_out = self
+                .policies
+                .iter()
+                .filter(|p| p.action == "esp" && p.dir == Direction::Out.to_string())
+                .count();
             writeln!(
                 f,
                 "\nEnforcement: {} policies ({} catch-all block, {} peers with ESP out)",
@@ -175,9 +202,16 @@ impl fmt::Display for Status {
             )?;
         }
         if !self.sas.is_empty() {
-            writeln!(f, "\nSECURITY ASSOCIATIONS (ESP, aes-256-gcm, icv 128, esn)")?;
+            writeln!(
+                f,
+                "\nSECURITY ASSOCIATIONS (ESP, aes-256-gcm, icv 128, esn)"
+            )?;
             for sa in &self.sas {
-                writeln!(f, "  {} -> {}  spi {}  replay {}", sa.src, sa.dst, sa.spi, sa.replay_window)?;
+                writeln!(
+                    f,
+                    "  {} -> {}  spi {}  replay {}",
+                    sa.src, sa.dst, sa.spi, sa.replay_window
+                )?;
             }
         }
         Ok(())

@@ -125,7 +125,11 @@ impl Cluster {
                 use base64::Engine as _;
                 base64::engine::general_purpose::STANDARD.encode([i as u8 + 1; 32])
             };
-            let _ = writeln!(text, "  - name: {}\n    address: \"{}\"\n    publicKey: \"{key}\"", n.name, n.address);
+            let _ = writeln!(
+                text,
+                "  - name: {}\n    address: \"{}\"\n    publicKey: \"{key}\"",
+                n.name, n.address
+            );
         }
         text.push_str("networks:\n");
         text.push_str(networks_yaml);
@@ -218,22 +222,37 @@ impl Cluster {
         for l in self.links(node) {
             let info = &l["linkinfo"];
             let data = &info["info_data"];
-            let up = l["flags"].as_array().is_some_and(|f| f.iter().any(|x| x == "UP"));
+            let up = l["flags"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|x| x == "UP"));
             let _ = writeln!(
                 out,
                 "link {} kind={} id={} local={} port={} mtu={} master={} alias={} up={up}",
-                l["ifname"], info["info_kind"], data["id"], data["local"], data["port"], l["mtu"], l["master"], l["ifalias"]
+                l["ifname"],
+                info["info_kind"],
+                data["id"],
+                data["local"],
+                data["port"],
+                l["mtu"],
+                l["master"],
+                l["ifalias"]
             );
         }
-        let addrs: Vec<serde_json::Value> = serde_json::from_str(&ok(&format!("ip -n {ns} -j addr show"))).unwrap();
+        let addrs: Vec<serde_json::Value> =
+            serde_json::from_str(&ok(&format!("ip -n {ns} -j addr show"))).unwrap();
         for a in addrs {
             for i in a["addr_info"].as_array().into_iter().flatten() {
                 if i["scope"] != "link" {
-                    let _ = writeln!(out, "addr {} {}/{}", a["ifname"], i["local"], i["prefixlen"]);
+                    let _ = writeln!(
+                        out,
+                        "addr {} {}/{}",
+                        a["ifname"], i["local"], i["prefixlen"]
+                    );
                 }
             }
         }
-        let fdb: Vec<serde_json::Value> = serde_json::from_str(&ok(&format!("bridge -n {ns} -j fdb show"))).unwrap();
+        let fdb: Vec<serde_json::Value> =
+            serde_json::from_str(&ok(&format!("bridge -n {ns} -j fdb show"))).unwrap();
         for e in fdb.iter().filter(|e| e["mac"] == "00:00:00:00:00:00") {
             let _ = writeln!(out, "fdb {} {}", e["ifname"], e["dst"]);
         }
@@ -279,7 +298,7 @@ pub fn plan_lines(plan: &str) -> Vec<String> {
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use ovl::desired::{DirectionKey, Keyring, PeerKeys};
+use ovl::desired::{DirectionKey, Keyring};
 use ovl::keys::SaKey;
 
 /// Tests that need ESP fail (never pass) outside an ESP-capable kernel.
@@ -307,7 +326,8 @@ fn esp_available() -> bool {
 /// Fresh random keys for every ordered pair of `addresses`: the key node X uses to send
 /// to Y is Y's inbound key from X. Returns each node's keyring.
 pub fn mesh_keys(addresses: &[IpAddr], spi_base: u32) -> BTreeMap<IpAddr, Keyring> {
-    let mut rings: BTreeMap<IpAddr, Keyring> = addresses.iter().map(|a| (*a, Keyring::new())).collect();
+    let mut rings: BTreeMap<IpAddr, Keyring> =
+        addresses.iter().map(|a| (*a, Keyring::new())).collect();
     let mut spi = spi_base;
     for &x in addresses {
         for &y in addresses {
@@ -316,8 +336,23 @@ pub fn mesh_keys(addresses: &[IpAddr], spi_base: u32) -> BTreeMap<IpAddr, Keyrin
             }
             spi += 1;
             let key = SaKey::generate().unwrap();
-            rings.get_mut(&x).unwrap().entry(y).or_insert_with(PeerKeys::default).outbound.push(DirectionKey { spi, key: key.clone() });
-            rings.get_mut(&y).unwrap().entry(x).or_insert_with(PeerKeys::default).inbound.push(DirectionKey { spi, key });
+            rings
+                .get_mut(&x)
+                .unwrap()
+                .entry(y)
+                .or_default()
+                .outbound
+                .push(DirectionKey {
+                    spi,
+                    key: key.clone(),
+                });
+            rings
+                .get_mut(&y)
+                .unwrap()
+                .entry(x)
+                .or_default()
+                .inbound
+                .push(DirectionKey { spi, key });
         }
     }
     rings
@@ -326,22 +361,34 @@ pub fn mesh_keys(addresses: &[IpAddr], spi_base: u32) -> BTreeMap<IpAddr, Keyrin
 /// Runs one reconcile pass with the given keys inside a node's namespace (a dedicated
 /// thread enters the namespace, so the test process stays where it is). Returns the plan
 /// as printed, or the error.
-pub fn apply_with_keys(ns: &str, spec_path: &Path, node: &str, ring: &Keyring) -> Result<String, String> {
+pub fn apply_with_keys(
+    ns: &str,
+    spec_path: &Path,
+    node: &str,
+    ring: &Keyring,
+) -> Result<String, String> {
     let bytes = std::fs::read(spec_path).unwrap();
-    let spec = ovl::spec::parse(&bytes, &spec_path.display().to_string()).map_err(|e| e.to_string())?;
+    let spec =
+        ovl::spec::parse(&bytes, &spec_path.display().to_string()).map_err(|e| e.to_string())?;
     let ns_path = format!("/run/netns/{ns}");
     let node = node.to_owned();
     let ring = ring.clone();
     std::thread::spawn(move || {
         let f = std::fs::File::open(&ns_path).map_err(|e| e.to_string())?;
         nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| e.to_string())?;
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let kernel = ovl::kernel::Kernel::connect().map_err(|e| e.to_string())?;
-            let me = ovl::reconcile::identify_node(&spec, Some(&node), &kernel).await.map_err(|e| e.to_string())?;
-            let out = ovl::reconcile::apply(&spec, me, &kernel, ovl::reconcile::Keys::Ring(&ring), false)
+            let me = ovl::reconcile::identify_node(&spec, Some(&node), &kernel)
                 .await
                 .map_err(|e| e.to_string())?;
+            let out =
+                ovl::reconcile::apply(&spec, me, &kernel, ovl::reconcile::Keys::Ring(&ring), false)
+                    .await
+                    .map_err(|e| e.to_string())?;
             if let Some(e) = out.encrypted_not_up {
                 return Err(e.to_string());
             }
@@ -362,7 +409,9 @@ impl Capture {
     pub fn start(c: &Cluster, name: &str, filter: &str) -> Capture {
         let file = c.dir.path().join(format!("{name}.pcap"));
         let child = Command::new("ip")
-            .args(["netns", "exec", &c.switch, "tcpdump", "-i", "ub0", "-n", "-U", "-s", "128", "-w"])
+            .args([
+                "netns", "exec", &c.switch, "tcpdump", "-i", "ub0", "-n", "-U", "-s", "128", "-w",
+            ])
             .arg(&file)
             .arg(filter)
             .stdin(Stdio::null())
@@ -384,9 +433,14 @@ impl Capture {
     /// Stops the capture; the pcap can then be read with several filters.
     pub fn stop(mut self) -> Pcap {
         std::thread::sleep(std::time::Duration::from_millis(300));
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGINT);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
         let _ = self.child.wait();
-        Pcap { file: self.file.clone() }
+        Pcap {
+            file: self.file.clone(),
+        }
     }
 }
 
@@ -397,7 +451,11 @@ pub struct Pcap {
 impl Pcap {
     /// `tcpdump -r` lines matching `filter`.
     pub fn lines(&self, filter: &str) -> Vec<String> {
-        let out = ok(&format!("tcpdump -r {} -n '{}' 2>/dev/null || true", self.file.display(), filter));
+        let out = ok(&format!(
+            "tcpdump -r {} -n '{}' 2>/dev/null || true",
+            self.file.display(),
+            filter
+        ));
         out.lines().map(str::to_owned).collect()
     }
 }

@@ -27,7 +27,10 @@ pub enum KernelError {
     )]
     NoEsp { detail: String },
     #[error("cannot enter network namespace {path}: {source}")]
-    Netns { path: String, source: std::io::Error },
+    Netns {
+        path: String,
+        source: std::io::Error,
+    },
     /// The kernel answered a request with an errno (`source.raw_os_error()`).
     #[error("kernel refused \"{operation}\": {source}")]
     Refused {
@@ -55,7 +58,11 @@ pub enum KernelError {
     /// The kernel holds someone else's XFRM state or policy where the change would
     /// replace or delete one of ours (its reqid is not in our range): left alone.
     #[error("{operation}: the kernel's {what} there is not owned by ovl-controller ({detail})")]
-    ForeignXfrm { operation: String, what: &'static str, detail: String },
+    ForeignXfrm {
+        operation: String,
+        what: &'static str,
+        detail: String,
+    },
     /// An object that cannot be expressed to the kernel (a bug before the executor).
     #[error("{operation}: {reason}")]
     Invalid { operation: String, reason: String },
@@ -133,20 +140,22 @@ impl Kernel {
     /// Fails with [`KernelError::NoEsp`] when this kernel cannot install an ESP
     /// AES-GCM SA. The probe runs in a throwaway network namespace of its own, so the
     /// node's namespace sees no write (a no-op apply stays a no-op for `ip xfrm monitor`).
-    pub async fn check_esp(&self) -> Result<(), KernelError> {
+    pub async fn check_esp(&self, family_of: std::net::IpAddr) -> Result<(), KernelError> {
         // A dedicated thread: unshare() moves the calling thread for good.
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
-            let _ = tx.send(probe_esp_in_scratch_netns());
+            let _ = tx.send(probe_esp_in_scratch_netns(family_of));
         });
         rx.await.unwrap_or_else(|_| {
-            Err(KernelError::NoEsp { detail: "the ESP probe thread ended without an answer".into() })
+            Err(KernelError::NoEsp {
+                detail: "the ESP probe thread ended without an answer".into(),
+            })
         })
     }
 }
 
 /// Adds and deletes one ESP SA in a fresh network namespace owned by this thread.
-fn probe_esp_in_scratch_netns() -> Result<(), KernelError> {
+fn probe_esp_in_scratch_netns(family_of: std::net::IpAddr) -> Result<(), KernelError> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| KernelError::Netns {
         path: "(new scratch namespace)".into(),
         source: std::io::Error::from(e),
@@ -158,6 +167,10 @@ fn probe_esp_in_scratch_netns() -> Result<(), KernelError> {
     rt.block_on(async {
         let (conn, xfrm, _) = xfrmnetlink::new_connection().map_err(KernelError::Connect)?;
         tokio::spawn(conn);
-        xfrm::check_esp(&xfrm, std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)).await
+        let probe_addr = match family_of {
+            std::net::IpAddr::V4(_) => std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            std::net::IpAddr::V6(_) => std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        };
+        xfrm::check_esp(&xfrm, probe_addr).await
     })
 }

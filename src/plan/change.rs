@@ -3,23 +3,42 @@
 
 use std::fmt;
 
-use crate::state::{Address, FdbEntry, IfName, Link, LinkKind, Policy, PolicyAction, PolicyId, Sa, SaId};
+use crate::state::{
+    Address, FdbEntry, IfName, Link, LinkKind, Policy, PolicyAction, PolicyId, Sa, SaId,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
     /// Create a link, administratively down, with its MTU, alias and master.
     CreateLink(Link),
     DeleteLink(Link),
-    SetMtu { link: IfName, from: u32, to: u32 },
-    SetMaster { link: IfName, from: Option<IfName>, to: Option<IfName> },
-    SetAlias { link: IfName, from: String, to: String },
-    SetUp { link: IfName },
+    SetMtu {
+        link: IfName,
+        from: u32,
+        to: u32,
+    },
+    SetMaster {
+        link: IfName,
+        from: Option<IfName>,
+        to: Option<IfName>,
+    },
+    SetAlias {
+        link: IfName,
+        from: String,
+        to: String,
+    },
+    SetUp {
+        link: IfName,
+    },
     AddAddress(Address),
     DeleteAddress(Address),
     AddFdb(FdbEntry),
     DeleteFdb(FdbEntry),
     /// Add or replace (same selector and direction) a policy.
-    PutPolicy { policy: Policy, replaces: Option<Policy> },
+    PutPolicy {
+        policy: Policy,
+        replaces: Option<Policy>,
+    },
     DeletePolicy(PolicyId),
     AddSa(Sa),
     DeleteSa(SaId),
@@ -36,11 +55,14 @@ pub enum ChangeKind {
 impl Change {
     pub fn kind(&self) -> ChangeKind {
         match self {
-            Change::CreateLink(_) | Change::AddAddress(_) | Change::AddFdb(_) | Change::AddSa(_) => {
-                ChangeKind::Create
-            }
+            Change::CreateLink(_)
+            | Change::AddAddress(_)
+            | Change::AddFdb(_)
+            | Change::AddSa(_) => ChangeKind::Create,
             Change::PutPolicy { replaces: None, .. } => ChangeKind::Create,
-            Change::PutPolicy { replaces: Some(_), .. }
+            Change::PutPolicy {
+                replaces: Some(_), ..
+            }
             | Change::SetMtu { .. }
             | Change::SetMaster { .. }
             | Change::SetAlias { .. }
@@ -61,10 +83,18 @@ fn opt(name: &Option<IfName>) -> &str {
 fn policy_text(p: &Policy) -> String {
     let action = match p.action {
         PolicyAction::Block => "block".to_owned(),
-        PolicyAction::Esp { src: Some(s), dst: Some(d) } => format!("esp {s} -> {d}"),
+        PolicyAction::Esp {
+            src: Some(s),
+            dst: Some(d),
+        } => format!("esp {s} -> {d}"),
         PolicyAction::Esp { .. } => "require esp".to_owned(),
     };
-    format!("{} priority {} {}", policy_id_text(&p.id), p.priority, action)
+    format!(
+        "{} priority {} {}",
+        policy_id_text(&p.id),
+        p.priority,
+        action
+    )
 }
 
 fn policy_id_text(id: &PolicyId) -> String {
@@ -106,12 +136,22 @@ impl fmt::Display for Change {
             Change::SetUp { link } => write!(f, "~ link {link} down => up"),
             Change::AddAddress(a) => write!(f, "+ address {} on {}", a.addr, a.link),
             Change::DeleteAddress(a) => write!(f, "- address {} on {}", a.addr, a.link),
-            Change::AddFdb(e) => write!(f, "+ fdb 00:00:00:00:00:00 dst {} on {}", e.remote, e.link),
-            Change::DeleteFdb(e) => write!(f, "- fdb 00:00:00:00:00:00 dst {} on {}", e.remote, e.link),
-            Change::PutPolicy { policy, replaces: None } => {
+            Change::AddFdb(e) => {
+                write!(f, "+ fdb 00:00:00:00:00:00 dst {} on {}", e.remote, e.link)
+            }
+            Change::DeleteFdb(e) => {
+                write!(f, "- fdb 00:00:00:00:00:00 dst {} on {}", e.remote, e.link)
+            }
+            Change::PutPolicy {
+                policy,
+                replaces: None,
+            } => {
                 write!(f, "+ xfrm policy {}", policy_text(policy))
             }
-            Change::PutPolicy { policy, replaces: Some(old) } => write!(
+            Change::PutPolicy {
+                policy,
+                replaces: Some(old),
+            } => write!(
                 f,
                 "~ xfrm policy {} => {}",
                 policy_text(old),
@@ -124,7 +164,11 @@ impl fmt::Display for Change {
                 sa.id.spi, sa.id.src, sa.id.dst, sa.replay_window
             ),
             Change::DeleteSa(id) => {
-                write!(f, "- xfrm state esp spi 0x{:08x} {} -> {}", id.spi, id.src, id.dst)
+                write!(
+                    f,
+                    "- xfrm state esp spi 0x{:08x} {} -> {}",
+                    id.spi, id.src, id.dst
+                )
             }
         }
     }

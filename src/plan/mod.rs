@@ -80,10 +80,18 @@ fn policy_rank(p: &Policy) -> (u8, Direction) {
 
 /// An SA is outbound when a desired or observed OUT policy of ours names its pair.
 fn is_outbound(sa: &Sa, desired: &KernelState, observed: &KernelState) -> bool {
-    desired.policies.values().chain(observed.policies.values()).any(|p| {
-        p.id.dir == Direction::Out
-            && p.action == PolicyAction::Esp { src: Some(sa.id.src), dst: Some(sa.id.dst) }
-    })
+    desired
+        .policies
+        .values()
+        .chain(observed.policies.values())
+        .any(|p| {
+            p.id.dir == Direction::Out
+                && p.action
+                    == PolicyAction::Esp {
+                        src: Some(sa.id.src),
+                        dst: Some(sa.id.dst),
+                    }
+        })
 }
 
 pub fn plan(desired: &KernelState, observed: &KernelState) -> Plan {
@@ -124,7 +132,12 @@ pub fn plan(desired: &KernelState, observed: &KernelState) -> Plan {
     let mut deletions: Vec<&Link> = observed
         .links
         .values()
-        .filter(|have| desired.links.get(&have.name).is_none_or(|want| needs_recreate(want, have)))
+        .filter(|have| {
+            desired
+                .links
+                .get(&have.name)
+                .is_none_or(|want| needs_recreate(want, have))
+        })
         .collect();
     deletions.sort_by_key(|l| matches!(l.kind, LinkKind::Bridge));
     for l in deletions {
@@ -140,10 +153,16 @@ pub fn plan(desired: &KernelState, observed: &KernelState) -> Plan {
         .collect();
     creations.sort_by_key(|l| !matches!(l.kind, LinkKind::Bridge));
     for l in &creations {
-        out.push(Change::CreateLink(Link { up: false, ..(*l).clone() }));
+        out.push(Change::CreateLink(Link {
+            up: false,
+            ..(*l).clone()
+        }));
     }
     for want in desired.links.values() {
-        let Some(have) = observed.links.get(&want.name).filter(|_| !gone.contains(&want.name))
+        let Some(have) = observed
+            .links
+            .get(&want.name)
+            .filter(|_| !gone.contains(&want.name))
         else {
             continue;
         };
@@ -155,7 +174,11 @@ pub fn plan(desired: &KernelState, observed: &KernelState) -> Plan {
             });
         }
         if have.mtu != want.mtu {
-            out.push(Change::SetMtu { link: want.name.clone(), from: have.mtu, to: want.mtu });
+            out.push(Change::SetMtu {
+                link: want.name.clone(),
+                from: have.mtu,
+                to: want.mtu,
+            });
         }
         // A port whose bridge was recreated has lost its master.
         let have_master = have.master.clone().filter(|m| !gone.contains(m));
@@ -204,13 +227,18 @@ pub fn plan(desired: &KernelState, observed: &KernelState) -> Plan {
         .collect();
     ups.sort_by_key(|l| matches!(l.kind, LinkKind::Bridge));
     for l in ups {
-        out.push(Change::SetUp { link: l.name.clone() });
+        out.push(Change::SetUp {
+            link: l.name.clone(),
+        });
     }
 
     // 6. Old SAs (outbound first, so nothing is sent on an SA about to lose its inbound
     //    peer), then policies no longer wanted (pair policies before catch-alls).
-    let mut old_sas: Vec<&Sa> =
-        observed.sas.values().filter(|sa| !desired.sas.contains_key(&sa.id)).collect();
+    let mut old_sas: Vec<&Sa> = observed
+        .sas
+        .values()
+        .filter(|sa| !desired.sas.contains_key(&sa.id))
+        .collect();
     old_sas.sort_by_key(|sa| !is_outbound(sa, desired, observed));
     out.extend(old_sas.into_iter().map(|sa| Change::DeleteSa(sa.id)));
     let mut old_policies: Vec<&Policy> = observed

@@ -6,9 +6,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::keys::SaKey;
 use crate::spec::Vni;
-use crate::state::{
-    Address, FdbEntry, Lifetime, PolicyId, Sa, SaId, Selector, VxlanParams,
-};
+use crate::state::{Address, FdbEntry, Lifetime, PolicyId, Sa, SaId, Selector, VxlanParams};
 
 const ENC_PORT: u16 = 4790;
 
@@ -47,7 +45,19 @@ fn net_choice() -> impl Strategy<Value = NetChoice> {
         any::<bool>(),
     )
         .prop_map(
-            |(present, encrypted, local, mtu, vx_master, vx_up, br_up, alias_variant, address, remotes, bridge_missing)| {
+            |(
+                present,
+                encrypted,
+                local,
+                mtu,
+                vx_master,
+                vx_up,
+                br_up,
+                alias_variant,
+                address,
+                remotes,
+                bridge_missing,
+            )| {
                 NetChoice {
                     present,
                     encrypted,
@@ -79,10 +89,20 @@ fn build_state(nets: &[NetChoice], policies: &[(u8, bool)], sas: &[(u8, bool, u8
         if !n.bridge_missing {
             s.links.insert(
                 br.clone(),
-                Link { name: br.clone(), kind: LinkKind::Bridge, mtu: n.mtu, master: None, alias: alias.clone(), up: n.br_up },
+                Link {
+                    name: br.clone(),
+                    kind: LinkKind::Bridge,
+                    mtu: n.mtu,
+                    master: None,
+                    alias: alias.clone(),
+                    up: n.br_up,
+                },
             );
             if let Some(a) = n.address {
-                s.addresses.insert(Address { link: br.clone(), addr: format!("10.0.{i}.{a}/24").parse().unwrap() });
+                s.addresses.insert(Address {
+                    link: br.clone(),
+                    addr: format!("10.0.{i}.{a}/24").parse().unwrap(),
+                });
             }
         }
         s.links.insert(
@@ -102,38 +122,95 @@ fn build_state(nets: &[NetChoice], policies: &[(u8, bool)], sas: &[(u8, bool, u8
             },
         );
         for r in &n.remotes {
-            s.fdb.insert(FdbEntry { link: vx.clone(), remote: ip(*r) });
+            s.fdb.insert(FdbEntry {
+                link: vx.clone(),
+                remote: ip(*r),
+            });
         }
     }
     for (peer, out) in policies {
-        let (src, dst) = if *out { (ip(1), ip(*peer)) } else { (ip(*peer), ip(1)) };
+        let (src, dst) = if *out {
+            (ip(1), ip(*peer))
+        } else {
+            (ip(*peer), ip(1))
+        };
         let id = PolicyId {
             dir: if *out { Direction::Out } else { Direction::In },
-            selector: Selector { src: IpNet::from(src), dst: IpNet::from(dst), dport: ENC_PORT },
+            selector: Selector {
+                src: IpNet::from(src),
+                dst: IpNet::from(dst),
+                dport: ENC_PORT,
+            },
         };
         s.policies.insert(
             id,
-            Policy { id, priority: 1000, action: PolicyAction::Esp { src: Some(src), dst: Some(dst) }, reqid: 7 },
+            Policy {
+                id,
+                priority: 1000,
+                action: PolicyAction::Esp {
+                    src: Some(src),
+                    dst: Some(dst),
+                },
+                reqid: 7,
+            },
         );
     }
-    if s.links.values().any(|l| matches!(&l.kind, LinkKind::Vxlan(v) if v.port == ENC_PORT)) || !policies.is_empty() {
+    if s.links
+        .values()
+        .any(|l| matches!(&l.kind, LinkKind::Vxlan(v) if v.port == ENC_PORT))
+        || !policies.is_empty()
+    {
         for (dir, action, dst) in [
             (Direction::Out, PolicyAction::Block, "0.0.0.0/0"),
-            (Direction::In, PolicyAction::Esp { src: None, dst: None }, "192.0.2.1/32"),
+            (
+                Direction::In,
+                PolicyAction::Esp {
+                    src: None,
+                    dst: None,
+                },
+                "192.0.2.1/32",
+            ),
         ] {
             let id = PolicyId {
                 dir,
-                selector: Selector { src: "0.0.0.0/0".parse().unwrap(), dst: dst.parse().unwrap(), dport: ENC_PORT },
+                selector: Selector {
+                    src: "0.0.0.0/0".parse().unwrap(),
+                    dst: dst.parse().unwrap(),
+                    dport: ENC_PORT,
+                },
             };
-            s.policies.insert(id, Policy { id, priority: 2000, action, reqid: 7 });
+            s.policies.insert(
+                id,
+                Policy {
+                    id,
+                    priority: 2000,
+                    action,
+                    reqid: 7,
+                },
+            );
         }
     }
     for (peer, out, key) in sas {
-        let (src, dst) = if *out { (ip(1), ip(*peer)) } else { (ip(*peer), ip(1)) };
-        let id = SaId { src, dst, spi: 0x100 + u32::from(*peer) * 2 + u32::from(*out) };
+        let (src, dst) = if *out {
+            (ip(1), ip(*peer))
+        } else {
+            (ip(*peer), ip(1))
+        };
+        let id = SaId {
+            src,
+            dst,
+            spi: 0x100 + u32::from(*peer) * 2 + u32::from(*out),
+        };
         s.sas.insert(
             id,
-            Sa { id, reqid: 7, key: SaKey::from_bytes([*key; 36]), replay_window: 1024, dport: ENC_PORT, lifetime: Lifetime::default() },
+            Sa {
+                id,
+                reqid: 7,
+                key: SaKey::from_bytes([*key; 36]),
+                replay_window: 1024,
+                dport: ENC_PORT,
+                lifetime: Lifetime::default(),
+            },
         );
     }
     s
@@ -151,19 +228,36 @@ fn state_strategy() -> impl Strategy<Value = KernelState> {
 /// A desired state is always tidy: every port on its bridge, everything up.
 fn desired_strategy() -> impl Strategy<Value = KernelState> {
     state_strategy().prop_map(|mut s| {
-        let bridges: Vec<IfName> = s.links.keys().filter(|n| n.as_str().starts_with("ovbr-")).cloned().collect();
+        let bridges: Vec<IfName> = s
+            .links
+            .keys()
+            .filter(|n| n.as_str().starts_with("ovbr-"))
+            .cloned()
+            .collect();
         s.links.retain(|name, l| match &l.kind {
-            LinkKind::Vxlan(_) => bridges.contains(&IfName::bridge_for(Vni::new(name.as_str()[5..].parse().unwrap()).unwrap())),
+            LinkKind::Vxlan(_) => bridges.contains(&IfName::bridge_for(
+                Vni::new(name.as_str()[5..].parse().unwrap()).unwrap(),
+            )),
             LinkKind::Bridge => true,
         });
-        let vxlans: Vec<IfName> = s.links.keys().filter(|n| n.as_str().starts_with("ovvx-")).cloned().collect();
+        let vxlans: Vec<IfName> = s
+            .links
+            .keys()
+            .filter(|n| n.as_str().starts_with("ovvx-"))
+            .cloned()
+            .collect();
         s.links.retain(|name, l| {
-            matches!(l.kind, LinkKind::Vxlan(_)) || vxlans.contains(&IfName::vxlan_for(Vni::new(name.as_str()[5..].parse().unwrap()).unwrap()))
+            matches!(l.kind, LinkKind::Vxlan(_))
+                || vxlans.contains(&IfName::vxlan_for(
+                    Vni::new(name.as_str()[5..].parse().unwrap()).unwrap(),
+                ))
         });
         for l in s.links.values_mut() {
             l.up = true;
             if matches!(l.kind, LinkKind::Vxlan(_)) {
-                l.master = Some(IfName::bridge_for(Vni::new(l.name.as_str()[5..].parse().unwrap()).unwrap()));
+                l.master = Some(IfName::bridge_for(
+                    Vni::new(l.name.as_str()[5..].parse().unwrap()).unwrap(),
+                ));
             }
         }
         let links = s.links.clone();
@@ -175,8 +269,14 @@ fn desired_strategy() -> impl Strategy<Value = KernelState> {
 
 /// No VXLAN device on the encrypted port may exist without the catch-all block policy.
 fn fail_closed(s: &KernelState) -> bool {
-    let enc_link = s.links.values().any(|l| matches!(&l.kind, LinkKind::Vxlan(v) if v.port == ENC_PORT));
-    !enc_link || s.policies.values().any(|p| p.action == PolicyAction::Block && p.id.dir == Direction::Out)
+    let enc_link = s
+        .links
+        .values()
+        .any(|l| matches!(&l.kind, LinkKind::Vxlan(v) if v.port == ENC_PORT));
+    !enc_link
+        || s.policies
+            .values()
+            .any(|p| p.action == PolicyAction::Block && p.id.dir == Direction::Out)
 }
 
 proptest! {
@@ -242,25 +342,36 @@ proptest! {
 #[test]
 fn empty_plan_prints_no_changes() {
     let s = KernelState::default();
-    assert_eq!(plan(&s, &s).to_string(), "No changes: the kernel already matches the spec.\n");
+    assert_eq!(
+        plan(&s, &s).to_string(),
+        "No changes: the kernel already matches the spec.\n"
+    );
 }
 
 #[test]
 fn inbound_sa_is_added_before_outbound_and_removed_after() {
     let none: Vec<NetChoice> = vec![];
-    let desired = build_state(&none, &[(3, true), (3, false)], &[(3, true, 1), (3, false, 1)]);
+    let desired = build_state(
+        &none,
+        &[(3, true), (3, false)],
+        &[(3, true, 1), (3, false, 1)],
+    );
     let observed = KernelState::default();
     let p = plan(&desired, &observed);
     let pos = |f: &dyn Fn(&Change) -> bool| p.changes.iter().position(f).unwrap();
     let inb = pos(&|c| matches!(c, Change::AddSa(sa) if sa.id.dst == ip(1)));
     let outb = pos(&|c| matches!(c, Change::AddSa(sa) if sa.id.src == ip(1)));
-    let block = pos(&|c| matches!(c, Change::PutPolicy { policy, .. } if policy.action == PolicyAction::Block));
+    let block = pos(
+        &|c| matches!(c, Change::PutPolicy { policy, .. } if policy.action == PolicyAction::Block),
+    );
     assert!(block < inb && inb < outb, "{p}");
 
     let back = plan(&KernelState::default(), &desired);
     let pos = |f: &dyn Fn(&Change) -> bool| back.changes.iter().position(f).unwrap();
     let del_out = pos(&|c| matches!(c, Change::DeleteSa(id) if id.src == ip(1)));
     let del_in = pos(&|c| matches!(c, Change::DeleteSa(id) if id.dst == ip(1)));
-    let del_block = pos(&|c| matches!(c, Change::DeletePolicy(id) if id.dir == Direction::Out && id.selector.dst.prefix_len() == 0));
+    let del_block = pos(
+        &|c| matches!(c, Change::DeletePolicy(id) if id.dir == Direction::Out && id.selector.dst.prefix_len() == 0),
+    );
     assert!(del_out < del_in && del_in < del_block, "{back}");
 }
