@@ -7,6 +7,7 @@
 //! Plan --kernel::execute--> netlink
 //! ```
 
+pub mod agent;
 pub mod control;
 pub mod desired;
 pub mod identity;

@@ -102,6 +102,19 @@ pub async fn apply(
     keys: Keys<'_>,
     dry_run: bool,
 ) -> Result<Outcome, ReconcileError> {
+    let observed = kernel.dump().await?;
+    apply_observed(spec, node, kernel, keys, dry_run, observed).await
+}
+
+/// [`apply`] against a dump the caller already made (the agent inspects it first).
+pub async fn apply_observed(
+    spec: &Spec,
+    node: &Node,
+    kernel: &Kernel,
+    keys: Keys<'_>,
+    dry_run: bool,
+    observed: KernelState,
+) -> Result<Outcome, ReconcileError> {
     let underlay = kernel.underlay_for(node.address).await?.ok_or_else(|| {
         ReconcileError::AddressNotLocal {
             node: node.name.to_string(),
@@ -134,7 +147,6 @@ pub async fn apply(
         _ => (&empty, Scope::PlaintextOnly),
     };
 
-    let observed = kernel.dump().await?;
     let mut want = desired::build(spec, &local, ring, scope)?;
     if scope == Scope::PlaintextOnly {
         keep_encrypted_as_is(spec, &node.name, &observed, &mut want);

@@ -4,18 +4,55 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::state::{Direction, KernelState, LinkKind, PolicyAction};
 
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Status {
     pub networks: Vec<NetworkStatus>,
     pub policies: Vec<PolicyStatus>,
     pub sas: Vec<SaStatus>,
+    /// Present when the status came from a running agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentStatus>,
 }
 
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentStatus {
+    pub node: String,
+    pub cluster: String,
+    pub uptime_secs: u64,
+    /// The last reconcile pass succeeded.
+    pub in_sync: bool,
+    pub last_error: Option<String>,
+    pub boot_id: String,
+    pub peers: Vec<PeerStatus>,
+}
+
+/// One encrypted peer: its control session and, per direction, the keys in use (by
+/// generation and SPI; never the key).
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub name: String,
+    pub address: String,
+    pub connected: bool,
+    pub connected_secs: Option<u64>,
+    pub inbound: Vec<KeyStatus>,
+    pub outbound: Vec<KeyStatus>,
+    pub next_rotation_secs: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeyStatus {
+    pub generation: u64,
+    pub spi: String,
+    pub age_secs: u64,
+    /// offered, active, retiring (inbound); current (outbound).
+    pub state: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NetworkStatus {
     pub name: String,
     pub cluster: String,
@@ -32,7 +69,7 @@ pub struct NetworkStatus {
     pub problems: Vec<String>,
 }
 
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PolicyStatus {
     pub dir: String,
     pub src: String,
@@ -42,7 +79,7 @@ pub struct PolicyStatus {
     pub action: String,
 }
 
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SaStatus {
     pub src: String,
     pub dst: String,
@@ -145,12 +182,31 @@ impl Status {
             networks: nets.into_values().collect(),
             policies,
             sas,
+            agent: None,
         }
+    }
+
+    pub fn with_agent(mut self, agent: AgentStatus) -> Status {
+        self.agent = Some(agent);
+        self
     }
 }
 
 impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.agent {
+            Some(a) => {
+                writeln!(
+                    f,
+                    "Agent: node {} of cluster {}, up {}s, {}",
+                    a.node,
+                    a.cluster,
+                    a.uptime_secs,
+                    if a.in_sync { "kernel in sync".to_owned() } else { format!("NOT in sync: {}", a.last_error.as_deref().unwrap_or("pending")) }
+                )?;
+            }
+            None => writeln!(f, "Agent: not running (kernel view only)")?,
+        }
         if self.networks.is_empty() && self.policies.is_empty() && self.sas.is_empty() {
             return writeln!(f, "No overlay networks on this node.");
         }
@@ -200,6 +256,33 @@ impl fmt::Display for Status {
                 blocks,
                 pairs_out
             )?;
+        }
+        if let Some(a) = &self.agent {
+            if !a.peers.is_empty() {
+                writeln!(f, "\nPEER             ADDRESS              SESSION    DIR  GEN   SPI         AGE    STATE")?;
+            }
+            for p in &a.peers {
+                let session = match p.connected_secs {
+                    Some(s) => format!("up {s}s"),
+                    None => "DOWN".to_owned(),
+                };
+                let rows: Vec<(&str, &KeyStatus)> = p
+                    .inbound
+                    .iter()
+                    .map(|k| ("in", k))
+                    .chain(p.outbound.iter().map(|k| ("out", k)))
+                    .collect();
+                if rows.is_empty() {
+                    writeln!(f, "{:<16} {:<20} {:<10} -    no keys yet", p.name, p.address, session)?;
+                }
+                for (i, (dir, k)) in rows.iter().enumerate() {
+                    let (name, addr, sess) = if i == 0 { (p.name.as_str(), p.address.as_str(), session.as_str()) } else { ("", "", "") };
+                    writeln!(f, "{name:<16} {addr:<20} {sess:<10} {dir:<4} {:<5} {:<11} {:<6} {}", k.generation, k.spi, format!("{}s", k.age_secs), k.state)?;
+                }
+                if let Some(next) = p.next_rotation_secs {
+                    writeln!(f, "{:<16} next rotation in {next}s", "")?;
+                }
+            }
         }
         if !self.sas.is_empty() {
             writeln!(

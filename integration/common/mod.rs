@@ -62,6 +62,9 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     pub ipv6: bool,
     pub dir: tempfile::TempDir,
+    /// Real public keys by node name, once `keygen_all` ran; otherwise specs carry
+    /// well-formed placeholder keys.
+    pub keys: std::sync::Mutex<BTreeMap<String, String>>,
 }
 
 impl Cluster {
@@ -77,6 +80,7 @@ impl Cluster {
             nodes: vec![],
             ipv6,
             dir: tempfile::tempdir().unwrap(),
+            keys: Default::default(),
         };
         ok(&format!(
             "ip -n {switch} link add ub0 type bridge && ip -n {switch} link set ub0 mtu {underlay_mtu} up && ip -n {switch} link set lo up"
@@ -121,10 +125,11 @@ impl Cluster {
         for (i, n) in self.nodes.iter().enumerate() {
             // A well-formed public key per node (the spec requires one on encrypted
             // networks' members; these tests hand keys to the library directly).
-            let key = {
+            let real = self.keys.lock().unwrap().get(&n.name).cloned();
+            let key = real.unwrap_or_else(|| {
                 use base64::Engine as _;
                 base64::engine::general_purpose::STANDARD.encode([i as u8 + 1; 32])
-            };
+            });
             let _ = writeln!(
                 text,
                 "  - name: {}\n    address: \"{}\"\n    publicKey: \"{key}\"",
@@ -463,5 +468,133 @@ impl Pcap {
 impl Drop for Capture {
     fn drop(&mut self) {
         let _ = self.child.kill();
+    }
+}
+
+// ---- agents ----
+
+impl Cluster {
+    /// A node's private files: key, state dir, socket.
+    pub fn node_dir(&self, node: &str) -> PathBuf {
+        let d = self.dir.path().join(node);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// The options every command of a node's agent is given.
+    pub fn agent_opts(&self, node: &str) -> Vec<String> {
+        let d = self.node_dir(node);
+        vec![
+            "--node".into(),
+            node.into(),
+            "--key".into(),
+            d.join("node.key").display().to_string(),
+            "--state-dir".into(),
+            d.join("state").display().to_string(),
+            "--socket".into(),
+            d.join("agent.sock").display().to_string(),
+        ]
+    }
+
+    /// `ovl-controller keygen` for every node; the specs written afterwards carry the
+    /// real public keys.
+    pub fn keygen_all(&self) {
+        for n in &self.nodes {
+            let path = self.node_dir(&n.name).join("node.key");
+            let out = Command::new(BIN).args(["keygen", "--out"]).arg(&path).output().unwrap();
+            assert!(out.status.success(), "keygen: {}", stderr(&out));
+            let public = stdout(&out).trim().to_owned();
+            assert_eq!(public.len(), 44, "public key {public:?}");
+            self.keys.lock().unwrap().insert(n.name.clone(), public);
+        }
+    }
+
+    /// Runs a subcommand with the node's agent options inside its namespace.
+    pub fn ctl_agent(&self, node: &str, args: &[&str]) -> Output {
+        let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        full.extend(self.agent_opts(node));
+        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+        self.ctl(node, &refs)
+    }
+
+    /// Starts a node's agent (logs to DIR/NODE/agent.log, appended across restarts).
+    pub fn start_agent(&self, node: &str, spec: &Path, log_level: &str) -> std::process::Child {
+        let log_path = self.node_dir(node).join("agent.log");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
+        let mut args: Vec<String> = vec!["agent".into(), "-f".into(), spec.display().to_string(), "--log-level".into(), log_level.into()];
+        args.extend(self.agent_opts(node));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.node(node).ns, BIN])
+            .args(&args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let sock = self.node_dir(node).join("agent.sock");
+        for _ in 0..200 {
+            if sock.exists() {
+                return child;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("agent on {node} did not open its socket; log:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
+    }
+
+    pub fn agent_log(&self, node: &str) -> String {
+        std::fs::read_to_string(self.node_dir(node).join("agent.log")).unwrap_or_default()
+    }
+
+    /// `apply` through the node's agent; must exit 0.
+    pub fn apply_via_agent(&self, node: &str, spec: &Path) -> String {
+        let out = self.ctl_agent(node, &["apply", "-f", spec.to_str().unwrap()]);
+        assert!(out.status.success(), "apply on {node}: {}{}", stdout(&out), stderr(&out));
+        stdout(&out)
+    }
+
+    /// `status -o json` through the node's agent.
+    pub fn agent_status(&self, node: &str) -> serde_json::Value {
+        let out = self.ctl_agent(node, &["status", "-o", "json"]);
+        assert!(out.status.success(), "status on {node}: {}", stderr(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Every (src, dst, spi, key hex) of ESP SAs a node's kernel holds.
+    pub fn sa_keys(&self, node: &str) -> Vec<(String, String, String, String)> {
+        let text = ok(&format!("ip -n {} -s xfrm state", self.node(node).ns));
+        let text = format!("\n{text}");
+        let mut out = vec![];
+        for b in text.split("\nsrc ").filter(|b| b.contains("proto esp")) {
+            let mut w = b.split_whitespace();
+            let src = w.next().unwrap_or_default().to_owned();
+            let dst = w.nth(1).unwrap_or_default().to_owned();
+            let spi = b.split("spi ").nth(1).and_then(|x| x.split_whitespace().next()).unwrap_or_default().to_owned();
+            let key = b.split("aead rfc4106(gcm(aes)) 0x").nth(1).and_then(|x| x.split_whitespace().next()).unwrap_or_default().to_owned();
+            out.push((src, dst, spi, key));
+        }
+        out
+    }
+}
+
+/// Stops agents (kill -9) when dropped, so a failing test leaves nothing running.
+#[derive(Default)]
+pub struct Agents(pub BTreeMap<String, std::process::Child>);
+
+impl Agents {
+    pub fn kill9(&mut self, node: &str) {
+        if let Some(mut c) = self.0.remove(node) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        for c in self.0.values_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }

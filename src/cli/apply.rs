@@ -1,9 +1,10 @@
 use clap::Args;
 
+use ovl::agent::api::{self, Request};
 use ovl::kernel::Kernel;
 use ovl::reconcile::{self, Keys, ReconcileError};
 
-use super::{Common, Failure, SpecFile, load_spec, runtime};
+use super::{Common, Failure, SpecFile, load_spec, load_spec_text, runtime};
 
 #[derive(Args, Debug)]
 pub struct ApplyArgs {
@@ -32,8 +33,22 @@ fn reconcile_failure(e: ReconcileError) -> Failure {
 }
 
 pub fn run_apply(common: &Common, args: &ApplyArgs) -> Result<(), Failure> {
-    let spec = load_spec(&args.spec.file)?;
+    let (spec, text, source) = load_spec_text(&args.spec.file)?;
     runtime()?.block_on(async {
+        // With an agent running, it applies (it holds the keys for encrypted networks).
+        let request = Request::Apply {
+            spec: text,
+            source,
+            dry_run: args.dry_run,
+            node: common.node.clone(),
+        };
+        if let Some(response) = api::call(&common.socket, &request).await.map_err(Failure::runtime)? {
+            print!("{}", response.output);
+            return match response.error {
+                Some(e) => Err(Failure { code: response.code.max(1), message: e }),
+                None => Ok(()),
+            };
+        }
         let kernel = Kernel::connect().map_err(Failure::runtime)?;
         let node = reconcile::identify_node(&spec, common.node.as_deref(), &kernel)
             .await

@@ -1,8 +1,10 @@
 //! Command-line interface: argument parsing and output only. Each subcommand has its own
 //! file; the work is done by the library.
 
+mod agent;
 mod apply;
 mod keygen;
+mod rotate;
 mod status;
 mod validate;
 
@@ -79,7 +81,7 @@ pub enum Command {
     /// Run the per-node daemon.
     Agent(SpecFile),
     /// Rotate keys now (for cron and timers).
-    Rotate(RotateArgs),
+    Rotate(rotate::RotateArgs),
     /// Create this node's identity key (mode 0600) and print its public key.
     Keygen(keygen::KeygenArgs),
 }
@@ -89,14 +91,6 @@ pub struct SpecFile {
     /// The spec file, or - for standard input.
     #[arg(short = 'f', long = "file", value_name = "FILE")]
     pub file: PathBuf,
-}
-
-#[derive(Args, Debug)]
-pub struct RotateArgs {
-    #[arg(long, value_name = "NAME")]
-    pub network: Option<String>,
-    #[arg(long, value_name = "NAME")]
-    pub peer: Option<String>,
 }
 
 /// A failure with the exit code it maps to. Messages are one line where possible.
@@ -123,6 +117,12 @@ impl Failure {
 /// Reads and validates a spec file (`-` is standard input), never more than the size
 /// limit plus one byte, so a huge file is refused without being read whole.
 pub fn load_spec(path: &std::path::Path) -> Result<Spec, Failure> {
+    load_spec_text(path).map(|(spec, _, _)| spec)
+}
+
+/// [`load_spec`], also returning the text and the name errors are reported under (the
+/// agent re-validates the text it is sent).
+pub fn load_spec_text(path: &std::path::Path) -> Result<(Spec, String, String), Failure> {
     let (name, mut reader): (String, Box<dyn std::io::Read>) = if path.as_os_str() == "-" {
         ("<stdin>".into(), Box::new(std::io::stdin()))
     } else {
@@ -136,7 +136,10 @@ pub fn load_spec(path: &std::path::Path) -> Result<Spec, Failure> {
         .take(MAX_SPEC_BYTES as u64 + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| Failure::input(format!("{name}: {e}")))?;
-    spec::parse(&bytes, &name).map_err(Failure::input)
+    let spec = spec::parse(&bytes, &name).map_err(Failure::input)?;
+    // parse() accepted it, so it is UTF-8.
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    Ok((spec, text, name))
 }
 
 pub fn run(cli: Cli) -> Result<(), Failure> {
@@ -146,9 +149,8 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Delete(args) => apply::run_delete(&cli.common, &args),
         Command::Status(args) => status::run(&cli.common, &args),
         Command::Keygen(args) => keygen::run(&args),
-        Command::Agent(_) | Command::Rotate(_) => Err(Failure::runtime(
-            "the agent and key rotation are not part of this build yet; see README (Status of the project)",
-        )),
+        Command::Agent(args) => agent::run(&cli.common, &args),
+        Command::Rotate(args) => rotate::run(&cli.common, &args),
     }
 }
 

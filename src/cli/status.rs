@@ -1,5 +1,6 @@
 use clap::{Args, ValueEnum};
 
+use ovl::agent::api::{self, Request};
 use ovl::kernel::Kernel;
 use ovl::status::Status;
 
@@ -18,12 +19,20 @@ pub struct StatusArgs {
     pub output: Format,
 }
 
-pub fn run(_common: &Common, args: &StatusArgs) -> Result<(), Failure> {
-    let state = runtime()?.block_on(async {
+pub fn run(common: &Common, args: &StatusArgs) -> Result<(), Failure> {
+    let status = runtime()?.block_on(async {
+        // The agent knows sessions and keys; without one, the kernel's view alone.
+        if let Some(r) = api::call(&common.socket, &Request::Status).await.map_err(Failure::runtime)? {
+            if let Some(e) = r.error {
+                return Err(Failure { code: r.code.max(1), message: e });
+            }
+            return serde_json::from_str::<Status>(&r.output)
+                .map_err(|e| Failure::runtime(format!("the agent's status was not understood: {e}")));
+        }
         let kernel = Kernel::connect().map_err(Failure::runtime)?;
-        kernel.dump().await.map_err(Failure::runtime)
+        let state = kernel.dump().await.map_err(Failure::runtime)?;
+        Ok(Status::from_kernel(&state))
     })?;
-    let status = Status::from_kernel(&state);
     match args.output {
         Format::Table => print!("{status}"),
         Format::Json => {

@@ -6,6 +6,7 @@
 //! A [`Kernel`] works in the network namespace of the thread that opened it.
 
 pub mod links;
+pub mod monitor;
 pub mod xfrm;
 
 use std::net::IpAddr;
@@ -89,6 +90,8 @@ pub struct Underlay {
 pub struct Kernel {
     pub(crate) route: rtnetlink::Handle,
     pub(crate) xfrm: xfrmnetlink::Handle,
+    /// ESP support does not change while we run: probe once per address family.
+    esp_ok: std::sync::Mutex<std::collections::BTreeSet<bool>>,
 }
 
 impl Kernel {
@@ -99,7 +102,7 @@ impl Kernel {
         tokio::spawn(conn);
         let (conn, xfrm, _) = xfrmnetlink::new_connection().map_err(KernelError::Connect)?;
         tokio::spawn(conn);
-        Ok(Kernel { route, xfrm })
+        Ok(Kernel { route, xfrm, esp_ok: Default::default() })
     }
 
     /// Everything the controller owns in this namespace.
@@ -141,6 +144,20 @@ impl Kernel {
     /// AES-GCM SA. The probe runs in a throwaway network namespace of its own, so the
     /// node's namespace sees no write (a no-op apply stays a no-op for `ip xfrm monitor`).
     pub async fn check_esp(&self, family_of: std::net::IpAddr) -> Result<(), KernelError> {
+        let v6 = family_of.is_ipv6();
+        if self.esp_ok.lock().is_ok_and(|ok| ok.contains(&v6)) {
+            return Ok(());
+        }
+        let result = self.probe_esp(family_of).await;
+        if result.is_ok() {
+            if let Ok(mut ok) = self.esp_ok.lock() {
+                ok.insert(v6);
+            }
+        }
+        result
+    }
+
+    async fn probe_esp(&self, family_of: std::net::IpAddr) -> Result<(), KernelError> {
         // A dedicated thread: unshare() moves the calling thread for good.
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {

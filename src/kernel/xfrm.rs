@@ -251,3 +251,20 @@ fn host_len(addr: IpAddr) -> u8 {
         IpAddr::V6(_) => 128,
     }
 }
+
+/// The addresses and SPI of an expire event for one of our SAs; `None` for foreign ones
+/// (and the ESP probe's). The event's copy of the key is not read.
+pub(super) fn expire_event(
+    msg: &netlink_packet_xfrm::monitor::expire::ExpireMessage,
+) -> Option<super::monitor::SaExpired> {
+    let info = &msg.expire.state;
+    if !ownership::is_owned_reqid(info.reqid) || info.reqid == ownership::REQID_MAX {
+        return None;
+    }
+    Some(super::monitor::SaExpired {
+        src: ip_of(info.family, &info.saddr)?,
+        dst: ip_of(info.family, &info.id.daddr)?,
+        spi: info.id.spi,
+        hard: msg.expire.hard != 0,
+    })
+}

@@ -7,6 +7,8 @@
 //! assert_eq!(format!("{key:?}"), "<SECRET>");
 //! ```
 
+pub mod schedule;
+
 use zeroize::Zeroize;
 
 /// Bytes of an `rfc4106(gcm(aes))` key: 32 bytes of AES-256 key and 4 bytes of salt.

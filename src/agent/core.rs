@@ -1,0 +1,754 @@
+//! The agent's state-owning task.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+use super::api::{self, Request, Response};
+use super::net::{self, Allowed};
+use super::{AgentConfig, Event};
+use crate::control::Message;
+use crate::desired::{Keyring, PeerKeys};
+use crate::identity::{Identity, IdentityError};
+use crate::kernel::monitor::{self, SaExpired};
+use crate::kernel::{Kernel, KernelError};
+use crate::keys::schedule::{Action, Schedule};
+use crate::reconcile::{self, Keys, ReconcileError};
+use crate::spec::{self, Node, NodeName, PublicKey, Spec};
+use crate::state::SaId;
+use crate::status::{AgentStatus, KeyStatus, PeerStatus, Status};
+
+/// Backstop reconcile: drift that no kernel event reported (an FDB entry or an XFRM
+/// object removed by hand) is repaired within this period.
+pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(20);
+/// Kernel events come in bursts (our own changes too); wait this long for the burst to
+/// end before reconciling.
+pub const EVENT_DEBOUNCE: Duration = Duration::from_millis(300);
+/// After a failed reconcile, try again this soon.
+pub const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Reconcile(#[from] ReconcileError),
+    #[error("the key file's public key {found} is not node {node}'s publicKey in the spec")]
+    KeyMismatch { node: String, found: String },
+    #[error("{path}: {source}")]
+    StateDir { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
+    #[error("cannot listen for control connections on {address}: {source}")]
+    Listen { address: SocketAddr, source: std::io::Error },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+impl AgentError {
+    /// Errors caused by the operator's input (exit code 2).
+    pub fn is_input_error(&self) -> bool {
+        match self {
+            AgentError::KeyMismatch { .. } => true,
+            AgentError::Identity(IdentityError::Permissions { .. } | IdentityError::Format { .. }) => true,
+            AgentError::Reconcile(e) => e.is_input_error(),
+            _ => false,
+        }
+    }
+}
+
+struct PendingRotation {
+    peers: Vec<NodeName>,
+    failed: Vec<String>,
+    since: Instant,
+    deadline: Instant,
+    reply: oneshot::Sender<Response>,
+}
+
+struct Session {
+    id: u64,
+    outbox: mpsc::Sender<Message>,
+    since: Instant,
+}
+
+pub(crate) struct Agent {
+    spec: Spec,
+    me: NodeName,
+    identity: Arc<Identity>,
+    kernel: Kernel,
+    schedule: Schedule,
+    sessions: BTreeMap<NodeName, Session>,
+    dialers: BTreeMap<NodeName, tokio::task::JoinHandle<()>>,
+    allowed: Allowed,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedReceiver<Event>,
+    link_events: mpsc::UnboundedReceiver<()>,
+    expiry: mpsc::UnboundedReceiver<SaExpired>,
+    /// SAs this agent saw installed; one that vanishes from the kernel is never
+    /// re-added with the same key (that would reuse AES-GCM nonces): it is rekeyed.
+    installed: BTreeSet<SaId>,
+    vanished: BTreeSet<SaId>,
+    /// Messages to send after the current reconcile pass succeeds.
+    deferred: Vec<Action>,
+    in_sync: bool,
+    reconcile_due: Option<Instant>,
+    next_periodic: Instant,
+    rotations: Vec<PendingRotation>,
+    last_error: Option<String>,
+    started: Instant,
+    boot_id: u64,
+}
+
+fn random_u64() -> u64 {
+    use ring::rand::SecureRandom as _;
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    u64::from_be_bytes(b)
+}
+
+/// Nodes that share an encrypted network with `me`: the peers that need keys.
+pub(crate) fn encrypted_peers<'s>(spec: &'s Spec, me: &NodeName) -> BTreeMap<NodeName, &'s Node> {
+    let mut peers = BTreeMap::new();
+    for net in spec.networks.iter().filter(|n| n.encrypted && n.has_member(me)) {
+        for name in net.nodes.iter().filter(|n| *n != me) {
+            if let Some(node) = spec.node(name) {
+                peers.insert(name.clone(), node);
+            }
+        }
+    }
+    peers
+}
+
+impl Agent {
+    pub(crate) async fn start(config: AgentConfig) -> Result<Agent, AgentError> {
+        let identity = Arc::new(Identity::load(&config.key)?);
+        let kernel = Kernel::connect()?;
+        let spec = config.spec;
+        let node = reconcile::identify_node(&spec, config.node.as_deref(), &kernel).await?.clone();
+        check_identity(&node, &identity)?;
+        create_state_dir(&config.state_dir)?;
+
+        let boot_id = random_u64();
+        let mut schedule = Schedule::new(boot_id, spec.cluster.rotation);
+        // Adopt what the kernel holds, so a restart keeps every working SA.
+        let observed = kernel.dump().await?;
+        let peers = encrypted_peers(&spec, &node.name);
+        let names: Vec<NodeName> = peers.keys().cloned().collect();
+        let now = Instant::now();
+        let _ = schedule.set_peers(&names, now);
+        let mut installed = BTreeSet::new();
+        for (name, peer) in &peers {
+            let inbound: Vec<_> = observed
+                .sas
+                .values()
+                .filter(|sa| sa.id.src == peer.address && sa.id.dst == node.address)
+                .map(|sa| crate::desired::DirectionKey { spi: sa.id.spi, key: sa.key.clone() })
+                .collect();
+            let outbound: Vec<_> = observed
+                .sas
+                .values()
+                .filter(|sa| sa.id.src == node.address && sa.id.dst == peer.address)
+                .map(|sa| crate::desired::DirectionKey { spi: sa.id.spi, key: sa.key.clone() })
+                .collect();
+            if !inbound.is_empty() || !outbound.is_empty() {
+                tracing::info!(peer = %name, inbound = inbound.len(), outbound = outbound.len(), "adopting SAs from the kernel");
+            }
+            schedule.adopt(name, inbound, outbound);
+        }
+        for sa in observed.sas.keys() {
+            installed.insert(*sa);
+        }
+
+        let api_listener = api::bind(&config.socket)?;
+        let control_addr = SocketAddr::new(node.address, spec.cluster.control_port);
+        let tcp = TcpListener::bind(control_addr)
+            .await
+            .map_err(|source| AgentError::Listen { address: control_addr, source })?;
+        let link_events = monitor::link_events()?;
+        let expiry = monitor::sa_expiry_events()?;
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let allowed: Allowed = Arc::new(RwLock::new(BTreeMap::new()));
+        net::spawn_listener(tcp, identity.clone(), spec.cluster.name.to_string(), allowed.clone(), events_tx.clone());
+        spawn_api_server(api_listener, events_tx.clone());
+        tracing::info!(node = %node.name, %control_addr, socket = %config.socket.display(), spec = %config.spec_source, "agent started");
+
+        let mut agent = Agent {
+            me: node.name.clone(),
+            spec,
+            identity,
+            kernel,
+            schedule,
+            sessions: BTreeMap::new(),
+            dialers: BTreeMap::new(),
+            allowed,
+            events_tx,
+            events,
+            link_events,
+            expiry,
+            installed,
+            vanished: BTreeSet::new(),
+            deferred: Vec::new(),
+            in_sync: false,
+            reconcile_due: None,
+            next_periodic: now + RECONCILE_INTERVAL,
+            rotations: Vec::new(),
+            last_error: None,
+            started: now,
+            boot_id,
+        };
+        agent.update_peers();
+        if let Err(e) = agent.reconcile().await {
+            tracing::error!(error = %e, "initial reconcile failed; retrying");
+        }
+        Ok(agent)
+    }
+
+    pub(crate) async fn run(mut self) -> Result<(), AgentError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
+        let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
+        loop {
+            let wake = self.next_wakeup();
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                Some(event) = self.events.recv() => self.on_event(event).await,
+                Some(()) = self.link_events.recv() => {
+                    let due = Instant::now() + EVENT_DEBOUNCE;
+                    self.reconcile_due = Some(self.reconcile_due.map_or(due, |d| d.min(due)));
+                }
+                Some(expired) = self.expiry.recv() => self.on_expired(expired).await,
+                _ = tokio::time::sleep_until(wake.into()) => self.on_timer().await,
+            }
+            self.check_rotations();
+        }
+        tracing::info!("agent stopping; the kernel keeps forwarding with the installed SAs");
+        Ok(())
+    }
+
+    fn next_wakeup(&self) -> Instant {
+        let mut t = self.next_periodic;
+        if let Some(d) = self.reconcile_due {
+            t = t.min(d);
+        }
+        if let Some(d) = self.schedule.next_wakeup() {
+            t = t.min(d);
+        }
+        for r in &self.rotations {
+            t = t.min(r.deadline);
+        }
+        t
+    }
+
+    fn node(&self) -> Option<&Node> {
+        self.spec.node(&self.me)
+    }
+
+    /// Starts dialers for new peers (we dial peers whose name sorts after ours), stops
+    /// those of peers that left, and updates who may connect.
+    fn update_peers(&mut self) {
+        let peers = encrypted_peers(&self.spec, &self.me);
+        if let Ok(mut allowed) = self.allowed.write() {
+            allowed.clear();
+            for (name, node) in &peers {
+                if let Some(key) = node.public_key {
+                    allowed.insert(key.0, name.clone());
+                }
+            }
+        }
+        self.dialers.retain(|name, task| {
+            let keep = peers.contains_key(name);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        self.sessions.retain(|name, _| peers.contains_key(name));
+        for (name, node) in &peers {
+            if *name <= self.me || self.dialers.contains_key(name) {
+                continue;
+            }
+            let Some(key) = node.public_key else { continue };
+            let address = SocketAddr::new(node.address, self.spec.cluster.control_port);
+            let task = net::spawn_dialer(
+                name.clone(),
+                address,
+                key,
+                self.identity.clone(),
+                self.spec.cluster.name.to_string(),
+                self.events_tx.clone(),
+            );
+            self.dialers.insert(name.clone(), task);
+        }
+    }
+
+    fn taken_spis(&self) -> impl Fn(u32) -> bool + 'static {
+        let mine: BTreeSet<u32> = self.installed.iter().map(|id| id.spi).collect();
+        move |spi| mine.contains(&spi)
+    }
+
+    async fn on_event(&mut self, event: Event) {
+        let now = Instant::now();
+        match event {
+            Event::Connected { peer, session, outbox } => {
+                self.sessions.insert(peer.clone(), Session { id: session, outbox, since: now });
+                let taken = self.taken_spis();
+                let actions = self.schedule.on_connected(&peer, now, &taken);
+                self.perform(actions).await;
+            }
+            Event::Disconnected { peer, session } => {
+                if self.sessions.get(&peer).is_some_and(|s| s.id == session) {
+                    self.sessions.remove(&peer);
+                    self.schedule.on_disconnected(&peer, now);
+                }
+            }
+            Event::Received { peer, session, msg } => {
+                if !self.sessions.get(&peer).is_some_and(|s| s.id == session) {
+                    return; // a message of a session that was replaced
+                }
+                let taken = self.taken_spis();
+                match self.schedule.on_message(&peer, msg, now, &taken) {
+                    Ok(actions) => self.perform(actions).await,
+                    Err(e) => tracing::warn!(%peer, error = %e, "control message refused"),
+                }
+            }
+            Event::Api { request, reply } => {
+                let response = self.on_api(request, reply).await;
+                if let Some((reply, response)) = response {
+                    let _ = reply.send(response);
+                }
+            }
+        }
+    }
+
+    async fn on_timer(&mut self) {
+        let now = Instant::now();
+        let taken = self.taken_spis();
+        let actions = self.schedule.poll(now, &taken);
+        self.perform(actions).await;
+        let periodic = now >= self.next_periodic;
+        if periodic || self.reconcile_due.is_some_and(|d| now >= d) {
+            self.reconcile_due = None;
+            if periodic {
+                self.next_periodic = now + RECONCILE_INTERVAL;
+            }
+            if let Err(e) = self.reconcile().await {
+                tracing::error!(error = %e, "reconcile failed");
+            }
+        }
+    }
+
+    async fn on_expired(&mut self, e: SaExpired) {
+        let Some(me) = self.node().map(|n| n.address) else { return };
+        let peer_of = |addr: IpAddr| {
+            encrypted_peers(&self.spec, &self.me).into_iter().find(|(_, n)| n.address == addr).map(|(k, _)| k)
+        };
+        let now = Instant::now();
+        let taken = self.taken_spis();
+        if e.dst == me {
+            if let Some(peer) = peer_of(e.src) {
+                tracing::info!(%peer, spi = format_args!("0x{:08x}", e.spi), hard = e.hard, "inbound SA reached its lifetime; rekeying");
+                let actions = self.schedule.rekey_inbound(&peer, now, &taken);
+                self.perform(actions).await;
+            }
+        } else if e.src == me {
+            if let Some(peer) = peer_of(e.dst) {
+                tracing::info!(%peer, spi = format_args!("0x{:08x}", e.spi), hard = e.hard, "outbound SA reached its lifetime; asking the peer to rekey");
+                self.send(&peer, Message::RekeyRequest);
+            }
+        }
+        if e.hard {
+            // The kernel removed it: never put the same key back.
+            self.vanished.insert(SaId { src: e.src, dst: e.dst, spi: e.spi });
+        }
+    }
+
+    fn send(&self, peer: &NodeName, msg: Message) {
+        match self.sessions.get(peer) {
+            Some(s) => {
+                if s.outbox.try_send(msg).is_err() {
+                    tracing::warn!(%peer, "control session outbox full or closed; message dropped");
+                }
+            }
+            None => tracing::debug!(%peer, "not connected; message dropped"),
+        }
+    }
+
+    /// Performs the schedule's actions in order. A failed reconcile stops the batch: a
+    /// key offer or acknowledgement is only ever sent for an SA the kernel holds.
+    async fn perform(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::KernelChanged => {
+                    if let Err(e) = self.reconcile().await {
+                        tracing::error!(error = %e, "reconcile after a key change failed; not announcing the key");
+                        return;
+                    }
+                }
+                Action::Send { peer, msg } => {
+                    let announces_key = matches!(msg, Message::KeyOffer { .. } | Message::KeyAck { .. });
+                    if announces_key && !self.in_sync {
+                        tracing::warn!(%peer, "kernel not in sync; key message held back");
+                        continue;
+                    }
+                    self.send(&peer, msg);
+                }
+            }
+        }
+    }
+
+    /// The keys the kernel must hold now, by peer address (without vanished SAs).
+    fn keyring(&self) -> Keyring {
+        let Some(me) = self.node().map(|n| n.address) else { return Keyring::new() };
+        let mut ring = Keyring::new();
+        for (name, node) in encrypted_peers(&self.spec, &self.me) {
+            let mut keys: PeerKeys = self.schedule.peer_keys(&name);
+            keys.inbound.retain(|k| !self.vanished.contains(&SaId { src: node.address, dst: me, spi: k.spi }));
+            keys.outbound.retain(|k| !self.vanished.contains(&SaId { src: me, dst: node.address, spi: k.spi }));
+            ring.insert(node.address, keys);
+        }
+        ring
+    }
+
+    /// One reconcile pass with the current spec and keys. SAs we installed that have
+    /// disappeared from the kernel are not re-added (same key = nonce reuse): their
+    /// direction is rekeyed instead.
+    async fn reconcile(&mut self) -> Result<crate::plan::Plan, ReconcileError> {
+        let result = self.reconcile_inner(false).await;
+        match &result {
+            Ok(_) => {
+                self.in_sync = true;
+                self.last_error = None;
+                // Announcements prepared during the pass (rekeys of vanished SAs); the
+                // kernel now holds their SAs.
+                for action in std::mem::take(&mut self.deferred) {
+                    if let Action::Send { peer, msg } = action {
+                        self.send(&peer, msg);
+                    }
+                }
+            }
+            Err(e) => {
+                self.in_sync = false;
+                self.last_error = Some(e.to_string());
+                self.reconcile_due = Some(Instant::now() + RETRY_AFTER_FAILURE);
+            }
+        }
+        result
+    }
+
+    async fn reconcile_inner(&mut self, dry_run: bool) -> Result<crate::plan::Plan, ReconcileError> {
+        let observed = self.kernel.dump().await?;
+        let node = self.node().cloned().ok_or_else(|| ReconcileError::UnknownNode(self.me.to_string()))?;
+        if !dry_run {
+            self.rekey_vanished(&node, &observed);
+        }
+        let ring = self.keyring();
+        let outcome =
+            reconcile::apply_observed(&self.spec, &node, &self.kernel, Keys::Ring(&ring), dry_run, observed).await?;
+        if !dry_run {
+            for keys in ring.iter() {
+                let (peer, k) = keys;
+                for d in &k.inbound {
+                    self.installed.insert(SaId { src: *peer, dst: node.address, spi: d.spi });
+                }
+                for d in &k.outbound {
+                    self.installed.insert(SaId { src: node.address, dst: *peer, spi: d.spi });
+                }
+            }
+            // Forget what is no longer wanted (deleted by the plan).
+            let wanted: BTreeSet<SaId> = ring
+                .iter()
+                .flat_map(|(peer, k)| {
+                    let a = k.inbound.iter().map(|d| SaId { src: *peer, dst: node.address, spi: d.spi });
+                    let b = k.outbound.iter().map(|d| SaId { src: node.address, dst: *peer, spi: d.spi });
+                    a.chain(b).collect::<Vec<_>>()
+                })
+                .collect();
+            self.installed.retain(|id| wanted.contains(id));
+            let still: BTreeSet<SaId> =
+                self.vanished.iter().filter(|id| self.schedule_holds(id, &node)).copied().collect();
+            self.vanished = still;
+        }
+        if let Some(e) = outcome.encrypted_not_up {
+            return Err(e);
+        }
+        Ok(outcome.plan)
+    }
+
+    /// Whether the schedule still lists this SA (a vanished one stays filtered until the
+    /// schedule has replaced it).
+    fn schedule_holds(&self, id: &SaId, node: &Node) -> bool {
+        encrypted_peers(&self.spec, &self.me).iter().any(|(name, peer)| {
+            let k = self.schedule.peer_keys(name);
+            (id.src == peer.address && id.dst == node.address && k.inbound.iter().any(|d| d.spi == id.spi))
+                || (id.src == node.address && id.dst == peer.address && k.outbound.iter().any(|d| d.spi == id.spi))
+        })
+    }
+
+    fn rekey_vanished(&mut self, node: &Node, observed: &crate::state::KernelState) {
+        let gone: Vec<SaId> = self
+            .installed
+            .iter()
+            .filter(|id| !observed.sas.contains_key(id) && !self.vanished.contains(id))
+            .copied()
+            .collect();
+        for id in gone {
+            tracing::warn!(spi = format_args!("0x{:08x}", id.spi), src = %id.src, dst = %id.dst, "an SA of ours vanished from the kernel; rekeying that direction");
+            self.vanished.insert(id);
+            let peers = encrypted_peers(&self.spec, &self.me);
+            let now = Instant::now();
+            if id.dst == node.address {
+                if let Some((peer, _)) = peers.iter().find(|(_, n)| n.address == id.src) {
+                    let peer = peer.clone();
+                    let taken = self.taken_spis();
+                    // This pass installs the new inbound SA; the offer goes out after it.
+                    let actions = self.schedule.rekey_inbound(&peer, now, &taken);
+                    self.deferred.extend(actions);
+                }
+            } else if let Some((peer, _)) = peers.iter().find(|(_, n)| n.address == id.dst) {
+                self.send(peer, Message::RekeyRequest);
+            }
+        }
+    }
+
+    async fn on_api(
+        &mut self,
+        request: Request,
+        reply: oneshot::Sender<Response>,
+    ) -> Option<(oneshot::Sender<Response>, Response)> {
+        match request {
+            Request::Apply { spec, source, dry_run, node } => {
+                Some((reply, self.api_apply(&spec, &source, dry_run, node.as_deref()).await))
+            }
+            Request::Status => Some((reply, self.api_status().await)),
+            Request::Rotate { network, peer, timeout_secs } => {
+                self.api_rotate(network, peer, Duration::from_secs(timeout_secs.clamp(1, 3600)), reply).await
+            }
+        }
+    }
+
+    async fn api_apply(&mut self, text: &str, source: &str, dry_run: bool, node: Option<&str>) -> Response {
+        let new = match spec::parse(text.as_bytes(), source) {
+            Ok(s) => s,
+            Err(e) => return Response::fail(2, String::new(), e),
+        };
+        if let Some(n) = node {
+            if n != self.me.as_str() {
+                return Response::fail(2, String::new(), format!("this agent runs node {}, not {n}", self.me));
+            }
+        }
+        if let Err(why) = compatible(&self.spec, &new, &self.me, &self.identity.public) {
+            return Response::fail(2, String::new(), why);
+        }
+        let old = std::mem::replace(&mut self.spec, new);
+        if dry_run {
+            let plan = self.reconcile_inner(true).await;
+            self.spec = old;
+            return match plan {
+                Ok(p) => Response::ok(format!("Dry run for node {}: nothing is changed.\n{p}", self.me)),
+                Err(e) => Response::fail(if e.is_input_error() { 2 } else { 1 }, String::new(), e),
+            };
+        }
+        self.update_peers();
+        let names: Vec<NodeName> = encrypted_peers(&self.spec, &self.me).keys().cloned().collect();
+        let actions = self.schedule.set_peers(&names, Instant::now());
+        let result = self.reconcile().await;
+        self.perform(actions).await;
+        match result {
+            Ok(plan) => {
+                let mut out = plan.to_string();
+                if !plan.is_empty() {
+                    out.push_str(&format!("Applied {} changes on node {}.\n", plan.changes.len(), self.me));
+                }
+                Response::ok(out)
+            }
+            Err(e) => Response::fail(if e.is_input_error() { 2 } else { 1 }, String::new(), e),
+        }
+    }
+
+    async fn api_status(&mut self) -> Response {
+        let observed = match self.kernel.dump().await {
+            Ok(s) => s,
+            Err(e) => return Response::fail(1, String::new(), e),
+        };
+        let now = Instant::now();
+        let peers = encrypted_peers(&self.spec, &self.me)
+            .into_iter()
+            .map(|(name, node)| {
+                let session = self.sessions.get(&name).map(|s| now.duration_since(s.since));
+                peer_status(&name, node.address, session, self.schedule.status(&name), now)
+            })
+            .collect();
+        let status = Status::from_kernel(&observed).with_agent(AgentStatus {
+            node: self.me.to_string(),
+            cluster: self.spec.cluster.name.to_string(),
+            uptime_secs: now.duration_since(self.started).as_secs(),
+            in_sync: self.in_sync,
+            last_error: self.last_error.clone(),
+            boot_id: format!("{:016x}", self.boot_id),
+            peers,
+        });
+        match serde_json::to_string(&status) {
+            Ok(json) => Response::ok(json),
+            Err(e) => Response::fail(1, String::new(), format!("cannot encode status: {e}")),
+        }
+    }
+
+    async fn api_rotate(
+        &mut self,
+        network: Option<String>,
+        peer: Option<String>,
+        timeout: Duration,
+        reply: oneshot::Sender<Response>,
+    ) -> Option<(oneshot::Sender<Response>, Response)> {
+        let mut peers: Vec<NodeName> = encrypted_peers(&self.spec, &self.me).keys().cloned().collect();
+        if let Some(net) = &network {
+            let Some(n) = self.spec.networks.iter().find(|n| n.name.as_str() == net) else {
+                return Some((reply, Response::fail(2, String::new(), format!("no network {net} in the spec"))));
+            };
+            if !n.encrypted || !n.has_member(&self.me) {
+                return Some((reply, Response::fail(2, String::new(), format!("network {net} is not an encrypted network of node {}", self.me))));
+            }
+            peers.retain(|p| n.has_member(p));
+        }
+        if let Some(p) = &peer {
+            if !peers.iter().any(|x| x.as_str() == p) {
+                return Some((reply, Response::fail(2, String::new(), format!("{p} is not an encrypted peer of node {}", self.me))));
+            }
+            peers.retain(|x| x.as_str() == p);
+        }
+        let now = Instant::now();
+        let mut failed = Vec::new();
+        let mut waiting = Vec::new();
+        for p in peers {
+            if !self.sessions.contains_key(&p) {
+                failed.push(format!("{p}: not connected (its agent is down or unreachable); its current keys stay in use"));
+                continue;
+            }
+            let taken = self.taken_spis();
+            let actions = self.schedule.rotate(&p, now, &taken);
+            self.perform(actions).await;
+            waiting.push(p);
+        }
+        self.rotations.push(PendingRotation { peers: waiting, failed, since: now, deadline: now + timeout, reply });
+        None
+    }
+
+    /// Answers `rotate` requests whose peers have all switched to new keys, or whose
+    /// time is up.
+    fn check_rotations(&mut self) {
+        let now = Instant::now();
+        let mut still = Vec::new();
+        for mut r in std::mem::take(&mut self.rotations) {
+            r.peers.retain(|p| !self.schedule.rotated_since(p, r.since));
+            if r.peers.is_empty() || now >= r.deadline {
+                for p in &r.peers {
+                    r.failed.push(format!("{p}: no new keys in use within the timeout"));
+                }
+                let response = if r.failed.is_empty() {
+                    Response::ok("Rotated: new keys in use with every peer.\n".into())
+                } else {
+                    Response::fail(1, String::new(), format!("not rotated: {}", r.failed.join("; ")))
+                };
+                let _ = r.reply.send(response);
+            } else {
+                still.push(r);
+            }
+        }
+        self.rotations = still;
+    }
+}
+
+fn peer_status(
+    name: &NodeName,
+    address: IpAddr,
+    session: Option<Duration>,
+    keys: Option<crate::keys::schedule::PeerKeyStatus>,
+    now: Instant,
+) -> PeerStatus {
+    let key = |k: &crate::keys::schedule::KeyInfo| KeyStatus {
+        generation: k.generation,
+        spi: format!("0x{:08x}", k.spi),
+        age_secs: k.installed_at.map_or(0, |t| now.saturating_duration_since(t).as_secs()),
+        state: k.state.to_string(),
+    };
+    PeerStatus {
+        name: name.to_string(),
+        address: address.to_string(),
+        connected: session.is_some(),
+        connected_secs: session.map(|d| d.as_secs()),
+        inbound: keys.as_ref().map(|k| k.inbound.iter().map(key).collect()).unwrap_or_default(),
+        outbound: keys.as_ref().map(|k| k.outbound.iter().map(key).collect()).unwrap_or_default(),
+        next_rotation_secs: keys
+            .as_ref()
+            .and_then(|k| k.next_rotation)
+            .map(|t| t.saturating_duration_since(now).as_secs()),
+    }
+}
+
+fn check_identity(node: &Node, identity: &Identity) -> Result<(), AgentError> {
+    if node.public_key != Some(identity.public) {
+        return Err(AgentError::KeyMismatch { node: node.name.to_string(), found: identity.public.to_base64() });
+    }
+    Ok(())
+}
+
+/// A new spec may change networks and peers, not who this agent is or where it listens.
+fn compatible(old: &Spec, new: &Spec, me: &NodeName, key: &PublicKey) -> Result<(), String> {
+    let Some(node) = new.node(me) else {
+        return Err(format!("node {me} (this agent) is not in the new spec"));
+    };
+    let old_node = old.node(me);
+    if old_node.map(|n| n.address) != Some(node.address) {
+        return Err(format!("node {me}'s address changed: restart the agent to apply that"));
+    }
+    if node.public_key != Some(*key) {
+        return Err(format!("node {me}'s publicKey in the new spec is not this agent's key"));
+    }
+    if old.cluster.name != new.cluster.name || old.cluster.control_port != new.cluster.control_port {
+        return Err("the cluster name or controlPort changed: restart the agent to apply that".into());
+    }
+    Ok(())
+}
+
+fn create_state_dir(dir: &std::path::Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    let err = |source| AgentError::StateDir { path: dir.display().to_string(), source };
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    Ok(())
+}
+
+fn spawn_api_server(listener: tokio::net::UnixListener, events: mpsc::UnboundedSender<Event>) {
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            let events = events.clone();
+            tokio::spawn(async move {
+                let response = match api::read_request(&mut stream).await {
+                    Err(e) => {
+                        tracing::warn!(error = %e, "local API request refused");
+                        Response::fail(2, String::new(), e)
+                    }
+                    Ok(request) => {
+                        let (reply, answer) = oneshot::channel();
+                        if events.send(Event::Api { request, reply }).is_err() {
+                            return;
+                        }
+                        match answer.await {
+                            Ok(r) => r,
+                            Err(_) => Response::fail(1, String::new(), "the agent dropped the request"),
+                        }
+                    }
+                };
+                api::write_response(&mut stream, &response).await;
+            });
+        }
+    });
+}

@@ -1,0 +1,45 @@
+//! The per-node daemon. It owns the node's overlay: it reconciles on start, on spec
+//! changes (`apply` through the local socket), on control-plane events (keys agreed or
+//! rotated), on kernel events (drift is repaired without waiting) and periodically.
+//!
+//! One task owns all state (spec, key schedule, kernel handle) and handles [`Event`]s
+//! one at a time; sockets run in their own tasks and talk to it through channels. The
+//! key schedule ([`crate::keys::schedule`]) is pure; this module performs its actions
+//! in order: a `KernelChanged` is a reconcile pass, and the messages after it are sent
+//! only if that pass succeeded (an offer is never sent for an SA the kernel lacks).
+
+pub mod api;
+mod core;
+mod net;
+
+use std::path::PathBuf;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::control::Message;
+use crate::spec::{NodeName, Spec};
+
+pub use self::core::AgentError;
+
+pub struct AgentConfig {
+    pub spec: Spec,
+    pub spec_source: String,
+    pub node: Option<String>,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Everything the agent's state-owning task reacts to.
+pub(crate) enum Event {
+    Connected { peer: NodeName, session: u64, outbox: mpsc::Sender<Message> },
+    Disconnected { peer: NodeName, session: u64 },
+    Received { peer: NodeName, session: u64, msg: Message },
+    Api { request: api::Request, reply: oneshot::Sender<api::Response> },
+}
+
+/// Runs the agent until SIGTERM or SIGINT. The kernel state is left in place when it
+/// stops: the data path does not depend on the agent.
+pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
+    self::core::Agent::start(config).await?.run().await
+}

@@ -1,0 +1,180 @@
+//! Control-plane connections: one TCP connection per pair of nodes, dialled by the node
+//! whose name sorts first and accepted by the other; a Noise IK session on top. Each
+//! session gets a reader task (messages -> the agent's event queue) and a writer task
+//! (the agent's outbox -> the wire, with keepalives).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use super::Event;
+use crate::control::{self, Message};
+use crate::identity::Identity;
+use crate::spec::{NodeName, PublicKey};
+
+/// First retry after a failed dial; doubles up to [`DIAL_BACKOFF_MAX`], with ±25% jitter
+/// so that a restarted cluster does not dial in lockstep.
+pub const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(200);
+pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A TCP connect that takes longer than this is abandoned (the peer is down).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Outgoing messages queued per session before the agent's sends start failing.
+const OUTBOX_DEPTH: usize = 256;
+/// Handshakes in progress at once on the listener: a flood of half-open connections
+/// cannot starve the agent.
+const MAX_PENDING_HANDSHAKES: usize = 64;
+
+/// Who may connect: the public keys of the spec's nodes (updated on spec changes).
+pub type Allowed = Arc<RwLock<BTreeMap<[u8; 32], NodeName>>>;
+
+fn jitter(d: Duration) -> Duration {
+    use ring::rand::SecureRandom as _;
+    let mut b = [0u8; 2];
+    let r = ring::rand::SystemRandom::new().fill(&mut b).map_or(0, |_| u16::from_be_bytes(b));
+    // 0.75 ..= 1.25 of d
+    d.mul_f64(0.75 + f64::from(r) / f64::from(u16::MAX) / 2.0)
+}
+
+/// Accepts control connections and runs a session for each authenticated node.
+pub fn spawn_listener(
+    listener: TcpListener,
+    identity: Arc<Identity>,
+    cluster: String,
+    allowed: Allowed,
+    events: mpsc::UnboundedSender<Event>,
+) -> tokio::task::JoinHandle<()> {
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let (stream, remote) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "control listener accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = pending.clone().try_acquire_owned() else {
+                tracing::warn!(%remote, "too many handshakes in progress; dropping connection");
+                continue;
+            };
+            let (identity, cluster, allowed, events) =
+                (identity.clone(), cluster.clone(), allowed.clone(), events.clone());
+            tokio::spawn(async move {
+                let _ = stream.set_nodelay(true);
+                let check = |key: &PublicKey| allowed.read().is_ok_and(|a| a.contains_key(&key.0));
+                let accepted = control::session::accept(stream, &identity, &cluster, check).await;
+                drop(permit);
+                match accepted {
+                    Ok((session, key)) => {
+                        let peer = allowed.read().ok().and_then(|a| a.get(&key.0).cloned());
+                        match peer {
+                            Some(peer) => {
+                                tracing::info!(%peer, %remote, "control session accepted");
+                                run_session(peer, session, events).await;
+                            }
+                            None => tracing::warn!(%remote, "peer left the spec during the handshake"),
+                        }
+                    }
+                    Err(e) => tracing::warn!(%remote, error = %e, "control connection refused"),
+                }
+            });
+        }
+    })
+}
+
+/// Keeps a session to `peer` up: dial, run, and after any failure dial again with a
+/// jittered exponential backoff.
+pub fn spawn_dialer(
+    peer: NodeName,
+    address: SocketAddr,
+    peer_key: PublicKey,
+    identity: Arc<Identity>,
+    cluster: String,
+    events: mpsc::UnboundedSender<Event>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut backoff = DIAL_BACKOFF_MIN;
+        loop {
+            let attempt = async {
+                let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
+                    .await
+                    .map_err(|_| "connect timed out".to_owned())?
+                    .map_err(|e| e.to_string())?;
+                let _ = stream.set_nodelay(true);
+                control::session::connect(stream, &identity, &peer_key, &cluster)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match attempt.await {
+                Ok(session) => {
+                    tracing::info!(%peer, %address, "control session established");
+                    backoff = DIAL_BACKOFF_MIN;
+                    run_session(peer.clone(), session, events.clone()).await;
+                    if events.is_closed() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, %address, error = %e, "dial failed");
+                    backoff = (backoff * 2).min(DIAL_BACKOFF_MAX);
+                }
+            }
+            tokio::time::sleep(jitter(backoff)).await;
+        }
+    })
+}
+
+static SESSION_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Runs one authenticated session until it ends: tells the agent it is connected (with
+/// an outbox), forwards received messages, sends keepalives, and reports the end.
+async fn run_session(
+    peer: NodeName,
+    session: control::session::Session<TcpStream>,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let id = SESSION_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (mut reader, mut writer) = session.split();
+    let (outbox, mut queued) = mpsc::channel::<Message>(OUTBOX_DEPTH);
+    if events.send(Event::Connected { peer: peer.clone(), session: id, outbox }).is_err() {
+        return;
+    }
+    let writer_peer = peer.clone();
+    let mut writer_task = tokio::spawn(async move {
+        let mut keepalive = tokio::time::interval(control::session::KEEPALIVE_INTERVAL);
+        keepalive.tick().await;
+        loop {
+            let msg = tokio::select! {
+                m = queued.recv() => match m { Some(m) => m, None => return },
+                _ = keepalive.tick() => Message::Keepalive,
+            };
+            if let Err(e) = writer.send(&msg).await {
+                tracing::info!(peer = %writer_peer, error = %e, "control session write failed");
+                return;
+            }
+        }
+    });
+    let reason = loop {
+        tokio::select! {
+            _ = &mut writer_task => break "writer ended".to_owned(),
+            read = tokio::time::timeout(control::session::IDLE_TIMEOUT, reader.recv()) => match read {
+                Err(_) => break "idle timeout".to_owned(),
+                Ok(Err(e)) => break e.to_string(),
+                Ok(Ok(Message::Keepalive)) => {}
+                Ok(Ok(msg)) => {
+                    if events.send(Event::Received { peer: peer.clone(), session: id, msg }).is_err() {
+                        break "agent stopping".to_owned();
+                    }
+                }
+            }
+        }
+    };
+    writer_task.abort();
+    tracing::info!(%peer, %reason, "control session ended");
+    let _ = events.send(Event::Disconnected { peer, session: id });
+}
