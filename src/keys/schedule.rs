@@ -118,7 +118,8 @@ pub const ROTATION_JITTER_PERCENT: u32 = 15;
 /// Most inbound keys held per peer. Normally one (two during a rotation, for
 /// [`GRACE`]); more only while offers go unacknowledged (rotations faster than the
 /// peer answers, sessions that keep dropping). When a new offer would exceed the bound,
-/// the oldest retiring keys go first (the sender already moved past them), then the
+/// the oldest retiring keys go first (the sender already moved past them; only packets
+/// still in flight lose), then the
 /// oldest unacknowledged offers (the sender may be using one whose ack was lost: its
 /// packets are dropped, never sent in plaintext, until it accepts a newer offer). The
 /// active key is never dropped. Keys adopted from the kernel at start may exceed the
@@ -398,7 +399,12 @@ impl Schedule {
     /// adopted outbound keys stay current until an offer is accepted. Nothing changes in
     /// the kernel, so a restart has no gap. Keys for an unknown peer, and SPIs already
     /// held, are ignored; outbound keys are adopted only when none is held.
-    pub fn adopt(&mut self, peer: &NodeName, inbound: Vec<DirectionKey>, outbound: Vec<DirectionKey>) {
+    pub fn adopt(
+        &mut self,
+        peer: &NodeName,
+        inbound: Vec<DirectionKey>,
+        outbound: Vec<DirectionKey>,
+    ) {
         let Some(p) = self.peers.get_mut(peer) else {
             return;
         };

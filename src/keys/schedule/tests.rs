@@ -83,7 +83,7 @@ fn sends(actions: Vec<Action>) -> Vec<Message> {
 fn connected(boot: u64, peer_boot: u64, now: Instant) -> (Schedule, NodeName, (u64, u32, SaKey)) {
     let b = name("b");
     let mut s = Schedule::new(boot, ROTATION);
-    assert!(s.set_peers(&[b.clone()], now).is_empty());
+    assert!(s.set_peers(std::slice::from_ref(&b), now).is_empty());
     let actions = s.on_connected(&b, now, &free);
     let offer = offer_of(&actions);
     s.on_message(&b, Message::Hello { boot_id: peer_boot }, now, &free)
@@ -112,7 +112,7 @@ fn session_start_orders_hello_install_offer() {
     let now = Instant::now();
     let b = name("b");
     let mut s = Schedule::new(7, ROTATION);
-    s.set_peers(&[b.clone()], now);
+    s.set_peers(std::slice::from_ref(&b), now);
     let actions = s.on_connected(&b, now, &free);
     assert_eq!(
         actions[0],
@@ -232,11 +232,26 @@ fn a_new_boot_of_the_peer_restarts_its_generations() {
 }
 
 #[test]
+fn a_restarted_peer_with_a_lower_epoch_is_accepted() {
+    let now = Instant::now();
+    let (high, low) = (0xffff_fff0, 0x10);
+    let (mut s, b, _) = connected(1, high, now);
+    s.on_message(&b, key_offer(&offer_from(high, 7)), now, &free)
+        .unwrap();
+    s.on_message(&b, Message::Hello { boot_id: low }, now, &free)
+        .unwrap();
+    let fresh = offer_from(low, 1);
+    assert!(fresh.0 < offer_from(high, 7).0);
+    s.on_message(&b, key_offer(&fresh), now, &free).unwrap();
+    assert_eq!(s.peer_keys(&b).outbound[0].spi, fresh.1);
+}
+
+#[test]
 fn malformed_offers_and_unknown_peers_are_errors() {
     let now = Instant::now();
     let b = name("b");
     let mut s = Schedule::new(1, ROTATION);
-    s.set_peers(&[b.clone()], now);
+    s.set_peers(std::slice::from_ref(&b), now);
     s.on_connected(&b, now, &free);
     let o = offer_from(2, 1);
     assert_eq!(
@@ -266,7 +281,15 @@ fn ack_activates_and_retires_older_keys_after_grace() {
     let t0 = Instant::now();
     let (mut s, b, (g1, spi1, _)) = connected(1, 2, t0);
     assert_eq!(
-        s.on_message(&b, Message::KeyAck { generation: g1, spi: spi1 }, t0, &free),
+        s.on_message(
+            &b,
+            Message::KeyAck {
+                generation: g1,
+                spi: spi1
+            },
+            t0,
+            &free
+        ),
         Ok(vec![])
     );
     assert!(matches!(
@@ -277,8 +300,16 @@ fn ack_activates_and_retires_older_keys_after_grace() {
     let (g2, spi2, _) = offer_of(&s.rekey_inbound(&b, t1, &free));
     assert_eq!(g2, g1 + 1);
     assert_eq!(s.peer_keys(&b).inbound.len(), 2);
-    s.on_message(&b, Message::KeyAck { generation: g2, spi: spi2 }, t1, &free)
-        .unwrap();
+    s.on_message(
+        &b,
+        Message::KeyAck {
+            generation: g2,
+            spi: spi2,
+        },
+        t1,
+        &free,
+    )
+    .unwrap();
     let st = s.status(&b).unwrap();
     assert_eq!(
         st.inbound[0].state,
@@ -293,7 +324,10 @@ fn ack_activates_and_retires_older_keys_after_grace() {
         );
     }
     // Still held just before GRACE; removed at GRACE.
-    assert!(s.poll(t1 + GRACE - Duration::from_millis(1), &free).is_empty());
+    assert!(
+        s.poll(t1 + GRACE - Duration::from_millis(1), &free)
+            .is_empty()
+    );
     assert_eq!(s.poll(t1 + GRACE, &free), vec![Action::KernelChanged]);
     assert_eq!(s.peer_keys(&b).inbound.len(), 1);
     assert_eq!(s.peer_keys(&b).inbound[0].spi, spi2);
@@ -322,7 +356,10 @@ fn unacked_offers_are_retransmitted_only_in_their_session() {
     let t0 = Instant::now();
     let (mut s, b, (g1, spi1, key1)) = connected(1, 2, t0);
     assert_eq!(s.next_wakeup(), Some(t0 + OFFER_RETRY));
-    assert!(s.poll(t0 + OFFER_RETRY - Duration::from_millis(1), &free).is_empty());
+    assert!(
+        s.poll(t0 + OFFER_RETRY - Duration::from_millis(1), &free)
+            .is_empty()
+    );
     let again = s.poll(t0 + OFFER_RETRY, &free);
     assert_eq!(again[0], Action::KernelChanged);
     assert_eq!(offer_of(&again), (g1, spi1, key1));
@@ -344,6 +381,28 @@ fn unacked_offers_are_retransmitted_only_in_their_session() {
 }
 
 #[test]
+fn offers_of_an_earlier_session_are_never_sent_again() {
+    // The peer may have restarted with an empty kernel: installing an offer its previous
+    // incarnation used would reuse the key with the sequence numbers starting over.
+    let t0 = Instant::now();
+    let b = name("b");
+    // SPI and jitter for the first offer; then nothing: the second session's offer fails.
+    let mut s = Schedule::with_entropy(1, ROTATION, scripted(&[0x4242, 7]));
+    s.set_peers(std::slice::from_ref(&b), t0);
+    offer_of(&s.on_connected(&b, t0, &free));
+    s.on_disconnected(&b, t0);
+    assert_eq!(sends(s.on_connected(&b, t0, &free)).len(), 1); // Hello only
+    assert_eq!(s.status(&b).unwrap().blocked, Some(Blocked::Entropy));
+    for step in 1..5 {
+        let actions = s.poll(t0 + OFFER_RETRY * step, &free);
+        assert!(
+            sends(actions).is_empty(),
+            "an offer of the previous session was sent again"
+        );
+    }
+}
+
+#[test]
 fn rotate_offers_and_asks_the_peer_to_rekey() {
     let now = Instant::now();
     let (mut s, b, _) = connected(1, 2, now);
@@ -351,7 +410,10 @@ fn rotate_offers_and_asks_the_peer_to_rekey() {
     assert_eq!(actions[0], Action::KernelChanged);
     assert!(matches!(
         &actions[1],
-        Action::Send { msg: Message::KeyOffer { .. }, .. }
+        Action::Send {
+            msg: Message::KeyOffer { .. },
+            ..
+        }
     ));
     assert_eq!(
         actions[2],
@@ -361,9 +423,7 @@ fn rotate_offers_and_asks_the_peer_to_rekey() {
         }
     );
     // The peer's request: a fresh inbound offer.
-    let answer = s
-        .on_message(&b, Message::RekeyRequest, now, &free)
-        .unwrap();
+    let answer = s.on_message(&b, Message::RekeyRequest, now, &free).unwrap();
     assert_eq!(answer[0], Action::KernelChanged);
     assert_eq!(offer_of(&answer).0 & 0xffff_ffff, 3);
     // Not connected: nothing (the next session starts with fresh keys).
@@ -382,17 +442,25 @@ fn periodic_rotation_is_jittered_within_the_interval() {
     ] {
         // One value for the SPI, one for the jitter.
         let mut s = Schedule::with_entropy(1, ROTATION, scripted(&[0x4242, r]));
-        s.set_peers(&[b.clone()], now);
+        s.set_peers(std::slice::from_ref(&b), now);
         s.on_connected(&b, now, &free);
         let next = s.status(&b).unwrap().next_rotation.unwrap();
         let d = next - now;
         assert!(d.abs_diff(expected) <= Duration::from_micros(1), "{d:?}");
     }
     let mut s = Schedule::new(1, ROTATION);
-    s.set_peers(&[b.clone()], now);
+    s.set_peers(std::slice::from_ref(&b), now);
     let (g1, spi1, _) = offer_of(&s.on_connected(&b, now, &free));
-    s.on_message(&b, Message::KeyAck { generation: g1, spi: spi1 }, now, &free)
-        .unwrap();
+    s.on_message(
+        &b,
+        Message::KeyAck {
+            generation: g1,
+            spi: spi1,
+        },
+        now,
+        &free,
+    )
+    .unwrap();
     let due = s.next_wakeup().unwrap();
     assert!(due >= now + ROTATION * 85 / 100 && due <= now + ROTATION);
     let actions = s.poll(due, &free);
@@ -424,7 +492,7 @@ fn a_fresh_offer_that_cannot_be_made_is_retried() {
     let now = Instant::now();
     let b = name("b");
     let mut s = Schedule::with_entropy(1, ROTATION, scripted(&[]));
-    s.set_peers(&[b.clone()], now);
+    s.set_peers(std::slice::from_ref(&b), now);
     let actions = s.on_connected(&b, now, &free);
     assert_eq!(sends(actions), vec![Message::Hello { boot_id: 1 }]);
     assert_eq!(s.status(&b).unwrap().blocked, Some(Blocked::Entropy));
@@ -432,10 +500,13 @@ fn a_fresh_offer_that_cannot_be_made_is_retried() {
 
     let everything = |_spi: u32| true;
     let mut s = Schedule::new(1, ROTATION);
-    s.set_peers(&[b.clone()], now);
+    s.set_peers(std::slice::from_ref(&b), now);
     assert_eq!(s.on_connected(&b, now, &everything).len(), 1);
     assert_eq!(s.status(&b).unwrap().blocked, Some(Blocked::NoFreeSpi));
-    assert!(s.poll(now + KEYGEN_RETRY - Duration::from_millis(1), &everything).is_empty());
+    assert!(
+        s.poll(now + KEYGEN_RETRY - Duration::from_millis(1), &everything)
+            .is_empty()
+    );
     let retried = s.poll(now + KEYGEN_RETRY, &free);
     offer_of(&retried);
     assert_eq!(s.status(&b).unwrap().blocked, None);
@@ -445,8 +516,16 @@ fn a_fresh_offer_that_cannot_be_made_is_retried() {
 fn inbound_keys_are_bounded_dropping_retiring_then_oldest_offers() {
     let t0 = Instant::now();
     let (mut s, b, (g1, spi1, _)) = connected(1, 2, t0);
-    s.on_message(&b, Message::KeyAck { generation: g1, spi: spi1 }, t0, &free)
-        .unwrap();
+    s.on_message(
+        &b,
+        Message::KeyAck {
+            generation: g1,
+            spi: spi1,
+        },
+        t0,
+        &free,
+    )
+    .unwrap();
     let mut offers = vec![];
     for i in 1..=6 {
         let t = t0 + Duration::from_millis(i);
@@ -499,7 +578,7 @@ fn adopted_keys_are_kept_until_new_ones_are_acknowledged() {
         })
         .collect();
     let mut s = Schedule::new(5, ROTATION);
-    s.set_peers(&[b.clone()], t0);
+    s.set_peers(std::slice::from_ref(&b), t0);
     s.adopt(&b, in_old.clone(), out_old.clone());
     s.adopt(&name("stranger"), in_old.clone(), out_old.clone());
     // No gap: the kernel keeps exactly what it has.
@@ -511,7 +590,11 @@ fn adopted_keys_are_kept_until_new_ones_are_acknowledged() {
         }
     );
     let st = s.status(&b).unwrap();
-    assert!(st.inbound.iter().all(|k| k.state == KeyState::Adopted && k.generation == 0));
+    assert!(
+        st.inbound
+            .iter()
+            .all(|k| k.state == KeyState::Adopted && k.generation == 0)
+    );
     assert!(st.outbound.iter().all(|k| k.installed_at.is_none()));
     assert!(!s.rotated_since(&b, t0 - Duration::from_secs(1)));
     assert_eq!(s.next_wakeup(), None);
@@ -540,8 +623,11 @@ fn set_peers_adds_without_keys_and_forgets_removed_peers() {
     assert!(s.set_peers(&[b.clone(), c.clone()], now).is_empty());
     assert_eq!(s.peer_keys(&c), PeerKeys::default());
     assert!(s.status(&c).is_some());
-    assert!(s.set_peers(&[b.clone()], now).is_empty()); // c had no keys
-    assert_eq!(s.set_peers(&[c.clone()], now), vec![Action::KernelChanged]);
+    assert!(s.set_peers(std::slice::from_ref(&b), now).is_empty()); // c had no keys
+    assert_eq!(
+        s.set_peers(std::slice::from_ref(&c), now),
+        vec![Action::KernelChanged]
+    );
     assert!(s.status(&b).is_none());
     assert_eq!(s.peer_keys(&b), PeerKeys::default());
 }
@@ -553,11 +639,7 @@ fn debug_and_status_never_show_key_bytes() {
     let outbound = offer_from(2, 1);
     s.on_message(&b, key_offer(&outbound), now, &free).unwrap();
     let actions = s.rotate(&b, now, &free);
-    let shown = format!(
-        "{s:?} {:?} {:#?} {actions:?}",
-        s.status(&b),
-        s.status(&b),
-    );
+    let shown = format!("{s:?} {:?} {:#?} {actions:?}", s.status(&b), s.status(&b),);
     for key in [inbound, outbound.2] {
         let bytes = key.expose();
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
@@ -606,7 +688,6 @@ struct Sim {
     /// Current session of each connected pair (lower index first).
     sessions: BTreeMap<(usize, usize), u64>,
     next_session: u64,
-    next_boot: u64,
     in_flight: Vec<Wire>,
     /// Everything sent, for replays (only of sessions still current).
     log: Vec<Wire>,
@@ -644,7 +725,6 @@ impl Sim {
             parties: vec![],
             sessions: BTreeMap::new(),
             next_session: 1,
-            next_boot: 1,
             in_flight: vec![],
             log: vec![],
             hello_dropped: BTreeSet::new(),
@@ -672,12 +752,12 @@ impl Sim {
     }
 
     fn schedule(&mut self, names: &[NodeName], me: &NodeName) -> Schedule {
-        let boot = self.next_boot;
-        self.next_boot += 1;
         self.entropy_seed = self
             .entropy_seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
+        // Boot ids are random (a restart may well have a lower epoch).
+        let boot = self.entropy_seed.rotate_left(29) ^ self.entropy_seed;
         let entropy = TestEntropy {
             state: self.entropy_seed | 1,
             narrow: self.narrow_spis,
@@ -705,7 +785,11 @@ impl Sim {
         let before = self.offered_keys(i);
         let now = self.now;
         let Party { sched, kernel, .. } = &mut self.parties[i];
-        let taken = |spi: u32| kernel.values().any(|k| k.inbound.iter().any(|d| d.spi == spi));
+        let taken = |spi: u32| {
+            kernel
+                .values()
+                .any(|k| k.inbound.iter().any(|d| d.spi == spi))
+        };
         let actions = f(sched, now, &taken);
         self.perform(i, actions, &before);
     }
@@ -744,7 +828,10 @@ impl Sim {
                         Message::KeyOffer { spi, key, .. } => {
                             assert!(reconciled, "offer without KernelChanged before it");
                             assert!(
-                                held.inbound.contains(&DirectionKey { spi: *spi, key: key.clone() }),
+                                held.inbound.contains(&DirectionKey {
+                                    spi: *spi,
+                                    key: key.clone()
+                                }),
                                 "offered a key the kernel does not hold"
                             );
                         }
@@ -894,11 +981,13 @@ impl Sim {
         let before_dbg = format!("{:?}", self.parties[to].sched);
         let before_keys = self.parties[to].sched.peer_keys(&from);
         let mut result = Ok(());
-        self.call(to, |s, now, taken| match s.on_message(&from, w.msg, now, taken) {
-            Ok(actions) => actions,
-            Err(e) => {
-                result = Err(e);
-                vec![]
+        self.call(to, |s, now, taken| {
+            match s.on_message(&from, w.msg, now, taken) {
+                Ok(actions) => actions,
+                Err(e) => {
+                    result = Err(e);
+                    vec![]
+                }
             }
         });
         if result.is_err() {
