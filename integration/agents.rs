@@ -6,6 +6,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -35,7 +36,9 @@ fn cluster_with_agents(tag: &str, log_level: &str) -> (Cluster, Agents, std::pat
     let spec = c.spec("net.yaml", NETWORKS);
     let mut agents = Agents::default();
     for n in NAMES {
-        agents.0.insert(n.to_owned(), c.start_agent(n, &spec, log_level));
+        agents
+            .0
+            .insert(n.to_owned(), c.start_agent(n, &spec, log_level));
     }
     let mut last_apply = Instant::now();
     for n in NAMES {
@@ -43,7 +46,10 @@ fn cluster_with_agents(tag: &str, log_level: &str) -> (Cluster, Agents, std::pat
         last_apply = Instant::now();
     }
     wait_full_mesh(&c, Duration::from_secs(60));
-    println!("time from the last apply to full encrypted connectivity: {:?}", last_apply.elapsed());
+    println!(
+        "time from the last apply to full encrypted connectivity: {:?}",
+        last_apply.elapsed()
+    );
     (c, agents, spec)
 }
 
@@ -58,38 +64,13 @@ fn wait_full_mesh(c: &Cluster, limit: Duration) {
                 if c.ping(from, &sec_addr(to)) {
                     break;
                 }
-                assert!(start.elapsed() < limit, "{from} -> {to} not reachable over the encrypted network after {limit:?}");
+                assert!(
+                    start.elapsed() < limit,
+                    "{from} -> {to} not reachable over the encrypted network after {limit:?}"
+                );
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-    }
-}
-
-/// A ping train; returns (transmitted, received) once it ends.
-fn ping_train(c: &Cluster, from: &str, to: &str, interval: &str, count: u32) -> Child {
-    Command::new("ip")
-        .args(["netns", "exec", &c.node(from).ns, "ping", "-q", "-i", interval, "-c", &count.to_string(), "-W", "2", to])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-fn ping_result(child: Child) -> (u64, u64) {
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.contains("packets transmitted")).unwrap_or_else(|| panic!("no ping summary: {text}"));
-    let nums: Vec<u64> = line.split(|ch: char| !ch.is_ascii_digit()).filter_map(|w| w.parse().ok()).collect();
-    (nums[0], nums[1])
-}
-
-fn assert_no_loss(trains: Vec<(String, Child)>) {
-    for (label, t) in trains {
-        let (sent, got) = ping_result(t);
-        assert!(sent > 0, "{label}: nothing sent");
-        assert_eq!(sent, got, "{label}: {sent} sent, {got} received");
-        println!("{label}: {sent} sent, {got} received");
     }
 }
 
@@ -98,7 +79,10 @@ fn flood_all_pairs(c: &Cluster, secs: u32) -> Vec<(String, Child)> {
     let mut trains = vec![];
     for (i, from) in NAMES.iter().enumerate() {
         for to in &NAMES[i + 1..] {
-            trains.push((format!("{from} <-> {to}"), ping_train(c, from, &sec_addr(to), "0.001", 1000 * secs)));
+            trains.push((
+                format!("{from} <-> {to}"),
+                ping_train(c, from, &sec_addr(to), "0.001", 1000 * secs),
+            ));
         }
     }
     trains
@@ -118,10 +102,16 @@ fn a_four_agents_agree_keys_and_every_pair_pings() {
     let peers = st["agent"]["peers"].as_array().unwrap();
     assert_eq!(peers.len(), 3);
     assert!(peers.iter().all(|p| p["connected"] == true), "{st}");
-    assert!(!st.to_string().contains(&c.sa_keys("node-a")[0].3), "status must not show keys");
+    assert!(
+        !st.to_string().contains(&c.sa_keys("node-a")[0].3),
+        "status must not show keys"
+    );
     // The table view explains the same.
     let table = stdout(&c.ctl_agent("node-a", &["status"]));
-    assert!(table.contains("node-b") && table.contains("active"), "{table}");
+    assert!(
+        table.contains("node-b") && table.contains("active"),
+        "{table}"
+    );
 }
 
 #[test]
@@ -130,7 +120,11 @@ fn b_unknown_keys_and_garbage_are_refused_while_peers_keep_working() {
     // A rogue agent with a key the spec does not know, claiming node-a's name.
     let rogue_dir = c.dir.path().join("rogue");
     std::fs::create_dir_all(&rogue_dir).unwrap();
-    let out = Command::new(BIN).args(["keygen", "--out"]).arg(rogue_dir.join("node.key")).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["keygen", "--out"])
+        .arg(rogue_dir.join("node.key"))
+        .output()
+        .unwrap();
     let rogue_key = stdout(&out).trim().to_owned();
     let x = format!("{}-x", c.switch);
     ok(&format!(
@@ -139,14 +133,33 @@ fn b_unknown_keys_and_garbage_are_refused_while_peers_keep_working() {
         sw = c.switch
     ));
     let _guard = NsDel(x.clone());
-    let rogue_spec = std::fs::read_to_string(&spec).unwrap().replace(&c.keys.lock().unwrap()["node-a"], &rogue_key).replace("192.0.2.1\"", "192.0.2.50\"");
+    let rogue_spec = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace(&c.keys.lock().unwrap()["node-a"], &rogue_key)
+        .replace("192.0.2.1\"", "192.0.2.50\"");
     let rogue_spec_path = c.dir.path().join("rogue.yaml");
     std::fs::write(&rogue_spec_path, rogue_spec).unwrap();
     let rogue_log = std::fs::File::create(rogue_dir.join("agent.log")).unwrap();
     let rogue = Command::new("ip")
-        .args(["netns", "exec", &x, BIN, "agent", "-f", rogue_spec_path.to_str().unwrap(), "--node", "node-a", "--key"])
+        .args([
+            "netns",
+            "exec",
+            &x,
+            BIN,
+            "agent",
+            "-f",
+            rogue_spec_path.to_str().unwrap(),
+            "--node",
+            "node-a",
+            "--key",
+        ])
         .arg(rogue_dir.join("node.key"))
-        .args(["--state-dir", rogue_dir.join("state").to_str().unwrap(), "--socket", rogue_dir.join("agent.sock").to_str().unwrap()])
+        .args([
+            "--state-dir",
+            rogue_dir.join("state").to_str().unwrap(),
+            "--socket",
+            rogue_dir.join("agent.sock").to_str().unwrap(),
+        ])
         .stdin(Stdio::null())
         .stdout(rogue_log.try_clone().unwrap())
         .stderr(rogue_log)
@@ -155,23 +168,41 @@ fn b_unknown_keys_and_garbage_are_refused_while_peers_keep_working() {
     agents.0.insert("rogue".into(), rogue);
 
     // Meanwhile traffic between real members, and a flood of garbage at node-b's port.
-    let trains = vec![("node-a <-> node-b".to_owned(), ping_train(&c, "node-a", "10.3.0.2", "0.01", 2500))];
+    let trains = vec![(
+        "node-a <-> node-b".to_owned(),
+        ping_train(&c, "node-a", "10.3.0.2", "0.01", 2500),
+    )];
     let fuzz = c.dir.path().join("garbage.py");
     std::fs::write(&fuzz, GARBAGE).unwrap();
-    let garbage = ok(&format!("ip netns exec {x} python3 {} 192.0.2.2 7946 3000", fuzz.display()));
+    let garbage = ok(&format!(
+        "ip netns exec {x} python3 {} 192.0.2.2 7946 3000",
+        fuzz.display()
+    ));
     println!("{garbage}");
     assert_no_loss(trains);
 
     let log_b = c.agent_log("node-b");
-    assert!(log_b.contains("control connection refused"), "node-b should log refused connections");
+    assert!(
+        log_b.contains("control connection refused"),
+        "node-b should log refused connections"
+    );
     let log_d = c.agent_log("node-d");
     assert!(
-        log_d.contains(&rogue_key) || c.agent_log("node-c").contains(&rogue_key) || log_b.contains(&rogue_key),
+        log_d.contains(&rogue_key)
+            || c.agent_log("node-c").contains(&rogue_key)
+            || log_b.contains(&rogue_key),
         "the rogue key should be named in a refusal log line"
     );
     // Still serving: sessions up, new traffic flows, rotation works.
     let st = c.agent_status("node-b");
-    assert!(st["agent"]["peers"].as_array().unwrap().iter().all(|p| p["connected"] == true), "{st}");
+    assert!(
+        st["agent"]["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["connected"] == true),
+        "{st}"
+    );
     assert!(c.ping("node-b", "10.3.0.3"));
 }
 
@@ -204,7 +235,10 @@ print("garbage connections:", kinds)
 struct NsDel(String);
 impl Drop for NsDel {
     fn drop(&mut self) {
-        let _ = sh(&format!("ip netns pids {0} | xargs -r kill -9; ip netns del {0}", self.0));
+        let _ = sh(&format!(
+            "ip netns pids {0} | xargs -r kill -9; ip netns del {0}",
+            self.0
+        ));
     }
 }
 
@@ -217,18 +251,27 @@ fn c_killing_and_restarting_an_agent_loses_nothing() {
     assert_no_loss(trains);
     let trains = flood_all_pairs(&c, 10);
     std::thread::sleep(Duration::from_secs(1));
-    agents.0.insert("node-a".into(), c.start_agent("node-a", &spec, "info"));
+    agents
+        .0
+        .insert("node-a".into(), c.start_agent("node-a", &spec, "info"));
     assert_no_loss(trains);
     // The restarted agent took over: sessions back, fresh keys agreed, one SA per pair
     // and direction again.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let st = c.agent_status("node-a");
-        let up = st["agent"]["peers"].as_array().unwrap().iter().all(|p| p["connected"] == true);
+        let up = st["agent"]["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["connected"] == true);
         if up && c.sa_keys("node-a").len() == 6 {
             break;
         }
-        assert!(Instant::now() < deadline, "node-a did not settle after restart: {st}");
+        assert!(
+            Instant::now() < deadline,
+            "node-a did not settle after restart: {st}"
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
 }
@@ -239,7 +282,10 @@ fn d_node_reboot_rekeys_and_removes_stale_sas_with_distinct_keys() {
     let mut seen: BTreeMap<String, BTreeSet<(String, String, String)>> = BTreeMap::new();
     let mut record = |c: &Cluster| {
         for n in &c.nodes {
-            if sh(&format!("ip netns pids {} >/dev/null 2>&1", n.ns)).status.success() {
+            if sh(&format!("ip netns pids {} >/dev/null 2>&1", n.ns))
+                .status
+                .success()
+            {
                 for (src, dst, spi, key) in c.sa_keys(&n.name) {
                     seen.entry(key).or_default().insert((src, dst, spi));
                 }
@@ -261,7 +307,9 @@ fn d_node_reboot_rekeys_and_removes_stale_sas_with_distinct_keys() {
         addr = d.address
     ));
     let _ = std::fs::remove_file(c.node_dir("node-d").join("agent.sock"));
-    agents.0.insert("node-d".into(), c.start_agent("node-d", &spec, "info"));
+    agents
+        .0
+        .insert("node-d".into(), c.start_agent("node-d", &spec, "info"));
     c.apply_via_agent("node-d", &spec);
     wait_full_mesh(&c, Duration::from_secs(60));
     // Peers converge to exactly one SA per direction with node-d, none of the old ones.
@@ -269,16 +317,26 @@ fn d_node_reboot_rekeys_and_removes_stale_sas_with_distinct_keys() {
     loop {
         record(&c);
         let settled = NAMES.iter().all(|n| c.sa_keys(n).len() == 6);
-        let stale = NAMES[..3].iter().any(|n| c.sa_keys(n).iter().any(|s| old_d_spis.contains(&s.2)));
+        let stale = NAMES[..3]
+            .iter()
+            .any(|n| c.sa_keys(n).iter().any(|s| old_d_spis.contains(&s.2)));
         if settled && !stale {
             break;
         }
-        assert!(Instant::now() < deadline, "stale SAs not removed: {:?}", NAMES.map(|n| c.sa_keys(n)));
+        assert!(
+            Instant::now() < deadline,
+            "stale SAs not removed: {:?}",
+            NAMES.map(|n| c.sa_keys(n))
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
     for (key, sas) in &seen {
         assert!(!key.is_empty());
-        assert_eq!(sas.len(), 1, "a key was installed for more than one SA: {sas:?}");
+        assert_eq!(
+            sas.len(),
+            1,
+            "a key was installed for more than one SA: {sas:?}"
+        );
     }
     println!("{} distinct keys seen across the test", seen.len());
 }
@@ -289,7 +347,12 @@ fn e_no_key_in_logs_or_state_files_at_trace_level() {
     // Some rotations so that many keys pass through.
     for n in ["node-a", "node-c"] {
         let out = c.ctl_agent(n, &["rotate", "--timeout", "30"]);
-        assert!(out.status.success(), "rotate on {n}: {}{}", stdout(&out), stderr(&out));
+        assert!(
+            out.status.success(),
+            "rotate on {n}: {}{}",
+            stdout(&out),
+            stderr(&out)
+        );
     }
     let mut keys = BTreeSet::new();
     for n in NAMES {
@@ -305,13 +368,25 @@ fn e_no_key_in_logs_or_state_files_at_trace_level() {
         logs.push_str(&log);
     }
     for k in &keys {
-        let bytes: Vec<u8> = (0..k.len()).step_by(2).map(|i| u8::from_str_radix(&k[i..i + 2], 16).unwrap()).collect();
+        let bytes: Vec<u8> = (0..k.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&k[i..i + 2], 16).unwrap())
+            .collect();
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::STANDARD.encode(&bytes[..32]);
         let dec = format!("{:?}", &bytes[..16]);
-        let forms = [k.clone(), k.to_uppercase(), k[..32].to_owned(), b64[..24].to_owned(), dec[1..40].to_owned()];
+        let forms = [
+            k.clone(),
+            k.to_uppercase(),
+            k[..32].to_owned(),
+            b64[..24].to_owned(),
+            dec[1..40].to_owned(),
+        ];
         for f in &forms {
-            assert!(!logs.contains(f.as_str()), "key material in the agent logs ({f})");
+            assert!(
+                !logs.contains(f.as_str()),
+                "key material in the agent logs ({f})"
+            );
         }
         // Files under the state dirs: only 0600 ones may hold anything secret.
         for n in NAMES {
@@ -320,8 +395,13 @@ fn e_no_key_in_logs_or_state_files_at_trace_level() {
                 use std::os::unix::fs::PermissionsExt as _;
                 let mode = std::fs::metadata(&entry).unwrap().permissions().mode() & 0o777;
                 let content = std::fs::read(&entry).unwrap_or_default();
-                let has = content.windows(16).any(|w| w == &bytes[..16]) || String::from_utf8_lossy(&content).contains(k.as_str());
-                assert!(!has || mode == 0o600, "{} (mode {mode:o}) holds key material", entry.display());
+                let has = content.windows(16).any(|w| w == &bytes[..16])
+                    || String::from_utf8_lossy(&content).contains(k.as_str());
+                assert!(
+                    !has || mode == 0o600,
+                    "{} (mode {mode:o}) holds key material",
+                    entry.display()
+                );
             }
         }
     }

@@ -29,17 +29,22 @@ pub const PAIR_POLICY_PRIORITY: u32 = 1000;
 pub const CATCHALL_POLICY_PRIORITY: u32 = 2000;
 /// Anti-replay window (packets) of every SA; with ESN the kernel keeps a bitmap of it.
 pub const REPLAY_WINDOW: u32 = 1024;
-/// Soft limits trigger a rekey far below AES-GCM's usage bound and the ESN sequence
-/// space; hard limits are the kernel's last line (the SA is deleted and traffic fails
-/// closed).
-pub const SA_LIFETIME: Lifetime = Lifetime {
-    soft_bytes: 1 << 40,
-    hard_bytes: 1 << 42,
-    soft_packets: 1 << 31,
-    hard_packets: 1 << 32,
-    soft_add_seconds: 0,
-    hard_add_seconds: 0,
-};
+/// Lifetime of every SA: soft limits (from the spec's `rekeyAfterPackets` and
+/// `rekeyAfterBytes`) make the kernel report the SA so the agents rekey; hard limits
+/// ([`crate::spec::HARD_LIMIT_FACTOR`] times the soft ones) are the kernel's last line:
+/// the SA is deleted and traffic fails closed. No time limits: rotation by time is the
+/// agents' job, and a dead agent must not take the data path down with it.
+pub fn sa_lifetime(cluster: &crate::spec::Cluster) -> Lifetime {
+    let f = crate::spec::HARD_LIMIT_FACTOR;
+    Lifetime {
+        soft_bytes: cluster.rekey_after_bytes,
+        hard_bytes: cluster.rekey_after_bytes.saturating_mul(f),
+        soft_packets: cluster.rekey_after_packets,
+        hard_packets: cluster.rekey_after_packets.saturating_mul(f),
+        soft_add_seconds: 0,
+        hard_add_seconds: 0,
+    }
+}
 
 /// VXLAN encapsulation overhead: outer IP + UDP (8) + VXLAN (8) + inner Ethernet (14).
 pub fn vxlan_overhead(ipv6: bool) -> u32 {
@@ -342,7 +347,7 @@ fn add_enforcement(
                     key: k.key.clone(),
                     replay_window: REPLAY_WINDOW,
                     dport,
-                    lifetime: SA_LIFETIME,
+                    lifetime: sa_lifetime(&spec.cluster),
                 },
             );
         }

@@ -235,6 +235,19 @@ pub struct Sa {
     pub lifetime: Lifetime,
 }
 
+impl Sa {
+    /// Equal as installed SAs: the same key on the same SPI, pair and port. Lifetimes
+    /// are left out: a changed limit applies to the next key, because putting the same
+    /// key back in a new SA would restart its sequence numbers (AES-GCM nonce reuse).
+    pub fn same_install(&self, other: &Sa) -> bool {
+        self.id == other.id
+            && self.key == other.key
+            && self.reqid == other.reqid
+            && self.dport == other.dport
+            && self.replay_window == other.replay_window
+    }
+}
+
 /// Everything the controller owns in one network namespace.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KernelState {

@@ -48,8 +48,13 @@ pub struct KeyStatus {
     pub generation: u64,
     pub spi: String,
     pub age_secs: u64,
-    /// offered, active, retiring (inbound); current (outbound).
+    /// offered, active, adopted, retiring.
     pub state: String,
+    /// The SA's usage so far, from the kernel.
+    #[serde(default)]
+    pub bytes: u64,
+    #[serde(default)]
+    pub packets: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -85,6 +90,12 @@ pub struct SaStatus {
     pub dst: String,
     pub spi: String,
     pub replay_window: u32,
+    #[serde(default)]
+    pub bytes: u64,
+    #[serde(default)]
+    pub packets: u64,
+    #[serde(default)]
+    pub age_secs: u64,
 }
 
 impl Status {
@@ -176,6 +187,9 @@ impl Status {
                 dst: sa.id.dst.to_string(),
                 spi: format!("0x{:08x}", sa.id.spi),
                 replay_window: sa.replay_window,
+                bytes: 0,
+                packets: 0,
+                age_secs: 0,
             })
             .collect();
         Status {
@@ -184,6 +198,27 @@ impl Status {
             sas,
             agent: None,
         }
+    }
+
+    /// Fills in the SAs' usage and age from the kernel's counters.
+    pub fn with_counters(
+        mut self,
+        counters: &BTreeMap<crate::state::SaId, crate::kernel::counters::SaCounters>,
+        now_unix: u64,
+    ) -> Status {
+        for sa in &mut self.sas {
+            let found = counters.iter().find(|(id, _)| {
+                id.src.to_string() == sa.src
+                    && id.dst.to_string() == sa.dst
+                    && format!("0x{:08x}", id.spi) == sa.spi
+            });
+            if let Some((_, c)) = found {
+                sa.bytes = c.bytes;
+                sa.packets = c.packets;
+                sa.age_secs = now_unix.saturating_sub(c.added_at);
+            }
+        }
+        self
     }
 
     pub fn with_agent(mut self, agent: AgentStatus) -> Status {
@@ -202,7 +237,14 @@ impl fmt::Display for Status {
                     a.node,
                     a.cluster,
                     a.uptime_secs,
-                    if a.in_sync { "kernel in sync".to_owned() } else { format!("NOT in sync: {}", a.last_error.as_deref().unwrap_or("pending")) }
+                    if a.in_sync {
+                        "kernel in sync".to_owned()
+                    } else {
+                        format!(
+                            "NOT in sync: {}",
+                            a.last_error.as_deref().unwrap_or("pending")
+                        )
+                    }
                 )?;
             }
             None => writeln!(f, "Agent: not running (kernel view only)")?,
@@ -259,7 +301,10 @@ impl fmt::Display for Status {
         }
         if let Some(a) = &self.agent {
             if !a.peers.is_empty() {
-                writeln!(f, "\nPEER             ADDRESS              SESSION    DIR  GEN   SPI         AGE    STATE")?;
+                writeln!(
+                    f,
+                    "\nPEER             ADDRESS              SESSION    DIR  GEN   SPI         AGE    STATE     PACKETS    BYTES"
+                )?;
             }
             for p in &a.peers {
                 let session = match p.connected_secs {
@@ -273,11 +318,28 @@ impl fmt::Display for Status {
                     .chain(p.outbound.iter().map(|k| ("out", k)))
                     .collect();
                 if rows.is_empty() {
-                    writeln!(f, "{:<16} {:<20} {:<10} -    no keys yet", p.name, p.address, session)?;
+                    writeln!(
+                        f,
+                        "{:<16} {:<20} {:<10} -    no keys yet",
+                        p.name, p.address, session
+                    )?;
                 }
                 for (i, (dir, k)) in rows.iter().enumerate() {
-                    let (name, addr, sess) = if i == 0 { (p.name.as_str(), p.address.as_str(), session.as_str()) } else { ("", "", "") };
-                    writeln!(f, "{name:<16} {addr:<20} {sess:<10} {dir:<4} {:<5} {:<11} {:<6} {}", k.generation, k.spi, format!("{}s", k.age_secs), k.state)?;
+                    let (name, addr, sess) = if i == 0 {
+                        (p.name.as_str(), p.address.as_str(), session.as_str())
+                    } else {
+                        ("", "", "")
+                    };
+                    writeln!(
+                        f,
+                        "{name:<16} {addr:<20} {sess:<10} {dir:<4} {:<5} {:<11} {:<6} {:<9} {:<10} {}",
+                        k.generation,
+                        k.spi,
+                        format!("{}s", k.age_secs),
+                        k.state,
+                        k.packets,
+                        k.bytes
+                    )?;
                 }
                 if let Some(next) = p.next_rotation_secs {
                     writeln!(f, "{:<16} next rotation in {next}s", "")?;
@@ -292,8 +354,8 @@ impl fmt::Display for Status {
             for sa in &self.sas {
                 writeln!(
                     f,
-                    "  {} -> {}  spi {}  replay {}",
-                    sa.src, sa.dst, sa.spi, sa.replay_window
+                    "  {} -> {}  spi {}  replay {}  {} packets  {} bytes  age {}s",
+                    sa.src, sa.dst, sa.spi, sa.replay_window, sa.packets, sa.bytes, sa.age_secs
                 )?;
             }
         }

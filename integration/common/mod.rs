@@ -501,7 +501,11 @@ impl Cluster {
     pub fn keygen_all(&self) {
         for n in &self.nodes {
             let path = self.node_dir(&n.name).join("node.key");
-            let out = Command::new(BIN).args(["keygen", "--out"]).arg(&path).output().unwrap();
+            let out = Command::new(BIN)
+                .args(["keygen", "--out"])
+                .arg(&path)
+                .output()
+                .unwrap();
             assert!(out.status.success(), "keygen: {}", stderr(&out));
             let public = stdout(&out).trim().to_owned();
             assert_eq!(public.len(), 44, "public key {public:?}");
@@ -520,8 +524,18 @@ impl Cluster {
     /// Starts a node's agent (logs to DIR/NODE/agent.log, appended across restarts).
     pub fn start_agent(&self, node: &str, spec: &Path, log_level: &str) -> std::process::Child {
         let log_path = self.node_dir(node).join("agent.log");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
-        let mut args: Vec<String> = vec!["agent".into(), "-f".into(), spec.display().to_string(), "--log-level".into(), log_level.into()];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
+        let mut args: Vec<String> = vec![
+            "agent".into(),
+            "-f".into(),
+            spec.display().to_string(),
+            "--log-level".into(),
+            log_level.into(),
+        ];
         args.extend(self.agent_opts(node));
         let child = Command::new("ip")
             .args(["netns", "exec", &self.node(node).ns, BIN])
@@ -539,7 +553,10 @@ impl Cluster {
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        panic!("agent on {node} did not open its socket; log:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
+        panic!(
+            "agent on {node} did not open its socket; log:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
     }
 
     pub fn agent_log(&self, node: &str) -> String {
@@ -549,7 +566,12 @@ impl Cluster {
     /// `apply` through the node's agent; must exit 0.
     pub fn apply_via_agent(&self, node: &str, spec: &Path) -> String {
         let out = self.ctl_agent(node, &["apply", "-f", spec.to_str().unwrap()]);
-        assert!(out.status.success(), "apply on {node}: {}{}", stdout(&out), stderr(&out));
+        assert!(
+            out.status.success(),
+            "apply on {node}: {}{}",
+            stdout(&out),
+            stderr(&out)
+        );
         stdout(&out)
     }
 
@@ -569,8 +591,18 @@ impl Cluster {
             let mut w = b.split_whitespace();
             let src = w.next().unwrap_or_default().to_owned();
             let dst = w.nth(1).unwrap_or_default().to_owned();
-            let spi = b.split("spi ").nth(1).and_then(|x| x.split_whitespace().next()).unwrap_or_default().to_owned();
-            let key = b.split("aead rfc4106(gcm(aes)) 0x").nth(1).and_then(|x| x.split_whitespace().next()).unwrap_or_default().to_owned();
+            let spi = b
+                .split("spi ")
+                .nth(1)
+                .and_then(|x| x.split_whitespace().next())
+                .unwrap_or_default()
+                .to_owned();
+            let key = b
+                .split("aead rfc4106(gcm(aes)) 0x")
+                .nth(1)
+                .and_then(|x| x.split_whitespace().next())
+                .unwrap_or_default()
+                .to_owned();
             out.push((src, dst, spi, key));
         }
         out
@@ -595,6 +627,53 @@ impl Drop for Agents {
         for c in self.0.values_mut() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+}
+
+// ---- traffic ----
+
+/// A ping train in the background; read its result with [`ping_result`].
+pub fn ping_train(c: &Cluster, from: &str, to: &str, interval: &str, count: u32) -> std::process::Child {
+    Command::new("ip")
+        .args(["netns", "exec", &c.node(from).ns, "ping", "-q", "-i", interval, "-c", &count.to_string(), "-W", "2", to])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// (transmitted, received) of a finished ping train.
+pub fn ping_result(child: std::process::Child) -> (u64, u64) {
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.contains("packets transmitted")).unwrap_or_else(|| panic!("no ping summary: {text}"));
+    let nums: Vec<u64> = line.split(|ch: char| !ch.is_ascii_digit()).filter_map(|w| w.parse().ok()).collect();
+    (nums[0], nums[1])
+}
+
+pub fn assert_no_loss(trains: Vec<(String, std::process::Child)>) {
+    for (label, t) in trains {
+        let (sent, got) = ping_result(t);
+        assert!(sent > 0, "{label}: nothing sent");
+        println!("{label}: {sent} sent, {got} received");
+        assert_eq!(sent, got, "{label}: {sent} sent, {got} received");
+    }
+}
+
+/// Waits until every ordered pair of `nodes` answers a ping at `addr_of(node)`.
+pub fn wait_mesh(c: &Cluster, nodes: &[&str], addr_of: &dyn Fn(&str) -> String, limit: std::time::Duration) {
+    let start = std::time::Instant::now();
+    for from in nodes {
+        for to in nodes {
+            if from == to {
+                continue;
+            }
+            while !c.ping(from, &addr_of(to)) {
+                assert!(start.elapsed() < limit, "{from} -> {to} not reachable after {limit:?}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
         }
     }
 }

@@ -18,9 +18,18 @@ pub const API_TIMEOUT: Duration = Duration::from_secs(120);
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    Apply { spec: String, source: String, dry_run: bool, node: Option<String> },
+    Apply {
+        spec: String,
+        source: String,
+        dry_run: bool,
+        node: Option<String>,
+    },
     Status,
-    Rotate { network: Option<String>, peer: Option<String>, timeout_secs: u64 },
+    Rotate {
+        network: Option<String>,
+        peer: Option<String>,
+        timeout_secs: u64,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -35,17 +44,28 @@ pub struct Response {
 
 impl Response {
     pub fn ok(output: String) -> Response {
-        Response { code: 0, output, error: None }
+        Response {
+            code: 0,
+            output,
+            error: None,
+        }
     }
     pub fn fail(code: u8, output: String, error: impl std::fmt::Display) -> Response {
-        Response { code, output, error: Some(error.to_string()) }
+        Response {
+            code,
+            output,
+            error: Some(error.to_string()),
+        }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the agent's answer was not understood: {0}")]
     BadResponse(String),
     #[error("the agent did not answer within {0:?}")]
@@ -54,7 +74,10 @@ pub enum ApiError {
 
 /// Sends one request to the agent. `Ok(None)` when no agent listens on `socket`.
 pub async fn call(socket: &Path, request: &Request) -> Result<Option<Response>, ApiError> {
-    let io = |source| ApiError::Io { path: socket.to_owned(), source };
+    let io = |source| ApiError::Io {
+        path: socket.to_owned(),
+        source,
+    };
     let stream = match UnixStream::connect(socket).await {
         Ok(s) => s,
         Err(e)
@@ -69,7 +92,8 @@ pub async fn call(socket: &Path, request: &Request) -> Result<Option<Response>, 
     };
     let exchange = async {
         let (read, mut write) = stream.into_split();
-        let mut line = serde_json::to_vec(request).map_err(|e| ApiError::BadResponse(e.to_string()))?;
+        let mut line =
+            serde_json::to_vec(request).map_err(|e| ApiError::BadResponse(e.to_string()))?;
         line.push(b'\n');
         write.write_all(&line).await.map_err(io)?;
         write.shutdown().await.map_err(io)?;
@@ -91,9 +115,16 @@ use tokio::io::AsyncReadExt as _;
 /// socket itself 0600.
 pub fn bind(socket: &Path) -> Result<UnixListener, ApiError> {
     use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
-    let io = |source| ApiError::Io { path: socket.to_owned(), source };
+    let io = |source| ApiError::Io {
+        path: socket.to_owned(),
+        source,
+    };
     if let Some(dir) = socket.parent() {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
     }
     match std::fs::remove_file(socket) {
         Ok(()) => {}
@@ -107,7 +138,9 @@ pub fn bind(socket: &Path) -> Result<UnixListener, ApiError> {
 
 /// Reads one request from an accepted connection; refuses non-root peers.
 pub async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
-    let cred = stream.peer_cred().map_err(|e| format!("cannot read peer credentials: {e}"))?;
+    let cred = stream
+        .peer_cred()
+        .map_err(|e| format!("cannot read peer credentials: {e}"))?;
     if cred.uid() != 0 {
         return Err(format!("refused: uid {} is not root", cred.uid()));
     }

@@ -42,11 +42,17 @@ pub enum AgentError {
     #[error("the key file's public key {found} is not node {node}'s publicKey in the spec")]
     KeyMismatch { node: String, found: String },
     #[error("{path}: {source}")]
-    StateDir { path: String, source: std::io::Error },
+    StateDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Api(#[from] api::ApiError),
     #[error("cannot listen for control connections on {address}: {source}")]
-    Listen { address: SocketAddr, source: std::io::Error },
+    Listen {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -56,7 +62,9 @@ impl AgentError {
     pub fn is_input_error(&self) -> bool {
         match self {
             AgentError::KeyMismatch { .. } => true,
-            AgentError::Identity(IdentityError::Permissions { .. } | IdentityError::Format { .. }) => true,
+            AgentError::Identity(
+                IdentityError::Permissions { .. } | IdentityError::Format { .. },
+            ) => true,
             AgentError::Reconcile(e) => e.is_input_error(),
             _ => false,
         }
@@ -115,7 +123,11 @@ fn random_u64() -> u64 {
 /// Nodes that share an encrypted network with `me`: the peers that need keys.
 pub(crate) fn encrypted_peers<'s>(spec: &'s Spec, me: &NodeName) -> BTreeMap<NodeName, &'s Node> {
     let mut peers = BTreeMap::new();
-    for net in spec.networks.iter().filter(|n| n.encrypted && n.has_member(me)) {
+    for net in spec
+        .networks
+        .iter()
+        .filter(|n| n.encrypted && n.has_member(me))
+    {
         for name in net.nodes.iter().filter(|n| *n != me) {
             if let Some(node) = spec.node(name) {
                 peers.insert(name.clone(), node);
@@ -130,7 +142,9 @@ impl Agent {
         let identity = Arc::new(Identity::load(&config.key)?);
         let kernel = Kernel::connect()?;
         let spec = config.spec;
-        let node = reconcile::identify_node(&spec, config.node.as_deref(), &kernel).await?.clone();
+        let node = reconcile::identify_node(&spec, config.node.as_deref(), &kernel)
+            .await?
+            .clone();
         check_identity(&node, &identity)?;
         create_state_dir(&config.state_dir)?;
 
@@ -148,13 +162,19 @@ impl Agent {
                 .sas
                 .values()
                 .filter(|sa| sa.id.src == peer.address && sa.id.dst == node.address)
-                .map(|sa| crate::desired::DirectionKey { spi: sa.id.spi, key: sa.key.clone() })
+                .map(|sa| crate::desired::DirectionKey {
+                    spi: sa.id.spi,
+                    key: sa.key.clone(),
+                })
                 .collect();
             let outbound: Vec<_> = observed
                 .sas
                 .values()
                 .filter(|sa| sa.id.src == node.address && sa.id.dst == peer.address)
-                .map(|sa| crate::desired::DirectionKey { spi: sa.id.spi, key: sa.key.clone() })
+                .map(|sa| crate::desired::DirectionKey {
+                    spi: sa.id.spi,
+                    key: sa.key.clone(),
+                })
                 .collect();
             if !inbound.is_empty() || !outbound.is_empty() {
                 tracing::info!(peer = %name, inbound = inbound.len(), outbound = outbound.len(), "adopting SAs from the kernel");
@@ -169,12 +189,21 @@ impl Agent {
         let control_addr = SocketAddr::new(node.address, spec.cluster.control_port);
         let tcp = TcpListener::bind(control_addr)
             .await
-            .map_err(|source| AgentError::Listen { address: control_addr, source })?;
+            .map_err(|source| AgentError::Listen {
+                address: control_addr,
+                source,
+            })?;
         let link_events = monitor::link_events()?;
         let expiry = monitor::sa_expiry_events()?;
         let (events_tx, events) = mpsc::unbounded_channel();
         let allowed: Allowed = Arc::new(RwLock::new(BTreeMap::new()));
-        net::spawn_listener(tcp, identity.clone(), spec.cluster.name.to_string(), allowed.clone(), events_tx.clone());
+        net::spawn_listener(
+            tcp,
+            identity.clone(),
+            spec.cluster.name.to_string(),
+            allowed.clone(),
+            events_tx.clone(),
+        );
         spawn_api_server(api_listener, events_tx.clone());
         tracing::info!(node = %node.name, %control_addr, socket = %config.socket.display(), spec = %config.spec_source, "agent started");
 
@@ -296,8 +325,19 @@ impl Agent {
     async fn on_event(&mut self, event: Event) {
         let now = Instant::now();
         match event {
-            Event::Connected { peer, session, outbox } => {
-                self.sessions.insert(peer.clone(), Session { id: session, outbox, since: now });
+            Event::Connected {
+                peer,
+                session,
+                outbox,
+            } => {
+                self.sessions.insert(
+                    peer.clone(),
+                    Session {
+                        id: session,
+                        outbox,
+                        since: now,
+                    },
+                );
                 let taken = self.taken_spis();
                 let actions = self.schedule.on_connected(&peer, now, &taken);
                 self.perform(actions).await;
@@ -309,7 +349,7 @@ impl Agent {
                 }
             }
             Event::Received { peer, session, msg } => {
-                if !self.sessions.get(&peer).is_some_and(|s| s.id == session) {
+                if self.sessions.get(&peer).is_none_or(|s| s.id != session) {
                     return; // a message of a session that was replaced
                 }
                 let taken = self.taken_spis();
@@ -345,9 +385,14 @@ impl Agent {
     }
 
     async fn on_expired(&mut self, e: SaExpired) {
-        let Some(me) = self.node().map(|n| n.address) else { return };
+        let Some(me) = self.node().map(|n| n.address) else {
+            return;
+        };
         let peer_of = |addr: IpAddr| {
-            encrypted_peers(&self.spec, &self.me).into_iter().find(|(_, n)| n.address == addr).map(|(k, _)| k)
+            encrypted_peers(&self.spec, &self.me)
+                .into_iter()
+                .find(|(_, n)| n.address == addr)
+                .map(|(k, _)| k)
         };
         let now = Instant::now();
         let taken = self.taken_spis();
@@ -357,15 +402,21 @@ impl Agent {
                 let actions = self.schedule.rekey_inbound(&peer, now, &taken);
                 self.perform(actions).await;
             }
-        } else if e.src == me {
-            if let Some(peer) = peer_of(e.dst) {
+        } else if e.src == me
+            && let Some(peer) = peer_of(e.dst)
+        {
+            {
                 tracing::info!(%peer, spi = format_args!("0x{:08x}", e.spi), hard = e.hard, "outbound SA reached its lifetime; asking the peer to rekey");
                 self.send(&peer, Message::RekeyRequest);
             }
         }
         if e.hard {
             // The kernel removed it: never put the same key back.
-            self.vanished.insert(SaId { src: e.src, dst: e.dst, spi: e.spi });
+            self.vanished.insert(SaId {
+                src: e.src,
+                dst: e.dst,
+                spi: e.spi,
+            });
         }
     }
 
@@ -392,7 +443,8 @@ impl Agent {
                     }
                 }
                 Action::Send { peer, msg } => {
-                    let announces_key = matches!(msg, Message::KeyOffer { .. } | Message::KeyAck { .. });
+                    let announces_key =
+                        matches!(msg, Message::KeyOffer { .. } | Message::KeyAck { .. });
                     if announces_key && !self.in_sync {
                         tracing::warn!(%peer, "kernel not in sync; key message held back");
                         continue;
@@ -405,12 +457,26 @@ impl Agent {
 
     /// The keys the kernel must hold now, by peer address (without vanished SAs).
     fn keyring(&self) -> Keyring {
-        let Some(me) = self.node().map(|n| n.address) else { return Keyring::new() };
+        let Some(me) = self.node().map(|n| n.address) else {
+            return Keyring::new();
+        };
         let mut ring = Keyring::new();
         for (name, node) in encrypted_peers(&self.spec, &self.me) {
             let mut keys: PeerKeys = self.schedule.peer_keys(&name);
-            keys.inbound.retain(|k| !self.vanished.contains(&SaId { src: node.address, dst: me, spi: k.spi }));
-            keys.outbound.retain(|k| !self.vanished.contains(&SaId { src: me, dst: node.address, spi: k.spi }));
+            keys.inbound.retain(|k| {
+                !self.vanished.contains(&SaId {
+                    src: node.address,
+                    dst: me,
+                    spi: k.spi,
+                })
+            });
+            keys.outbound.retain(|k| {
+                !self.vanished.contains(&SaId {
+                    src: me,
+                    dst: node.address,
+                    spi: k.spi,
+                })
+            });
             ring.insert(node.address, keys);
         }
         ring
@@ -442,37 +508,70 @@ impl Agent {
         result
     }
 
-    async fn reconcile_inner(&mut self, dry_run: bool) -> Result<crate::plan::Plan, ReconcileError> {
+    async fn reconcile_inner(
+        &mut self,
+        dry_run: bool,
+    ) -> Result<crate::plan::Plan, ReconcileError> {
         let observed = self.kernel.dump().await?;
-        let node = self.node().cloned().ok_or_else(|| ReconcileError::UnknownNode(self.me.to_string()))?;
+        let node = self
+            .node()
+            .cloned()
+            .ok_or_else(|| ReconcileError::UnknownNode(self.me.to_string()))?;
         if !dry_run {
             self.rekey_vanished(&node, &observed);
         }
         let ring = self.keyring();
-        let outcome =
-            reconcile::apply_observed(&self.spec, &node, &self.kernel, Keys::Ring(&ring), dry_run, observed).await?;
+        let outcome = reconcile::apply_observed(
+            &self.spec,
+            &node,
+            &self.kernel,
+            Keys::Ring(&ring),
+            dry_run,
+            observed,
+        )
+        .await?;
         if !dry_run {
             for keys in ring.iter() {
                 let (peer, k) = keys;
                 for d in &k.inbound {
-                    self.installed.insert(SaId { src: *peer, dst: node.address, spi: d.spi });
+                    self.installed.insert(SaId {
+                        src: *peer,
+                        dst: node.address,
+                        spi: d.spi,
+                    });
                 }
                 for d in &k.outbound {
-                    self.installed.insert(SaId { src: node.address, dst: *peer, spi: d.spi });
+                    self.installed.insert(SaId {
+                        src: node.address,
+                        dst: *peer,
+                        spi: d.spi,
+                    });
                 }
             }
             // Forget what is no longer wanted (deleted by the plan).
             let wanted: BTreeSet<SaId> = ring
                 .iter()
                 .flat_map(|(peer, k)| {
-                    let a = k.inbound.iter().map(|d| SaId { src: *peer, dst: node.address, spi: d.spi });
-                    let b = k.outbound.iter().map(|d| SaId { src: node.address, dst: *peer, spi: d.spi });
+                    let a = k.inbound.iter().map(|d| SaId {
+                        src: *peer,
+                        dst: node.address,
+                        spi: d.spi,
+                    });
+                    let b = k.outbound.iter().map(|d| SaId {
+                        src: node.address,
+                        dst: *peer,
+                        spi: d.spi,
+                    });
                     a.chain(b).collect::<Vec<_>>()
                 })
                 .collect();
             self.installed.retain(|id| wanted.contains(id));
-            let still: BTreeSet<SaId> =
-                self.vanished.iter().filter(|id| self.schedule_holds(id, &node)).copied().collect();
+            let still: BTreeSet<SaId> = self
+                .vanished
+                .iter()
+                .filter(|id| self.schedule_holds(id, &node))
+                .copied()
+                .collect();
             self.vanished = still;
         }
         if let Some(e) = outcome.encrypted_not_up {
@@ -484,11 +583,17 @@ impl Agent {
     /// Whether the schedule still lists this SA (a vanished one stays filtered until the
     /// schedule has replaced it).
     fn schedule_holds(&self, id: &SaId, node: &Node) -> bool {
-        encrypted_peers(&self.spec, &self.me).iter().any(|(name, peer)| {
-            let k = self.schedule.peer_keys(name);
-            (id.src == peer.address && id.dst == node.address && k.inbound.iter().any(|d| d.spi == id.spi))
-                || (id.src == node.address && id.dst == peer.address && k.outbound.iter().any(|d| d.spi == id.spi))
-        })
+        encrypted_peers(&self.spec, &self.me)
+            .iter()
+            .any(|(name, peer)| {
+                let k = self.schedule.peer_keys(name);
+                (id.src == peer.address
+                    && id.dst == node.address
+                    && k.inbound.iter().any(|d| d.spi == id.spi))
+                    || (id.src == node.address
+                        && id.dst == peer.address
+                        && k.outbound.iter().any(|d| d.spi == id.spi))
+            })
     }
 
     fn rekey_vanished(&mut self, node: &Node, observed: &crate::state::KernelState) {
@@ -523,24 +628,53 @@ impl Agent {
         reply: oneshot::Sender<Response>,
     ) -> Option<(oneshot::Sender<Response>, Response)> {
         match request {
-            Request::Apply { spec, source, dry_run, node } => {
-                Some((reply, self.api_apply(&spec, &source, dry_run, node.as_deref()).await))
-            }
+            Request::Apply {
+                spec,
+                source,
+                dry_run,
+                node,
+            } => Some((
+                reply,
+                self.api_apply(&spec, &source, dry_run, node.as_deref())
+                    .await,
+            )),
             Request::Status => Some((reply, self.api_status().await)),
-            Request::Rotate { network, peer, timeout_secs } => {
-                self.api_rotate(network, peer, Duration::from_secs(timeout_secs.clamp(1, 3600)), reply).await
+            Request::Rotate {
+                network,
+                peer,
+                timeout_secs,
+            } => {
+                self.api_rotate(
+                    network,
+                    peer,
+                    Duration::from_secs(timeout_secs.clamp(1, 3600)),
+                    reply,
+                )
+                .await
             }
         }
     }
 
-    async fn api_apply(&mut self, text: &str, source: &str, dry_run: bool, node: Option<&str>) -> Response {
+    async fn api_apply(
+        &mut self,
+        text: &str,
+        source: &str,
+        dry_run: bool,
+        node: Option<&str>,
+    ) -> Response {
         let new = match spec::parse(text.as_bytes(), source) {
             Ok(s) => s,
             Err(e) => return Response::fail(2, String::new(), e),
         };
-        if let Some(n) = node {
-            if n != self.me.as_str() {
-                return Response::fail(2, String::new(), format!("this agent runs node {}, not {n}", self.me));
+        if let Some(n) = node
+            && n != self.me.as_str()
+        {
+            {
+                return Response::fail(
+                    2,
+                    String::new(),
+                    format!("this agent runs node {}, not {n}", self.me),
+                );
             }
         }
         if let Err(why) = compatible(&self.spec, &new, &self.me, &self.identity.public) {
@@ -551,12 +685,18 @@ impl Agent {
             let plan = self.reconcile_inner(true).await;
             self.spec = old;
             return match plan {
-                Ok(p) => Response::ok(format!("Dry run for node {}: nothing is changed.\n{p}", self.me)),
+                Ok(p) => Response::ok(format!(
+                    "Dry run for node {}: nothing is changed.\n{p}",
+                    self.me
+                )),
                 Err(e) => Response::fail(if e.is_input_error() { 2 } else { 1 }, String::new(), e),
             };
         }
         self.update_peers();
-        let names: Vec<NodeName> = encrypted_peers(&self.spec, &self.me).keys().cloned().collect();
+        let names: Vec<NodeName> = encrypted_peers(&self.spec, &self.me)
+            .keys()
+            .cloned()
+            .collect();
         let actions = self.schedule.set_peers(&names, Instant::now());
         let result = self.reconcile().await;
         self.perform(actions).await;
@@ -564,7 +704,11 @@ impl Agent {
             Ok(plan) => {
                 let mut out = plan.to_string();
                 if !plan.is_empty() {
-                    out.push_str(&format!("Applied {} changes on node {}.\n", plan.changes.len(), self.me));
+                    out.push_str(&format!(
+                        "Applied {} changes on node {}.\n",
+                        plan.changes.len(),
+                        self.me
+                    ));
                 }
                 Response::ok(out)
             }
@@ -577,23 +721,52 @@ impl Agent {
             Ok(s) => s,
             Err(e) => return Response::fail(1, String::new(), e),
         };
+        let counters = self.kernel.sa_counters().await.unwrap_or_default();
+        let me = self.node().map(|n| n.address);
         let now = Instant::now();
-        let peers = encrypted_peers(&self.spec, &self.me)
-            .into_iter()
-            .map(|(name, node)| {
-                let session = self.sessions.get(&name).map(|s| now.duration_since(s.since));
-                peer_status(&name, node.address, session, self.schedule.status(&name), now)
-            })
-            .collect();
-        let status = Status::from_kernel(&observed).with_agent(AgentStatus {
-            node: self.me.to_string(),
-            cluster: self.spec.cluster.name.to_string(),
-            uptime_secs: now.duration_since(self.started).as_secs(),
-            in_sync: self.in_sync,
-            last_error: self.last_error.clone(),
-            boot_id: format!("{:016x}", self.boot_id),
-            peers,
-        });
+        let mut peers = Vec::new();
+        for (name, node) in encrypted_peers(&self.spec, &self.me) {
+            let session = self
+                .sessions
+                .get(&name)
+                .map(|s| now.duration_since(s.since));
+            let keys = self.schedule.status(&name);
+            let mut st = peer_status(&name, node.address, session, keys.clone(), now);
+            // Usage per key, matched by SPI from the schedule (not from the text).
+            if let (Some(me), Some(keys)) = (me, keys) {
+                let pairs = [
+                    (&mut st.inbound, &keys.inbound, node.address, me),
+                    (&mut st.outbound, &keys.outbound, me, node.address),
+                ];
+                for (shown, held, src, dst) in pairs {
+                    for (k, info) in shown.iter_mut().zip(held.iter()) {
+                        if let Some(c) = counters.get(&SaId {
+                            src,
+                            dst,
+                            spi: info.spi,
+                        }) {
+                            k.packets = c.packets;
+                            k.bytes = c.bytes;
+                        }
+                    }
+                }
+            }
+            peers.push(st);
+        }
+        let unix_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let status = Status::from_kernel(&observed)
+            .with_counters(&counters, unix_now)
+            .with_agent(AgentStatus {
+                node: self.me.to_string(),
+                cluster: self.spec.cluster.name.to_string(),
+                uptime_secs: now.duration_since(self.started).as_secs(),
+                in_sync: self.in_sync,
+                last_error: self.last_error.clone(),
+                boot_id: format!("{:016x}", self.boot_id),
+                peers,
+            });
         match serde_json::to_string(&status) {
             Ok(json) => Response::ok(json),
             Err(e) => Response::fail(1, String::new(), format!("cannot encode status: {e}")),
@@ -607,19 +780,42 @@ impl Agent {
         timeout: Duration,
         reply: oneshot::Sender<Response>,
     ) -> Option<(oneshot::Sender<Response>, Response)> {
-        let mut peers: Vec<NodeName> = encrypted_peers(&self.spec, &self.me).keys().cloned().collect();
+        let mut peers: Vec<NodeName> = encrypted_peers(&self.spec, &self.me)
+            .keys()
+            .cloned()
+            .collect();
         if let Some(net) = &network {
             let Some(n) = self.spec.networks.iter().find(|n| n.name.as_str() == net) else {
-                return Some((reply, Response::fail(2, String::new(), format!("no network {net} in the spec"))));
+                return Some((
+                    reply,
+                    Response::fail(2, String::new(), format!("no network {net} in the spec")),
+                ));
             };
             if !n.encrypted || !n.has_member(&self.me) {
-                return Some((reply, Response::fail(2, String::new(), format!("network {net} is not an encrypted network of node {}", self.me))));
+                return Some((
+                    reply,
+                    Response::fail(
+                        2,
+                        String::new(),
+                        format!(
+                            "network {net} is not an encrypted network of node {}",
+                            self.me
+                        ),
+                    ),
+                ));
             }
             peers.retain(|p| n.has_member(p));
         }
         if let Some(p) = &peer {
             if !peers.iter().any(|x| x.as_str() == p) {
-                return Some((reply, Response::fail(2, String::new(), format!("{p} is not an encrypted peer of node {}", self.me))));
+                return Some((
+                    reply,
+                    Response::fail(
+                        2,
+                        String::new(),
+                        format!("{p} is not an encrypted peer of node {}", self.me),
+                    ),
+                ));
             }
             peers.retain(|x| x.as_str() == p);
         }
@@ -636,7 +832,13 @@ impl Agent {
             self.perform(actions).await;
             waiting.push(p);
         }
-        self.rotations.push(PendingRotation { peers: waiting, failed, since: now, deadline: now + timeout, reply });
+        self.rotations.push(PendingRotation {
+            peers: waiting,
+            failed,
+            since: now,
+            deadline: now + timeout,
+            reply,
+        });
         None
     }
 
@@ -649,12 +851,17 @@ impl Agent {
             r.peers.retain(|p| !self.schedule.rotated_since(p, r.since));
             if r.peers.is_empty() || now >= r.deadline {
                 for p in &r.peers {
-                    r.failed.push(format!("{p}: no new keys in use within the timeout"));
+                    r.failed
+                        .push(format!("{p}: no new keys in use within the timeout"));
                 }
                 let response = if r.failed.is_empty() {
                     Response::ok("Rotated: new keys in use with every peer.\n".into())
                 } else {
-                    Response::fail(1, String::new(), format!("not rotated: {}", r.failed.join("; ")))
+                    Response::fail(
+                        1,
+                        String::new(),
+                        format!("not rotated: {}", r.failed.join("; ")),
+                    )
                 };
                 let _ = r.reply.send(response);
             } else {
@@ -673,18 +880,29 @@ fn peer_status(
     now: Instant,
 ) -> PeerStatus {
     let key = |k: &crate::keys::schedule::KeyInfo| KeyStatus {
-        generation: k.generation,
+        // The low half counts keys; the high half is the receiver's epoch (boot).
+        generation: k.generation & 0xffff_ffff,
         spi: format!("0x{:08x}", k.spi),
-        age_secs: k.installed_at.map_or(0, |t| now.saturating_duration_since(t).as_secs()),
+        age_secs: k
+            .installed_at
+            .map_or(0, |t| now.saturating_duration_since(t).as_secs()),
         state: k.state.to_string(),
+        bytes: 0,
+        packets: 0,
     };
     PeerStatus {
         name: name.to_string(),
         address: address.to_string(),
         connected: session.is_some(),
         connected_secs: session.map(|d| d.as_secs()),
-        inbound: keys.as_ref().map(|k| k.inbound.iter().map(key).collect()).unwrap_or_default(),
-        outbound: keys.as_ref().map(|k| k.outbound.iter().map(key).collect()).unwrap_or_default(),
+        inbound: keys
+            .as_ref()
+            .map(|k| k.inbound.iter().map(key).collect())
+            .unwrap_or_default(),
+        outbound: keys
+            .as_ref()
+            .map(|k| k.outbound.iter().map(key).collect())
+            .unwrap_or_default(),
         next_rotation_secs: keys
             .as_ref()
             .and_then(|k| k.next_rotation)
@@ -694,7 +912,10 @@ fn peer_status(
 
 fn check_identity(node: &Node, identity: &Identity) -> Result<(), AgentError> {
     if node.public_key != Some(identity.public) {
-        return Err(AgentError::KeyMismatch { node: node.name.to_string(), found: identity.public.to_base64() });
+        return Err(AgentError::KeyMismatch {
+            node: node.name.to_string(),
+            found: identity.public.to_base64(),
+        });
     }
     Ok(())
 }
@@ -706,21 +927,35 @@ fn compatible(old: &Spec, new: &Spec, me: &NodeName, key: &PublicKey) -> Result<
     };
     let old_node = old.node(me);
     if old_node.map(|n| n.address) != Some(node.address) {
-        return Err(format!("node {me}'s address changed: restart the agent to apply that"));
+        return Err(format!(
+            "node {me}'s address changed: restart the agent to apply that"
+        ));
     }
     if node.public_key != Some(*key) {
-        return Err(format!("node {me}'s publicKey in the new spec is not this agent's key"));
+        return Err(format!(
+            "node {me}'s publicKey in the new spec is not this agent's key"
+        ));
     }
-    if old.cluster.name != new.cluster.name || old.cluster.control_port != new.cluster.control_port {
-        return Err("the cluster name or controlPort changed: restart the agent to apply that".into());
+    if old.cluster.name != new.cluster.name || old.cluster.control_port != new.cluster.control_port
+    {
+        return Err(
+            "the cluster name or controlPort changed: restart the agent to apply that".into(),
+        );
     }
     Ok(())
 }
 
 fn create_state_dir(dir: &std::path::Path) -> Result<(), AgentError> {
     use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
-    let err = |source| AgentError::StateDir { path: dir.display().to_string(), source };
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err)?;
+    let err = |source| AgentError::StateDir {
+        path: dir.display().to_string(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(err)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
     Ok(())
 }
@@ -728,7 +963,9 @@ fn create_state_dir(dir: &std::path::Path) -> Result<(), AgentError> {
 fn spawn_api_server(listener: tokio::net::UnixListener, events: mpsc::UnboundedSender<Event>) {
     tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
             let events = events.clone();
             tokio::spawn(async move {
                 let response = match api::read_request(&mut stream).await {
@@ -743,7 +980,9 @@ fn spawn_api_server(listener: tokio::net::UnixListener, events: mpsc::UnboundedS
                         }
                         match answer.await {
                             Ok(r) => r,
-                            Err(_) => Response::fail(1, String::new(), "the agent dropped the request"),
+                            Err(_) => {
+                                Response::fail(1, String::new(), "the agent dropped the request")
+                            }
                         }
                     }
                 };

@@ -32,10 +32,24 @@ pub struct AgentConfig {
 
 /// Everything the agent's state-owning task reacts to.
 pub(crate) enum Event {
-    Connected { peer: NodeName, session: u64, outbox: mpsc::Sender<Message> },
-    Disconnected { peer: NodeName, session: u64 },
-    Received { peer: NodeName, session: u64, msg: Message },
-    Api { request: api::Request, reply: oneshot::Sender<api::Response> },
+    Connected {
+        peer: NodeName,
+        session: u64,
+        outbox: mpsc::Sender<Message>,
+    },
+    Disconnected {
+        peer: NodeName,
+        session: u64,
+    },
+    Received {
+        peer: NodeName,
+        session: u64,
+        msg: Message,
+    },
+    Api {
+        request: api::Request,
+        reply: oneshot::Sender<api::Response>,
+    },
 }
 
 /// Runs the agent until SIGTERM or SIGINT. The kernel state is left in place when it

@@ -34,7 +34,9 @@ pub type Allowed = Arc<RwLock<BTreeMap<[u8; 32], NodeName>>>;
 fn jitter(d: Duration) -> Duration {
     use ring::rand::SecureRandom as _;
     let mut b = [0u8; 2];
-    let r = ring::rand::SystemRandom::new().fill(&mut b).map_or(0, |_| u16::from_be_bytes(b));
+    let r = ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_or(0, |_| u16::from_be_bytes(b));
     // 0.75 ..= 1.25 of d
     d.mul_f64(0.75 + f64::from(r) / f64::from(u16::MAX) / 2.0)
 }
@@ -62,8 +64,12 @@ pub fn spawn_listener(
                 tracing::warn!(%remote, "too many handshakes in progress; dropping connection");
                 continue;
             };
-            let (identity, cluster, allowed, events) =
-                (identity.clone(), cluster.clone(), allowed.clone(), events.clone());
+            let (identity, cluster, allowed, events) = (
+                identity.clone(),
+                cluster.clone(),
+                allowed.clone(),
+                events.clone(),
+            );
             tokio::spawn(async move {
                 let _ = stream.set_nodelay(true);
                 let check = |key: &PublicKey| allowed.read().is_ok_and(|a| a.contains_key(&key.0));
@@ -77,7 +83,9 @@ pub fn spawn_listener(
                                 tracing::info!(%peer, %remote, "control session accepted");
                                 run_session(peer, session, events).await;
                             }
-                            None => tracing::warn!(%remote, "peer left the spec during the handshake"),
+                            None => {
+                                tracing::warn!(%remote, "peer left the spec during the handshake")
+                            }
                         }
                     }
                     Err(e) => tracing::warn!(%remote, error = %e, "control connection refused"),
@@ -141,7 +149,14 @@ async fn run_session(
     let id = SESSION_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (mut reader, mut writer) = session.split();
     let (outbox, mut queued) = mpsc::channel::<Message>(OUTBOX_DEPTH);
-    if events.send(Event::Connected { peer: peer.clone(), session: id, outbox }).is_err() {
+    if events
+        .send(Event::Connected {
+            peer: peer.clone(),
+            session: id,
+            outbox,
+        })
+        .is_err()
+    {
         return;
     }
     let writer_peer = peer.clone();

@@ -13,6 +13,10 @@ pub fn run(common: &Common, args: &SpecFile) -> Result<(), Failure> {
         key: common.key.clone(),
     };
     super::runtime()?.block_on(agent::run(config)).map_err(|e| {
-        if e.is_input_error() { Failure::input(e) } else { Failure::runtime(e) }
+        if e.is_input_error() {
+            Failure::input(e)
+        } else {
+            Failure::runtime(e)
+        }
     })
 }

@@ -34,7 +34,10 @@ pub fn run(common: &Common, args: &RotateArgs) -> Result<(), Failure> {
         })?;
     print!("{}", response.output);
     match response.error {
-        Some(e) => Err(Failure { code: response.code.max(1), message: e }),
+        Some(e) => Err(Failure {
+            code: response.code.max(1),
+            message: e,
+        }),
         None => Ok(()),
     }
 }

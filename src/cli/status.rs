@@ -22,16 +22,27 @@ pub struct StatusArgs {
 pub fn run(common: &Common, args: &StatusArgs) -> Result<(), Failure> {
     let status = runtime()?.block_on(async {
         // The agent knows sessions and keys; without one, the kernel's view alone.
-        if let Some(r) = api::call(&common.socket, &Request::Status).await.map_err(Failure::runtime)? {
+        if let Some(r) = api::call(&common.socket, &Request::Status)
+            .await
+            .map_err(Failure::runtime)?
+        {
             if let Some(e) = r.error {
-                return Err(Failure { code: r.code.max(1), message: e });
+                return Err(Failure {
+                    code: r.code.max(1),
+                    message: e,
+                });
             }
-            return serde_json::from_str::<Status>(&r.output)
-                .map_err(|e| Failure::runtime(format!("the agent's status was not understood: {e}")));
+            return serde_json::from_str::<Status>(&r.output).map_err(|e| {
+                Failure::runtime(format!("the agent's status was not understood: {e}"))
+            });
         }
         let kernel = Kernel::connect().map_err(Failure::runtime)?;
         let state = kernel.dump().await.map_err(Failure::runtime)?;
-        Ok(Status::from_kernel(&state))
+        let counters = kernel.sa_counters().await.map_err(Failure::runtime)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Ok(Status::from_kernel(&state).with_counters(&counters, now))
     })?;
     match args.output {
         Format::Table => print!("{status}"),

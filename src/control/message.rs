@@ -225,7 +225,10 @@ mod tests {
         expected.extend_from_slice(&[0xc0, 0xde, 0, 1]);
         expected.extend_from_slice(key(1).expose());
         assert_eq!(bytes, expected);
-        assert_eq!(encode(1, &Message::Keepalive), [1, 5, 0, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(
+            encode(1, &Message::Keepalive),
+            [1, 5, 0, 0, 0, 0, 0, 0, 0, 1]
+        );
         assert_eq!(
             encode(2, &Message::Hello { boot_id: 3 }),
             [1, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 3]
@@ -255,16 +258,22 @@ mod tests {
 
     #[test]
     fn malformed_messages_are_refused() {
-        let good = encode(1, &Message::KeyAck {
-            generation: 1,
-            spi: 2,
-        });
+        let good = encode(
+            1,
+            &Message::KeyAck {
+                generation: 1,
+                spi: 2,
+            },
+        );
         assert_eq!(decode(&[]), Err(DecodeError::TooShort { len: 0 }));
         assert_eq!(decode(&good[..9]), Err(DecodeError::TooShort { len: 9 }));
 
         let mut version = good.clone();
         version[0] = 2;
-        assert_eq!(decode(&version), Err(DecodeError::UnknownVersion { version: 2 }));
+        assert_eq!(
+            decode(&version),
+            Err(DecodeError::UnknownVersion { version: 2 })
+        );
 
         for kind in [0u8, 6, 255] {
             let mut unknown = good.clone();
@@ -322,7 +331,10 @@ mod tests {
         let mut long = encode(1, &msg);
         long.push(0);
         let err = decode(&long).unwrap_err().to_string();
-        assert!(!err.contains(&hex_lower) && !err.contains(decimal_inner), "{err}");
+        assert!(
+            !err.contains(&hex_lower) && !err.contains(decimal_inner),
+            "{err}"
+        );
     }
 
     fn any_message() -> impl Strategy<Value = Message> {

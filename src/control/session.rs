@@ -368,7 +368,10 @@ impl<S: AsyncRead> SessionReader<S> {
         plain.zeroize();
         self.nonce = self.nonce.checked_add(1).ok_or(SessionError::Exhausted)?;
         let (seq, msg) = decoded?;
-        let expected = self.last_seq.checked_add(1).ok_or(SessionError::Exhausted)?;
+        let expected = self
+            .last_seq
+            .checked_add(1)
+            .ok_or(SessionError::Exhausted)?;
         if seq != expected {
             return Err(SessionError::Sequence { expected, got: seq });
         }
@@ -409,7 +412,10 @@ impl<S: AsyncWrite> SessionWriter<S> {
         // Stays set if this future is dropped mid-write, or on any error below.
         self.ended = true;
         let nonce = self.next_seq - 1;
-        let next_seq = self.next_seq.checked_add(1).ok_or(SessionError::Exhausted)?;
+        let next_seq = self
+            .next_seq
+            .checked_add(1)
+            .ok_or(SessionError::Exhausted)?;
         let mut plain = encode(seq, msg);
         if plain.len() > MAX_PLAINTEXT {
             plain.zeroize();

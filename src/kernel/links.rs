@@ -2,7 +2,8 @@
 //!
 //! - [`dump`]: what the controller owns, from one link dump, one address dump and one
 //!   bridge FDB dump (never one request per link);
-//! - [`execute`]: one [`Change`] of a plan;
+//! - [`execute`]: one [`Change`] of a plan (`Kernel::execute` runs whole plans, many
+//!   requests per `send()`, with the same requests: `exec`);
 //! - [`underlay_for`] / [`local_addresses`]: which local interface holds an address.
 //!
 //! Ownership follows [`crate::state::ownership`]: a link is ours when its name has one
@@ -16,13 +17,12 @@
 //! anything else with that name is reported as a [`KernelError::ForeignLink`].
 
 mod dump;
+mod exec;
 
 use std::net::IpAddr;
 
-use futures::{StreamExt, TryStreamExt};
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
-};
+use futures::StreamExt;
+use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
@@ -30,71 +30,48 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVxlan};
 
 pub use dump::{dump, local_addresses, underlay_for};
+pub(super) use exec::{Indexes, Step, is_link_change, prepare};
 
 use super::KernelError;
 use crate::plan::Change;
-use crate::state::{Address, FdbEntry, IfName, Link, LinkKind};
+use crate::state::{Link, LinkKind};
 
 const EEXIST: i32 = libc::EEXIST;
 const ENODEV: i32 = libc::ENODEV;
 
-/// Runs one link, address or FDB change. XFRM changes are refused with
-/// [`KernelError::Unsupported`].
+/// Runs one link, address or FDB change, one request at a time. XFRM changes are refused
+/// with [`KernelError::Unsupported`].
 pub async fn execute(route: &rtnetlink::Handle, change: &Change) -> Result<(), KernelError> {
     let op = change.to_string();
-    match change {
-        Change::CreateLink(link) => create_link(route, link, &op).await,
-        Change::DeleteLink(link) => {
-            let msg = LinkUnspec::new_with_name(link.name.as_str()).build();
-            let result = route.link().del_with_message(msg).execute().await;
-            result.map_err(|e| refused(&op, e))
-        }
-        Change::SetMtu { link, to, .. } => {
-            change_link(
-                route,
-                &op,
-                LinkUnspec::new_with_name(link.as_str()).mtu(*to),
-            )
-            .await
-        }
-        Change::SetMaster { link, to, .. } => {
-            // IFLA_MASTER 0 is `nomaster`.
-            let master = match to {
-                Some(m) => index_of(route, m, &op).await?,
-                None => 0,
-            };
-            let msg = LinkUnspec::new_with_name(link.as_str()).controller(master);
-            change_link(route, &op, msg).await
-        }
-        Change::SetAlias { link, to, .. } => {
-            change_link(
-                route,
-                &op,
-                LinkUnspec::new_with_name(link.as_str()).alias(to),
-            )
-            .await
-        }
-        Change::SetUp { link } => {
-            change_link(route, &op, LinkUnspec::new_with_name(link.as_str()).up()).await
-        }
-        Change::AddAddress(a) => add_address(route, a, &op).await,
-        Change::DeleteAddress(a) => delete_address(route, a, &op).await,
-        Change::AddFdb(e) => add_fdb(route, e, &op).await,
-        Change::DeleteFdb(e) => delete_fdb(route, e, &op).await,
-        Change::PutPolicy { .. }
-        | Change::DeletePolicy(_)
-        | Change::AddSa(_)
-        | Change::DeleteSa(_) => Err(KernelError::Unsupported {
-            operation: op,
-            executor: "link",
-        }),
+    let mut indexes = Indexes::default();
+    match prepare(route, change, &mut indexes, &op).await? {
+        Step::Alone => match change {
+            Change::CreateLink(link) => create_link(route, link, &op, &mut indexes).await,
+            _ => Err(KernelError::Unsupported {
+                operation: op,
+                executor: "link",
+            }),
+        },
+        Step::Request(r) => match request_ack(route, r.message, r.flags).await {
+            Err(e) if errno(&e).is_some_and(|n| r.tolerated.contains(&n)) => Ok(()),
+            other => other.map_err(|e| refused(&op, e)),
+        },
     }
 }
 
 /// Creates the link down, with MTU and master, then marks it as ours with the alias.
-async fn create_link(route: &rtnetlink::Handle, link: &Link, op: &str) -> Result<(), KernelError> {
+///
+/// `indexes` resolves the master and the underlay; the new link's name is forgotten
+/// there (its index is looked up when something needs it).
+pub(super) async fn create_link(
+    route: &rtnetlink::Handle,
+    link: &Link,
+    op: &str,
+    indexes: &mut Indexes,
+) -> Result<(), KernelError> {
+    indexes.forget(&link.name);
     let master = match &link.master {
-        Some(m) => Some(index_of(route, m, op).await?),
+        Some(m) => Some(indexes.resolve(route, m, op).await?),
         None => None,
     };
     let msg = match &link.kind {
@@ -107,7 +84,7 @@ async fn create_link(route: &rtnetlink::Handle, link: &Link, op: &str) -> Result
             }
         }
         LinkKind::Vxlan(p) => {
-            let dev = index_of(route, &p.underlay, op).await?;
+            let dev = indexes.resolve(route, &p.underlay, op).await?;
             let b = LinkVxlan::new(link.name.as_str(), p.vni)
                 .dev(dev)
                 .port(p.port)
@@ -209,62 +186,9 @@ async fn change_link(
         .map_err(|e| refused(op, e))
 }
 
-/// The index of a link by name.
-async fn index_of(route: &rtnetlink::Handle, name: &IfName, op: &str) -> Result<u32, KernelError> {
-    let mut links = route.link().get().match_name(name.as_str()).execute();
-    match links.try_next().await {
-        Ok(Some(msg)) => Ok(msg.header.index),
-        Ok(None) => Err(KernelError::LinkNotFound {
-            operation: op.to_owned(),
-            link: name.to_string(),
-        }),
-        Err(e) if errno(&e) == Some(ENODEV) => Err(KernelError::LinkNotFound {
-            operation: op.to_owned(),
-            link: name.to_string(),
-        }),
-        Err(e) => Err(refused(op, e)),
-    }
-}
-
-async fn add_address(route: &rtnetlink::Handle, a: &Address, op: &str) -> Result<(), KernelError> {
-    let index = index_of(route, &a.link, op).await?;
-    // NLM_F_REPLACE: an address already on the bridge with a finite lifetime (not one
-    // of ours, so not in the dump) becomes a permanent one instead of failing with
-    // EEXIST on every apply.
-    let request = route
-        .address()
-        .add(index, a.addr.addr(), a.addr.prefix_len())
-        .replace();
-    request.execute().await.map_err(|e| refused(op, e))
-}
-
-async fn delete_address(
-    route: &rtnetlink::Handle,
-    a: &Address,
-    op: &str,
-) -> Result<(), KernelError> {
-    let index = index_of(route, &a.link, op).await?;
-    let msg = match a.addr.addr() {
-        IpAddr::V4(ip) => rtnetlink::AddressMessageBuilder::<std::net::Ipv4Addr>::new()
-            .index(index)
-            .address(ip, a.addr.prefix_len())
-            .build(),
-        IpAddr::V6(ip) => rtnetlink::AddressMessageBuilder::<std::net::Ipv6Addr>::new()
-            .index(index)
-            .address(ip, a.addr.prefix_len())
-            .build(),
-    };
-    route
-        .address()
-        .del(msg)
-        .execute()
-        .await
-        .map_err(|e| refused(op, e))
-}
-
 /// The bridge-family neighbour message of a head-end replication entry:
 /// `00:00:00:00:00:00 dst REMOTE self permanent` on the VXLAN device.
-fn fdb_message(index: u32, remote: IpAddr) -> NeighbourMessage {
+pub(super) fn fdb_message(index: u32, remote: IpAddr) -> NeighbourMessage {
     let mut msg = NeighbourMessage::default();
     msg.header.family = AddressFamily::Bridge;
     msg.header.ifindex = index;
@@ -281,42 +205,14 @@ fn fdb_message(index: u32, remote: IpAddr) -> NeighbourMessage {
     msg
 }
 
-/// `bridge fdb append`: the neighbour request of rtnetlink only offers EXCL or REPLACE,
-/// and REPLACE would overwrite the previous all-zero entry instead of adding a remote,
-/// so NLM_F_APPEND is set by hand.
-async fn add_fdb(route: &rtnetlink::Handle, e: &FdbEntry, op: &str) -> Result<(), KernelError> {
-    let index = index_of(route, &e.link, op).await?;
-    let msg = RouteNetlinkMessage::NewNeighbour(fdb_message(index, e.remote));
-    match request_ack(
-        route,
-        msg,
-        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND,
-    )
-    .await
-    {
-        Err(err) if errno(&err) == Some(EEXIST) => Ok(()),
-        other => other.map_err(|err| refused(op, err)),
-    }
-}
-
-/// Deletes only the remote `e.remote` of the all-zero entry (the kernel keeps the
-/// others).
-async fn delete_fdb(route: &rtnetlink::Handle, e: &FdbEntry, op: &str) -> Result<(), KernelError> {
-    let index = index_of(route, &e.link, op).await?;
-    let msg = RouteNetlinkMessage::DelNeighbour(fdb_message(index, e.remote));
-    request_ack(route, msg, NLM_F_REQUEST | NLM_F_ACK)
-        .await
-        .map_err(|err| refused(op, err))
-}
-
-/// Sends one request with the given header flags and waits for its ACK.
+/// Sends one request (`NLM_F_REQUEST | NLM_F_ACK | flags`) and waits for its ACK.
 async fn request_ack(
     route: &rtnetlink::Handle,
     msg: RouteNetlinkMessage,
     flags: u16,
 ) -> Result<(), rtnetlink::Error> {
     let mut req = NetlinkMessage::from(msg);
-    req.header.flags = flags;
+    req.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
     let mut response = route.clone().request(req)?;
     while let Some(answer) = response.next().await {
         if let NetlinkPayload::Error(err) = answer.payload {

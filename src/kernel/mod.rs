@@ -1,18 +1,23 @@
 //! The only module that talks to the kernel (netlink). Everything else is pure.
 //!
 //! - [`links`]: links, bridges, VXLAN devices, addresses and FDB entries (rtnetlink);
-//! - [`xfrm`]: XFRM states and policies (xfrmnetlink / netlink-packet-xfrm).
+//! - [`xfrm`]: XFRM states and policies (xfrmnetlink / netlink-packet-xfrm);
+//! - `batch`: many requests per `send()`, for [`Kernel::execute`].
 //!
 //! A [`Kernel`] works in the network namespace of the thread that opened it.
 
+mod batch;
+pub mod counters;
 pub mod links;
 pub mod monitor;
 pub mod xfrm;
 
 use std::net::IpAddr;
 
+use batch::{BatchError, BatchSocket};
+
 use crate::plan::Change;
-use crate::state::{IfName, KernelState};
+use crate::state::{IfName, KernelState, PolicyAction};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -90,6 +95,9 @@ pub struct Underlay {
 pub struct Kernel {
     pub(crate) route: rtnetlink::Handle,
     pub(crate) xfrm: xfrmnetlink::Handle,
+    /// The sockets of [`Kernel::execute`]'s batches (one batch at a time on each).
+    route_batch: tokio::sync::Mutex<BatchSocket>,
+    xfrm_batch: tokio::sync::Mutex<BatchSocket>,
     /// ESP support does not change while we run: probe once per address family.
     esp_ok: std::sync::Mutex<std::collections::BTreeSet<bool>>,
 }
@@ -102,7 +110,25 @@ impl Kernel {
         tokio::spawn(conn);
         let (conn, xfrm, _) = xfrmnetlink::new_connection().map_err(KernelError::Connect)?;
         tokio::spawn(conn);
-        Ok(Kernel { route, xfrm, esp_ok: Default::default() })
+        let route_batch = BatchSocket::open(netlink_sys::constants::NETLINK_ROUTE)
+            .map_err(KernelError::Connect)?;
+        let xfrm_batch = BatchSocket::open(netlink_sys::constants::NETLINK_XFRM)
+            .map_err(KernelError::Connect)?;
+        Ok(Kernel {
+            route,
+            xfrm,
+            route_batch: tokio::sync::Mutex::new(route_batch),
+            xfrm_batch: tokio::sync::Mutex::new(xfrm_batch),
+            esp_ok: Default::default(),
+        })
+    }
+
+    /// Usage counters of our SAs (a separate dump: counters never enter a plan).
+    pub async fn sa_counters(
+        &self,
+    ) -> Result<std::collections::BTreeMap<crate::state::SaId, counters::SaCounters>, KernelError>
+    {
+        counters::sa_counters(&self.xfrm).await
     }
 
     /// Everything the controller owns in this namespace.
@@ -116,17 +142,86 @@ impl Kernel {
 
     /// Runs the changes in the given order, stopping at the first failure. The plan's
     /// order is what keeps every intermediate state safe, so it is never reordered here.
+    ///
+    /// # Many requests per send
+    ///
+    /// Consecutive changes of the same phase (same kind: policy puts of one rank, SA
+    /// adds, FDB appends, ...) are sent as one buffer of requests per `send()` (up to
+    /// ~1000, see `batch`), each acknowledged by sequence number, with a deadline.
+    /// Before the first change of the next phase, every request of the previous one is
+    /// acknowledged, so the plan's phase order holds exactly as if the changes ran one by
+    /// one. Link creation runs on its own (two requests and a possible adoption).
+    ///
+    /// Ownership checks (never replace or delete a foreign XFRM object) use one policy
+    /// dump and one state dump taken here, when the plan needs them, and the kernel's
+    /// own refusal to create over a taken slot; see `xfrm::exec` for the race that
+    /// remains. Interface indexes come from one link dump taken here.
+    ///
+    /// # Errors
+    ///
+    /// The first change whose request fails is reported with its `Display` text and
+    /// the kernel's errno ([`KernelError::Refused`]), or why it was not sent (foreign
+    /// object, missing link). Nothing is sent after the buffer that held it; changes
+    /// of the same phase that followed it *in that buffer* may have been applied. That
+    /// is accepted because apply is idempotent and convergent: the next reconcile
+    /// repairs or finishes whatever a failed one leaves.
     pub async fn execute(&self, changes: &[Change]) -> Result<(), KernelError> {
-        for change in changes {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut ownership = xfrm::Ownership::load(&self.xfrm, changes).await?;
+        let mut indexes = links::Indexes::load(&self.route, changes).await?;
+        let mut xfrm_socket = self.xfrm_batch.lock().await;
+        let mut route_socket = self.route_batch.lock().await;
+        let mut xfrm_batch = xfrm_socket.batch();
+        let mut route_batch = route_socket.batch();
+        let failed = |e: BatchError| batch_error(changes, e);
+
+        let mut phase = None;
+        for (i, change) in changes.iter().enumerate() {
+            let this = phase_of(change);
+            if phase != Some(this) {
+                xfrm_batch.flush().await.map_err(failed)?;
+                route_batch.flush().await.map_err(failed)?;
+                phase = Some(this);
+            }
             tracing::debug!(%change, "kernel change");
-            match change {
-                Change::PutPolicy { .. }
-                | Change::DeletePolicy(_)
-                | Change::AddSa(_)
-                | Change::DeleteSa(_) => xfrm::execute(&self.xfrm, change).await?,
-                _ => links::execute(&self.route, change).await?,
+            if !links::is_link_change(change) {
+                match ownership.prepare(&self.xfrm, change, i).await {
+                    Ok(Some(request)) => xfrm_batch.push(request).await.map_err(failed)?,
+                    Ok(None) => {}
+                    Err(e) => {
+                        xfrm_batch.flush().await.map_err(failed)?;
+                        return Err(e);
+                    }
+                }
+                continue;
+            }
+            let op = || change.to_string();
+            match links::prepare(&self.route, change, &mut indexes, &op()).await {
+                Ok(links::Step::Request(r)) => {
+                    let mut message = netlink_packet_core::NetlinkMessage::from(r.message);
+                    let request = batch::Request {
+                        bytes: batch::encode(&mut message, r.flags),
+                        tag: i,
+                        tolerated: r.tolerated,
+                    };
+                    route_batch.push(request).await.map_err(failed)?;
+                }
+                Ok(links::Step::Alone) => {
+                    route_batch.flush().await.map_err(failed)?;
+                    if let Change::CreateLink(link) = change {
+                        links::create_link(&self.route, link, &op(), &mut indexes).await?;
+                    }
+                }
+                Err(e) => {
+                    route_batch.flush().await.map_err(failed)?;
+                    return Err(e);
+                }
             }
         }
+        xfrm_batch.flush().await.map_err(failed)?;
+        route_batch.flush().await.map_err(failed)?;
         Ok(())
     }
 
@@ -149,10 +244,10 @@ impl Kernel {
             return Ok(());
         }
         let result = self.probe_esp(family_of).await;
-        if result.is_ok() {
-            if let Ok(mut ok) = self.esp_ok.lock() {
-                ok.insert(v6);
-            }
+        if result.is_ok()
+            && let Ok(mut ok) = self.esp_ok.lock()
+        {
+            ok.insert(v6);
         }
         result
     }
@@ -190,4 +285,63 @@ fn probe_esp_in_scratch_netns(family_of: std::net::IpAddr) -> Result<(), KernelE
         };
         xfrm::check_esp(&xfrm, probe_addr).await
     })
+}
+
+/// Changes of one phase of a plan share buffers; a new phase starts after every request
+/// of the previous one is acknowledged. The phases are the kinds of change, with policy
+/// puts split by rank as the plan orders them (block catch-all, require-ESP catch-all,
+/// per pair) and policy deletes into per-pair and catch-all.
+fn phase_of(change: &Change) -> (u8, u8) {
+    match change {
+        Change::PutPolicy { policy, .. } => {
+            let rank = match policy.action {
+                PolicyAction::Block => 0,
+                PolicyAction::Esp { src: None, .. } => 1,
+                PolicyAction::Esp { .. } => 2,
+            };
+            (0, rank)
+        }
+        Change::DeletePolicy(id) => (1, u8::from(id.selector.src.prefix_len() == 0)),
+        Change::AddSa(_) => (2, 0),
+        Change::DeleteSa(_) => (3, 0),
+        Change::CreateLink(_) => (4, 0),
+        Change::DeleteLink(_) => (5, 0),
+        Change::SetMtu { .. } => (6, 0),
+        Change::SetMaster { .. } => (7, 0),
+        Change::SetAlias { .. } => (8, 0),
+        Change::SetUp { .. } => (9, 0),
+        Change::AddAddress(_) => (10, 0),
+        Change::DeleteAddress(_) => (11, 0),
+        Change::AddFdb(_) => (12, 0),
+        Change::DeleteFdb(_) => (13, 0),
+    }
+}
+
+/// A batch failure as the error of the change it belongs to.
+fn batch_error(changes: &[Change], e: BatchError) -> KernelError {
+    let op = |tag: usize| {
+        changes
+            .get(tag)
+            .map_or_else(|| format!("change #{tag}"), ToString::to_string)
+    };
+    match e {
+        BatchError::Refused { tag, errno } => KernelError::Refused {
+            operation: op(tag),
+            source: std::io::Error::from_raw_os_error(errno),
+        },
+        BatchError::Send { tag, source } => KernelError::Netlink {
+            operation: op(tag),
+            message: format!("sending the batch failed: {source}"),
+        },
+        BatchError::Receive { tag, source } => KernelError::Netlink {
+            operation: op(tag),
+            message: format!(
+                "reading the acknowledgements failed (changes from this one on may or may not have been applied): {source}"
+            ),
+        },
+        BatchError::Timeout { tag, waited } => KernelError::Netlink {
+            operation: op(tag),
+            message: format!("no acknowledgement within {} s", waited.as_secs()),
+        },
+    }
 }

@@ -31,7 +31,8 @@ pub struct SaExpired {
 
 /// Sends `()` for every link or address change in this namespace.
 pub fn link_events() -> Result<mpsc::UnboundedReceiver<()>, KernelError> {
-    let (mut conn, _handle, mut messages) = rtnetlink::new_connection().map_err(KernelError::Connect)?;
+    let (mut conn, _handle, mut messages) =
+        rtnetlink::new_connection().map_err(KernelError::Connect)?;
     let groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR;
     conn.socket_mut()
         .socket_mut()
@@ -51,7 +52,8 @@ pub fn link_events() -> Result<mpsc::UnboundedReceiver<()>, KernelError> {
 
 /// Sends every XFRM expire event of this namespace (ours or not: the receiver filters).
 pub fn sa_expiry_events() -> Result<mpsc::UnboundedReceiver<SaExpired>, KernelError> {
-    let (mut conn, _handle, mut messages) = xfrmnetlink::new_connection().map_err(KernelError::Connect)?;
+    let (mut conn, _handle, mut messages) =
+        xfrmnetlink::new_connection().map_err(KernelError::Connect)?;
     conn.socket_mut()
         .socket_mut()
         .bind(&SocketAddr::new(0, XFRMGRP_EXPIRE))
@@ -63,7 +65,9 @@ pub fn sa_expiry_events() -> Result<mpsc::UnboundedReceiver<SaExpired>, KernelEr
             let NetlinkPayload::InnerMessage(XfrmMessage::Expire(expire)) = msg.payload else {
                 continue;
             };
-            let Some(event) = super::xfrm::expire_event(&expire) else { continue };
+            let Some(event) = super::xfrm::expire_event(&expire) else {
+                continue;
+            };
             if tx.send(event).is_err() {
                 break;
             }

@@ -11,10 +11,13 @@
 //! marks, a priority range) is needed.
 //! [`ownership::REQID_MAX`] is reserved for the throwaway SA of [`check_esp`].
 //!
-//! Before replacing or deleting anything, the executor asks the kernel what occupies
-//! that slot (policy: selector + direction; SA: destination + SPI) and refuses with
-//! [`KernelError::ForeignXfrm`] when it is not ours: a plan computed from a stale dump
-//! never clobbers strongSwan's objects.
+//! Before replacing or deleting anything, the executor looks up what occupies that slot
+//! (policy: selector + direction; SA: destination + SPI) in one dump taken when
+//! `Kernel::execute` starts, and refuses with [`KernelError::ForeignXfrm`] when it is
+//! not ours; creations use the kernel's own refusal (NEWPOLICY and NEWSA fail with
+//! EEXIST on a taken slot). So a plan computed from a stale dump never clobbers
+//! strongSwan's objects; the race that remains is described in `exec`.
+//! The requests of a plan are sent many per `send()` (`kernel::batch`).
 //!
 //! # Kernel encoding
 //!
@@ -46,10 +49,13 @@
 //! keys (dumps, GETSA) are zeroed after decoding. Errors and logs name SPIs and
 //! addresses, never keys.
 
+mod exec;
 mod policy;
 mod sa;
 #[cfg(test)]
 mod tests;
+
+pub(super) use exec::Ownership;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -62,7 +68,6 @@ use netlink_packet_core::{
 use netlink_packet_xfrm::{AF_INET, AF_INET6, Address, XfrmMessage};
 
 use super::KernelError;
-use crate::plan::Change;
 use crate::state::{Policy, PolicyId, Sa, SaId, ownership};
 
 /// How long one request (or a whole dump) may take before we give up on the kernel's
@@ -85,22 +90,6 @@ pub async fn dump(
     Ok((policies, sas))
 }
 
-/// Runs one XFRM change of a plan; anything else is refused with
-/// [`KernelError::Unsupported`].
-pub async fn execute(h: &xfrmnetlink::Handle, change: &Change) -> Result<(), KernelError> {
-    let op = change.to_string();
-    match change {
-        Change::PutPolicy { policy, .. } => policy::put(h, policy, &op).await,
-        Change::DeletePolicy(id) => policy::delete(h, id, &op).await,
-        Change::AddSa(sa) => sa::add(h, sa, &op).await,
-        Change::DeleteSa(id) => sa::delete(h, id, &op).await,
-        _ => Err(KernelError::Unsupported {
-            operation: op,
-            executor: "XFRM",
-        }),
-    }
-}
-
 /// Fails with [`KernelError::NoEsp`] when this kernel cannot install the SAs we need: an
 /// ESP transport SA with `rfc4106(gcm(aes))`, a 36-byte key, ICV 128, ESN and a replay
 /// window, encoded exactly like ours. Adds one throwaway SA (reqid [`PROBE_REQID`],
@@ -119,6 +108,16 @@ enum Owned<T> {
     Ours(T),
     /// Ours by reqid, but no id of the model can address it.
     Unaddressable { reason: String },
+}
+
+/// Who holds a policy slot that one of our [`PolicyId`]s addresses.
+#[derive(Debug)]
+enum Occupant {
+    Ours,
+    /// Someone else's: never replaced or deleted.
+    Foreign {
+        detail: String,
+    },
 }
 
 /// A failed netlink exchange, before it gets its operation name.

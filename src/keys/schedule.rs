@@ -119,10 +119,9 @@ pub const ROTATION_JITTER_PERCENT: u32 = 15;
 /// [`GRACE`]); more only while offers go unacknowledged (rotations faster than the
 /// peer answers, sessions that keep dropping). When a new offer would exceed the bound,
 /// the oldest retiring keys go first (the sender already moved past them; only packets
-/// still in flight lose), then the
-/// oldest unacknowledged offers (the sender may be using one whose ack was lost: its
-/// packets are dropped, never sent in plaintext, until it accepts a newer offer). The
-/// active key is never dropped. Keys adopted from the kernel at start may exceed the
+/// still in flight can lose), then the oldest unacknowledged offers (the sender may be
+/// using one whose ack was lost: its packets are dropped, never sent in plaintext, until
+/// it accepts a newer offer). The active key is never dropped. Keys adopted from the kernel at start may exceed the
 /// bound until the first acknowledged offer retires them.
 pub const MAX_INBOUND_PER_PEER: usize = 4;
 

@@ -113,7 +113,12 @@ pub fn plan(desired: &KernelState, observed: &KernelState) -> Plan {
     let changed_sas: Vec<&Sa> = desired
         .sas
         .values()
-        .filter(|sa| observed.sas.get(&sa.id).is_some_and(|o| o != *sa))
+        .filter(|sa| {
+            observed
+                .sas
+                .get(&sa.id)
+                .is_some_and(|o| !o.same_install(sa))
+        })
         .collect();
     for sa in &changed_sas {
         // Same SPI but other content: the old one must go before the new one can exist.
@@ -122,7 +127,7 @@ pub fn plan(desired: &KernelState, observed: &KernelState) -> Plan {
     let mut new_sas: Vec<&Sa> = desired
         .sas
         .values()
-        .filter(|sa| observed.sas.get(&sa.id) != Some(*sa))
+        .filter(|sa| !observed.sas.get(&sa.id).is_some_and(|o| o.same_install(sa)))
         .collect();
     new_sas.sort_by_key(|sa| is_outbound(sa, desired, observed));
     out.extend(new_sas.into_iter().map(|sa| Change::AddSa(sa.clone())));

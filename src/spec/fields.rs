@@ -40,6 +40,23 @@ pub(super) fn int_in(what: &str, v: &Scalar, lo: u32, hi: u32) -> Result<u32, St
     }
 }
 
+/// An integer in `lo..=hi` (64-bit bounds).
+pub(super) fn int_in_u64(what: &str, v: &Scalar, lo: u64, hi: u64) -> Result<u64, String> {
+    match v {
+        Scalar::Int(i) => u64::try_from(*i)
+            .ok()
+            .filter(|n| (lo..=hi).contains(n))
+            .ok_or_else(|| format!("{what} {i} is out of range {lo}..={hi}")),
+        Scalar::Float(f) if f.is_finite() && f.fract() == 0.0 && f.abs() >= 9.2e18 => Err(format!(
+            "{what} is out of range {lo}..={hi} (the number does not even fit in 64 bits)"
+        )),
+        other => Err(format!(
+            "{what} must be an integer in {lo}..={hi}, found {}",
+            other.describe()
+        )),
+    }
+}
+
 /// A port number, 1..=65535.
 pub(super) fn port(what: &str, v: &Scalar) -> Result<u16, String> {
     int_in(what, v, 1, u32::from(u16::MAX)).map(|p| p as u16)

@@ -45,6 +45,10 @@ pub(super) struct RawCluster {
     pub encrypted_data_port: Option<Spanned<Scalar>>,
     #[serde(default)]
     pub rotation: Option<Spanned<String>>,
+    #[serde(default)]
+    pub rekey_after_packets: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub rekey_after_bytes: Option<Spanned<Scalar>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -11,6 +11,22 @@ use ipnet::IpNet;
 pub const DEFAULT_CONTROL_PORT: u16 = 7946;
 pub const DEFAULT_DATA_PORT: u16 = 4789;
 pub const DEFAULT_ENCRYPTED_DATA_PORT: u16 = 4790;
+/// Rekey after 2^31 packets per SA: far below the 2^64 sequence space of ESN and the
+/// AES-GCM usage bound, so keys never come near either.
+pub const DEFAULT_REKEY_PACKETS: u64 = 1 << 31;
+/// Small limits are for tests and demos (a rekey every few thousand packets).
+pub const MIN_REKEY_PACKETS: u64 = 100;
+/// Above 2^40 packets a key would be used for too long.
+pub const MAX_REKEY_PACKETS: u64 = 1 << 40;
+/// Rekey after 2^40 bytes (1 TiB) per SA.
+pub const DEFAULT_REKEY_BYTES: u64 = 1 << 40;
+pub const MIN_REKEY_BYTES: u64 = 1 << 16;
+pub const MAX_REKEY_BYTES: u64 = 1 << 50;
+/// The kernel deletes an SA (hard limit) at this multiple of the soft limit: the
+/// window in which the agents must finish a rekey. If an agent is down that long the
+/// SA goes and traffic fails closed rather than wearing a key out.
+pub const HARD_LIMIT_FACTOR: u64 = 4;
+
 pub const DEFAULT_ROTATION: Duration = Duration::from_secs(12 * 3600);
 
 /// Shortest accepted `rotation`: rotating more often than once a minute only adds
@@ -135,6 +151,10 @@ pub struct Cluster {
     pub data_port: u16,
     pub encrypted_data_port: u16,
     pub rotation: Duration,
+    /// Soft packet limit of every SA: the kernel reports it and the agents rekey.
+    pub rekey_after_packets: u64,
+    /// Soft byte limit of every SA.
+    pub rekey_after_bytes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

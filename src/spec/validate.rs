@@ -12,8 +12,9 @@ use super::fields;
 use super::raw::{RawCluster, RawNetwork, RawNode, RawSpec, Req, Scalar, quote};
 use super::types::{
     Cluster, DEFAULT_CONTROL_PORT, DEFAULT_DATA_PORT, DEFAULT_ENCRYPTED_DATA_PORT,
-    DEFAULT_ROTATION, MAX_MTU, MAX_NETWORKS, MAX_NODES, MAX_ROTATION, MIN_MTU, MIN_MTU_IPV6,
-    MIN_ROTATION, Name, Network, Node, NodeName, Spec, SpecError, Vni,
+    DEFAULT_REKEY_BYTES, DEFAULT_REKEY_PACKETS, DEFAULT_ROTATION, MAX_MTU, MAX_NETWORKS, MAX_NODES,
+    MAX_REKEY_BYTES, MAX_REKEY_PACKETS, MAX_ROTATION, MIN_MTU, MIN_MTU_IPV6, MIN_REKEY_BYTES,
+    MIN_REKEY_PACKETS, MIN_ROTATION, Name, Network, Node, NodeName, Spec, SpecError, Vni,
 };
 
 /// The only `apiVersion` this build understands.
@@ -197,12 +198,36 @@ fn cluster(e: &Errors<'_>, raw: &RawCluster, at: Location) -> Result<Cluster, Sp
             d
         }
     };
+    let limit = |what: &str, v: &Option<Spanned<Scalar>>, lo: u64, hi: u64, default: u64| match v {
+        None
+        | Some(Spanned {
+            value: Scalar::Null,
+            ..
+        }) => Ok(default),
+        Some(v) => fields::int_in_u64(what, &v.value, lo, hi).map_err(|r| e.at(loc(v), r)),
+    };
+    let rekey_after_packets = limit(
+        "rekeyAfterPackets",
+        &raw.rekey_after_packets,
+        MIN_REKEY_PACKETS,
+        MAX_REKEY_PACKETS,
+        DEFAULT_REKEY_PACKETS,
+    )?;
+    let rekey_after_bytes = limit(
+        "rekeyAfterBytes",
+        &raw.rekey_after_bytes,
+        MIN_REKEY_BYTES,
+        MAX_REKEY_BYTES,
+        DEFAULT_REKEY_BYTES,
+    )?;
     Ok(Cluster {
         name,
         control_port,
         data_port,
         encrypted_data_port,
         rotation,
+        rekey_after_packets,
+        rekey_after_bytes,
     })
 }
 

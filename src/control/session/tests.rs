@@ -30,12 +30,7 @@ fn pair() -> (Identity, Identity) {
 }
 
 /// Runs `connect` and `accept` against each other over `client`/`server`.
-async fn handshake<S>(
-    client: S,
-    server: S,
-    a: &Identity,
-    b: &Identity,
-) -> (Session<S>, Session<S>)
+async fn handshake<S>(client: S, server: S, a: &Identity, b: &Identity) -> (Session<S>, Session<S>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -87,27 +82,39 @@ where
             assert_eq!(a_rx.recv().await.unwrap(), msg, "round {round}");
         }
     }
-    // Both directions at once, from different tasks.
-    let sender = tokio::spawn(async move {
+    // Both directions at once, each direction driven by its own tasks (a reader
+    // that stalls would block the other side's writer once buffers are full).
+    let a_sender = tokio::spawn(async move {
         for boot_id in 0..100 {
             a_tx.send(&Message::Hello { boot_id }).await.unwrap();
         }
         a_tx
     });
+    let a_receiver = tokio::spawn(async move {
+        for _ in 0..100 {
+            assert_eq!(a_rx.recv().await.unwrap(), Message::Keepalive);
+        }
+        a_rx
+    });
+    let b_sender = tokio::spawn(async move {
+        for _ in 0..100 {
+            b_tx.send(&Message::Keepalive).await.unwrap();
+        }
+        b_tx
+    });
     for boot_id in 0..100 {
-        b_tx.send(&Message::Keepalive).await.unwrap();
         assert_eq!(b_rx.recv().await.unwrap(), Message::Hello { boot_id });
     }
-    for _ in 0..100 {
-        assert_eq!(a_rx.recv().await.unwrap(), Message::Keepalive);
-    }
+    let a_rx = a_receiver.await.unwrap();
+    let _b_tx = b_sender.await.unwrap();
     // A closed peer is `Closed`, and stays so.
-    drop(sender.await.unwrap());
+    drop(a_sender.await.unwrap());
     drop(a_rx);
     assert!(matches!(b_rx.recv().await, Err(SessionError::Closed)));
     assert!(matches!(b_rx.recv().await, Err(SessionError::Closed)));
 }
 
+/// A tiny duplex buffer, so frames arrive in pieces.
 #[tokio::test]
 async fn messages_flow_both_ways_over_duplex() {
     let (a, b) = pair();
@@ -163,7 +170,10 @@ async fn unknown_initiator_is_refused_before_any_answer() {
 async fn wrong_cluster_fails() {
     let (a, b) = pair();
     let (initiator, responder) = failed_handshake(&a, &b.public, "other", &b, |_| true).await;
-    assert!(matches!(responder, SessionError::Handshake(_)), "{responder:?}");
+    assert!(
+        matches!(responder, SessionError::Handshake(_)),
+        "{responder:?}"
+    );
     assert!(matches!(initiator, SessionError::Closed), "{initiator:?}");
 }
 
@@ -172,7 +182,10 @@ async fn wrong_responder_key_fails() {
     let (a, b) = pair();
     let wrong = identity().public;
     let (initiator, responder) = failed_handshake(&a, &wrong, CLUSTER, &b, |_| true).await;
-    assert!(matches!(responder, SessionError::Handshake(_)), "{responder:?}");
+    assert!(
+        matches!(responder, SessionError::Handshake(_)),
+        "{responder:?}"
+    );
     assert!(matches!(initiator, SessionError::Closed), "{initiator:?}");
 }
 
@@ -209,6 +222,8 @@ impl Tap {
         });
         tokio::spawn(async move {
             let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+            // The server is gone: let the client see the end of the stream.
+            let _ = to_client.shutdown().await;
         });
         (client, server, Tap { frames, to_server })
     }
@@ -444,7 +459,10 @@ async fn truncated_handshake_ends_at_once() {
         drop(client);
         let started = Instant::now();
         let result = accept(server, b, CLUSTER, |_| true).await;
-        assert!(matches!(result, Err(SessionError::Io { .. })), "{cut}: {result:?}");
+        assert!(
+            matches!(result, Err(SessionError::Io { .. })),
+            "{cut}: {result:?}"
+        );
         assert!(started.elapsed() < Duration::from_secs(1));
     }
     // Closed before a single byte.
@@ -615,10 +633,7 @@ fn genuine_first_message_is_accepted_by_the_fuzz_harness() {
     // answer fails to send because the client is gone).
     let rt = runtime();
     let result = accept_bytes(&rt, &framed(&fuzz().first));
-    assert!(
-        matches!(result, Err(SessionError::Io { .. })),
-        "{result:?}"
-    );
+    assert!(matches!(result, Err(SessionError::Io { .. })), "{result:?}");
 }
 
 proptest! {

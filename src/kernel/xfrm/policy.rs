@@ -1,9 +1,8 @@
-//! XFRM policies: encoding, decoding, and the put / delete / dump requests.
+//! XFRM policies: encoding, decoding, the dumps, and the put / delete requests.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use ipnet::IpNet;
-use netlink_packet_core::NLM_F_REQUEST;
 use netlink_packet_xfrm::policy::{DelGetMessage, ModifyMessage};
 use netlink_packet_xfrm::{
     Address, IPPROTO_ESP, IPPROTO_UDP, Id, LifetimeConfig, Selector as NlSelector, UserTemplate,
@@ -11,7 +10,7 @@ use netlink_packet_xfrm::{
     XFRM_POLICY_TYPE_MAIN, XfrmAttrs, XfrmMessage,
 };
 
-use super::{NlError, Owned, ack, dump_all, exchange, family_of, ip_of};
+use super::{NlError, Occupant, Owned, dump_all, family_of, ip_of};
 use crate::kernel::KernelError;
 use crate::state::{Direction, Policy, PolicyAction, PolicyId, Selector, ownership};
 
@@ -44,82 +43,77 @@ pub(super) async fn dump(
     Ok(out)
 }
 
-/// Adds the policy, or replaces the one with its selector and direction (UPDPOLICY),
-/// unless that one is not ours.
-pub(super) async fn put(h: &xfrmnetlink::Handle, p: &Policy, op: &str) -> Result<(), KernelError> {
-    let message = encode(p).map_err(|reason| KernelError::Invalid {
-        operation: op.to_owned(),
-        reason,
-    })?;
-    if let Some(existing) = get(h, &p.id, op).await? {
-        refuse_foreign(&existing, op)?;
-    }
-    ack(h, XfrmMessage::UpdatePolicy(message))
+/// Who holds each policy slot one of our [`PolicyId`]s can address, from one dump.
+///
+/// The kernel identifies a policy by type, direction, selector, mark, interface id and
+/// security context; ours are main-type policies without mark, interface id or context,
+/// so only policies of that shape can sit in a slot of ours (and only those with a plain
+/// UDP selector can have a selector equal to ours).
+pub(super) async fn occupants(
+    h: &xfrmnetlink::Handle,
+) -> Result<HashMap<PolicyId, Occupant>, KernelError> {
+    let op = "dump xfrm policies";
+    let replies = dump_all(h, || XfrmMessage::GetPolicy(DelGetMessage::default()))
         .await
-        .map_err(|e| e.into_kernel(op))
-}
-
-/// Deletes our policy with this selector and direction; nothing there is fine, someone
-/// else's there is an error.
-pub(super) async fn delete(
-    h: &xfrmnetlink::Handle,
-    id: &PolicyId,
-    op: &str,
-) -> Result<(), KernelError> {
-    let request = id_message(id).map_err(|reason| KernelError::Invalid {
-        operation: op.to_owned(),
-        reason,
-    })?;
-    match get(h, id, op).await? {
-        None => {
-            tracing::debug!(policy = %describe(id), "policy already absent");
-            return Ok(());
+        .map_err(|e| e.into_kernel(op))?;
+    let mut out = HashMap::with_capacity(replies.len());
+    for reply in replies {
+        let XfrmMessage::AddPolicy(m) = reply else {
+            return Err(NlError::Unexpected("message type in the policy dump").into_kernel(op));
+        };
+        if let Some((id, occupant)) = occupant(&m) {
+            out.insert(id, occupant);
         }
-        Some(existing) => refuse_foreign(&existing, op)?,
     }
-    match ack(h, XfrmMessage::DeletePolicy(request)).await {
-        Ok(()) | Err(NlError::Errno(libc::ENOENT)) => Ok(()),
-        Err(e) => Err(e.into_kernel(op)),
-    }
+    Ok(out)
 }
 
-/// The policy the kernel holds with this selector and direction (main type, no mark).
-async fn get(
-    h: &xfrmnetlink::Handle,
-    id: &PolicyId,
-    op: &str,
-) -> Result<Option<ModifyMessage>, KernelError> {
-    let request = id_message(id).map_err(|reason| KernelError::Invalid {
-        operation: op.to_owned(),
-        reason,
-    })?;
-    match exchange(h, XfrmMessage::GetPolicy(request), NLM_F_REQUEST).await {
-        Ok(replies) => Ok(replies.into_iter().find_map(|m| match m {
-            XfrmMessage::AddPolicy(p) => Some(p),
-            _ => None,
-        })),
-        Err(NlError::Errno(libc::ENOENT)) => Ok(None),
-        Err(e) => Err(e.into_kernel(op)),
+fn occupant(m: &ModifyMessage) -> Option<(PolicyId, Occupant)> {
+    for attr in &m.nlas {
+        match attr {
+            XfrmAttrs::PolicyType(t) if t.ptype != XFRM_POLICY_TYPE_MAIN => return None,
+            XfrmAttrs::Mark(mark) if mark.value != 0 || mark.mask != 0 => return None,
+            XfrmAttrs::IfId(id) if *id != 0 => return None,
+            XfrmAttrs::SecurityContext(_) => return None,
+            _ => {}
+        }
     }
+    let info = &m.user_policy_info;
+    let dir = match info.direction {
+        XFRM_POLICY_IN => Direction::In,
+        XFRM_POLICY_OUT => Direction::Out,
+        _ => return None,
+    };
+    let selector = decode_selector(&info.selector)?;
+    let occupant = if owned_reqid(m).is_some() {
+        Occupant::Ours
+    } else {
+        let reqids: Vec<String> = templates(m).iter().map(|t| t.reqid.to_string()).collect();
+        Occupant::Foreign {
+            detail: if reqids.is_empty() {
+                "it has no template".to_owned()
+            } else {
+                format!("template reqid {}", reqids.join(", "))
+            },
+        }
+    };
+    Some((PolicyId { dir, selector }, occupant))
 }
 
-fn refuse_foreign(existing: &ModifyMessage, op: &str) -> Result<(), KernelError> {
-    if owned_reqid(existing).is_some() {
-        return Ok(());
-    }
-    let reqids: Vec<String> = templates(existing)
-        .iter()
-        .map(|t| t.reqid.to_string())
-        .collect();
-    Err(KernelError::ForeignXfrm {
-        operation: op.to_owned(),
-        what: "policy",
-        detail: if reqids.is_empty() {
-            "it has no template".to_owned()
-        } else {
-            format!("template reqid {}", reqids.join(", "))
-        },
+/// NEWPOLICY (`replace == false`: fails with EEXIST if the slot got taken since the
+/// dump) or UPDPOLICY (replaces the policy in the slot).
+pub(super) fn put_request(p: &Policy, replace: bool) -> Result<XfrmMessage, String> {
+    let m = encode(p)?;
+    Ok(if replace {
+        XfrmMessage::UpdatePolicy(m)
+    } else {
+        XfrmMessage::AddPolicy(m)
     })
+}
+
+/// DELPOLICY of the slot (main type, no mark).
+pub(super) fn delete_request(id: &PolicyId) -> Result<XfrmMessage, String> {
+    id_message(id).map(XfrmMessage::DeletePolicy)
 }
 
 fn describe(id: &PolicyId) -> String {

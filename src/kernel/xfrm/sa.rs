@@ -1,9 +1,8 @@
 //! XFRM states (SAs): encoding, decoding, and the add / delete / dump / probe requests.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use netlink_packet_core::NLM_F_REQUEST;
 use netlink_packet_xfrm::state::{DelGetMessage, GetDumpMessage, ModifyMessage};
 use netlink_packet_xfrm::{
     Address, AlgAead, IPPROTO_ESP, IPPROTO_UDP, LifetimeConfig, ReplayEsn, Selector as NlSelector,
@@ -12,7 +11,7 @@ use netlink_packet_xfrm::{
 use ring::rand::{SecureRandom as _, SystemRandom};
 use zeroize::Zeroize;
 
-use super::{NlError, Owned, PROBE_REQID, ack, dump_all, exchange, family_of, host_len, ip_of};
+use super::{NlError, Owned, PROBE_REQID, ack, dump_all, family_of, host_len, ip_of};
 use crate::kernel::KernelError;
 use crate::keys::{SA_AEAD_NAME, SA_ICV_BITS, SA_KEY_LEN, SaKey};
 use crate::state::{Lifetime, Sa, SaId, ownership};
@@ -53,62 +52,62 @@ pub(super) async fn dump(h: &xfrmnetlink::Handle) -> Result<BTreeMap<SaId, Sa>, 
     Ok(out)
 }
 
-/// Adds the SA (NEWSA: fails if its destination and SPI are taken).
-pub(super) async fn add(h: &xfrmnetlink::Handle, sa: &Sa, op: &str) -> Result<(), KernelError> {
-    let message = encode(sa).map_err(|reason| KernelError::Invalid {
-        operation: op.to_owned(),
-        reason,
-    })?;
-    ack(h, XfrmMessage::AddSa(message))
-        .await
-        .map_err(|e| e.into_kernel(op))
+/// What the kernel holds at one (destination, SPI) of ESP: the slot DELSA addresses.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct SaOccupant {
+    pub reqid: u32,
+    pub src: Option<IpAddr>,
 }
 
-/// Deletes our SA with this id; nothing there is fine, someone else's there is an error.
-pub(super) async fn delete(
+/// Who holds each (destination, SPI) of ESP, from one dump (keys zeroed as read).
+/// Marked states are left out: a DELSA without a mark does not reach them.
+pub(super) async fn occupants(
     h: &xfrmnetlink::Handle,
-    id: &SaId,
-    op: &str,
-) -> Result<(), KernelError> {
-    let occupant = match exchange(h, XfrmMessage::GetSa(id_message(id)), NLM_F_REQUEST).await {
-        Ok(replies) => replies.into_iter().find_map(|m| match m {
-            XfrmMessage::AddSa(mut m) => {
-                let found = (
-                    m.user_sa_info.reqid,
-                    ip_of(m.user_sa_info.family, &m.user_sa_info.saddr),
-                );
-                scrub(&mut m);
-                Some(found)
-            }
-            _ => None,
-        }),
-        Err(NlError::Errno(libc::ESRCH | libc::ENOENT)) => None,
-        Err(e) => return Err(e.into_kernel(op)),
-    };
-    match occupant {
-        None => {
-            tracing::debug!(spi = format_args!("0x{:08x}", id.spi), dst = %id.dst, "SA already absent");
-            return Ok(());
+) -> Result<HashMap<(IpAddr, u32), SaOccupant>, KernelError> {
+    let op = "dump xfrm states";
+    let replies = dump_all(h, || XfrmMessage::GetDumpSa(GetDumpMessage::default()))
+        .await
+        .map_err(|e| e.into_kernel(op))?;
+    let mut out = HashMap::with_capacity(replies.len());
+    let mut unexpected = false;
+    for reply in replies {
+        let XfrmMessage::AddSa(mut m) = reply else {
+            unexpected = true;
+            continue;
+        };
+        let info = &m.user_sa_info;
+        let marked = m
+            .nlas
+            .iter()
+            .any(|a| matches!(a, XfrmAttrs::Mark(mark) if mark.value != 0));
+        if info.id.proto == IPPROTO_ESP
+            && !marked
+            && let Some(dst) = ip_of(info.family, &info.id.daddr)
+        {
+            let occupant = SaOccupant {
+                reqid: info.reqid,
+                src: ip_of(info.family, &info.saddr),
+            };
+            out.insert((dst, info.id.spi), occupant);
         }
-        Some((reqid, _)) if !ownership::is_owned_reqid(reqid) => {
-            return Err(KernelError::ForeignXfrm {
-                operation: op.to_owned(),
-                what: "state",
-                detail: format!("reqid {reqid}"),
-            });
-        }
-        Some((_, src)) if src != Some(id.src) => {
-            // Ours, but another SA (same destination and SPI, other source): not the
-            // one the plan means, so leave it.
-            tracing::warn!(spi = format_args!("0x{:08x}", id.spi), dst = %id.dst, "SA with this SPI has another source; not deleting it");
-            return Ok(());
-        }
-        Some(_) => {}
+        scrub(&mut m);
     }
-    match ack(h, XfrmMessage::DeleteSa(id_message(id))).await {
-        Ok(()) | Err(NlError::Errno(libc::ESRCH | libc::ENOENT)) => Ok(()),
-        Err(e) => Err(e.into_kernel(op)),
+    if unexpected {
+        return Err(NlError::Unexpected("message type in the state dump").into_kernel(op));
     }
+    Ok(out)
+}
+
+/// NEWSA: the kernel refuses it with EEXIST when the destination and SPI are taken, by
+/// anyone, so it can never replace a foreign SA. The message holds a copy of the key:
+/// the caller serializes it and scrubs it ([`scrub`]).
+pub(super) fn add_request(sa: &Sa) -> Result<XfrmMessage, String> {
+    encode(sa).map(XfrmMessage::AddSa)
+}
+
+/// DELSA of (destination, SPI, source).
+pub(super) fn delete_request(id: &SaId) -> XfrmMessage {
+    XfrmMessage::DeleteSa(id_message(id))
 }
 
 /// See [`super::check_esp`].

@@ -9,8 +9,14 @@ use netlink_packet_xfrm::{
     XFRM_POLICY_ALLOW, XFRM_POLICY_BLOCK, XFRM_POLICY_FWD, XFRM_STATE_ESN, XfrmAttrs,
 };
 
+use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST};
+
+use super::exec::Ownership;
+use super::sa::SaOccupant;
 use super::{Owned, policy, sa};
+use crate::kernel::KernelError;
 use crate::keys::{SA_KEY_LEN, SaKey};
+use crate::plan::Change;
 use crate::state::{
     Direction, Lifetime, Policy, PolicyAction, PolicyId, Sa, SaId, Selector, ownership,
 };
@@ -357,9 +363,139 @@ async fn other_changes_are_refused() {
     let change = crate::plan::Change::SetUp {
         link: "ovbr-1".parse().unwrap(),
     };
-    let err = super::execute(&h, &change).await.unwrap_err();
+    let mut ownership = super::Ownership::load(&h, std::slice::from_ref(&change))
+        .await
+        .unwrap();
+    let err = ownership.prepare(&h, &change, 0).await.err().unwrap();
     assert!(
         matches!(err, crate::kernel::KernelError::Unsupported { .. }),
         "{err}"
+    );
+}
+
+// --- requests from the ownership view (no kernel: the view is given) ---
+
+const XFRM_MSG_NEWSA: u16 = 16;
+const XFRM_MSG_DELSA: u16 = 17;
+const XFRM_MSG_NEWPOLICY: u16 = 19;
+const XFRM_MSG_DELPOLICY: u16 = 20;
+const XFRM_MSG_UPDPOLICY: u16 = 25;
+
+/// Message type and flags of a request, or None when nothing is sent.
+fn sent(o: &mut Ownership, change: &Change) -> Result<Option<(u16, u16)>, KernelError> {
+    // The view is complete, so no dump is attempted: the handle is never used.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let request = rt.block_on(async {
+        let (conn, h, _) = xfrmnetlink::new_connection().unwrap();
+        tokio::spawn(conn);
+        o.prepare(&h, change, 7).await
+    })?;
+    Ok(request.map(|r| {
+        assert_eq!(r.tag, 7);
+        let kind = u16::from_ne_bytes([r.bytes[4], r.bytes[5]]);
+        let flags = u16::from_ne_bytes([r.bytes[6], r.bytes[7]]);
+        (kind, flags)
+    }))
+}
+
+#[test]
+fn policy_requests_follow_the_dumped_owner() {
+    let ps = policies();
+    let (ours, theirs, free) = (&ps[0], &ps[1], &ps[2]);
+    let mut o = Ownership::with(
+        [
+            (ours.id, super::Occupant::Ours),
+            (
+                theirs.id,
+                super::Occupant::Foreign {
+                    detail: "template reqid 1".into(),
+                },
+            ),
+        ],
+        [],
+    );
+    let put = |p: &Policy| Change::PutPolicy {
+        policy: p.clone(),
+        replaces: None,
+    };
+    let acked = NLM_F_REQUEST | NLM_F_ACK;
+    assert_eq!(
+        sent(&mut o, &put(free)).unwrap(),
+        Some((XFRM_MSG_NEWPOLICY, acked))
+    );
+    assert_eq!(
+        sent(&mut o, &put(ours)).unwrap(),
+        Some((XFRM_MSG_UPDPOLICY, acked))
+    );
+    // Put once, the free slot is ours: a second put replaces.
+    assert_eq!(
+        sent(&mut o, &put(free)).unwrap(),
+        Some((XFRM_MSG_UPDPOLICY, acked))
+    );
+    let err = sent(&mut o, &put(theirs)).unwrap_err();
+    assert!(
+        matches!(err, KernelError::ForeignXfrm { what: "policy", .. }),
+        "{err}"
+    );
+    let err = sent(&mut o, &Change::DeletePolicy(theirs.id)).unwrap_err();
+    assert!(matches!(err, KernelError::ForeignXfrm { .. }), "{err}");
+    assert_eq!(
+        sent(&mut o, &Change::DeletePolicy(ours.id)).unwrap(),
+        Some((XFRM_MSG_DELPOLICY, acked))
+    );
+    // Gone now: deleting again sends nothing.
+    assert_eq!(sent(&mut o, &Change::DeletePolicy(ours.id)).unwrap(), None);
+}
+
+#[test]
+fn sa_requests_follow_the_dumped_owner() {
+    let s = an_sa("192.0.2.1", "192.0.2.2", Lifetime::default());
+    let foreign = SaId {
+        spi: 0x3001,
+        ..s.id
+    };
+    let other_src = SaId {
+        src: ip("192.0.2.9"),
+        spi: 0x4001,
+        ..s.id
+    };
+    let occupant = |reqid, src| SaOccupant {
+        reqid,
+        src: Some(ip(src)),
+    };
+    let mut o = Ownership::with(
+        [],
+        [
+            ((foreign.dst, foreign.spi), occupant(1, "192.0.2.1")),
+            ((other_src.dst, other_src.spi), occupant(R, "192.0.2.1")),
+        ],
+    );
+    let acked = NLM_F_REQUEST | NLM_F_ACK;
+    // Added: the kernel itself refuses a taken (dst, SPI), no check needed.
+    assert_eq!(
+        sent(&mut o, &Change::AddSa(s.clone())).unwrap(),
+        Some((XFRM_MSG_NEWSA, acked))
+    );
+    assert_eq!(
+        sent(&mut o, &Change::DeleteSa(s.id)).unwrap(),
+        Some((XFRM_MSG_DELSA, acked))
+    );
+    assert_eq!(
+        sent(&mut o, &Change::DeleteSa(s.id)).unwrap(),
+        None,
+        "already gone"
+    );
+    let err = sent(&mut o, &Change::DeleteSa(foreign)).unwrap_err();
+    assert!(
+        matches!(err, KernelError::ForeignXfrm { what: "state", .. }),
+        "{err}"
+    );
+    assert_eq!(
+        sent(&mut o, &Change::DeleteSa(other_src)).unwrap(),
+        None,
+        "ours with another source is not the SA meant"
     );
 }
