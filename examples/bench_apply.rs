@@ -82,8 +82,17 @@ fn run() -> Result<(), Error> {
     }
     {
         let probe = Ns::new("probe")?;
-        probe.ip_batch("xfrm state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x100 mode transport aead 'rfc4106(gcm(aes))' 0x0000000000000000000000000000000000000000000000000000000000000000000000 128\n")
-            .map_err(|e| format!("needs a kernel with ESP (run scripts/bench-apply.sh, which boots UML): {e}"))?;
+        probe
+            .ip_batch(&format!(
+                "xfrm state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x100 mode transport \
+                 aead 'rfc4106(gcm(aes))' 0x{} 128\n",
+                "00".repeat(36)
+            ))
+            .map_err(|e| {
+                format!(
+                    "needs a kernel with ESP (run scripts/bench-apply.sh, which boots UML): {e}"
+                )
+            })?;
     }
     let mut out = String::new();
     let mut b1_at = None;
@@ -208,9 +217,10 @@ fn b1(n: usize, repeat: usize) -> Result<B1, Error> {
         }
         drop((lib_ns, ip_ns));
         let x_ns = Ns::new("exec")?;
-        let (p, e) = x_ns.execute_only(&spec, &ring)?;
-        pure.push(p);
-        exec.push(e);
+        let steps = x_ns.steps(&spec, &ring)?;
+        eprintln!("B1: N = {n}: steps {steps:?}");
+        pure.push(steps.plan);
+        exec.push(steps.execute);
     }
     Ok(B1 {
         changes,
@@ -238,19 +248,16 @@ fn b2(n: usize, repeat: usize) -> Result<B2, Error> {
     let ns = Ns::new("noop")?;
     ns.apply(&spec, &ring)?;
     let monitors = Monitors::start(&ns)?;
+    monitors.settle(Duration::from_secs(2));
+    let settled = monitors.events().len();
     ns.ip_batch(
-        "link add ctl0 type dummy\nlink del ctl0\n\
-         xfrm policy add src 203.0.113.1/32 dst 203.0.113.2/32 dir out priority 5 action block\n\
-         xfrm policy delete src 203.0.113.1/32 dst 203.0.113.2/32 dir out\n",
-    )
-    .or_else(|_| {
-        ns.ip_batch(
-            "xfrm policy add src 203.0.113.1/32 dst 203.0.113.2/32 dir out priority 5 action block\n\
-             xfrm policy delete src 203.0.113.1/32 dst 203.0.113.2/32 dir out\n",
-        )
-    })?;
+        "xfrm policy add src 203.0.113.1/32 dst 203.0.113.2/32 dir out priority 5 action block\n\
+         xfrm policy delete src 203.0.113.1/32 dst 203.0.113.2/32 dir out\n\
+         link add ctl0 type bridge\nlink del ctl0\n",
+    )?;
     std::thread::sleep(Duration::from_millis(500));
-    let control_events = monitors.lines();
+    let control = monitors.events().len();
+    let control_events = control - settled;
     let (mut fresh, mut lengths) = (vec![], vec![]);
     for _ in 0..repeat {
         let (d, len) = ns.apply(&spec, &ring)?;
@@ -260,7 +267,11 @@ fn b2(n: usize, repeat: usize) -> Result<B2, Error> {
     let reused = ns.apply_reused(&spec, &ring, repeat)?;
     lengths.extend(reused.1);
     std::thread::sleep(Duration::from_millis(500));
-    let events_during = monitors.lines() - control_events;
+    let during: Vec<String> = monitors.events().split_off(control);
+    for line in during.iter().take(10) {
+        eprintln!("B2: event during the no-op applies: {line}");
+    }
+    let events_during = during.len();
     drop(monitors);
     if control_events == 0 {
         return Err("the monitors saw no event for the control write: they do not work".into());
@@ -305,19 +316,34 @@ impl Monitors {
         Ok(m)
     }
 
-    fn lines(&self) -> usize {
+    /// Every event line so far (continuation lines left out).
+    fn events(&self) -> Vec<String> {
         self.files
             .iter()
-            .map(|f| {
-                std::fs::read_to_string(f)
-                    .map(|t| {
-                        t.lines()
-                            .filter(|l| !l.starts_with(char::is_whitespace))
-                            .count()
-                    })
-                    .unwrap_or(0)
+            .flat_map(|f| {
+                let text = std::fs::read_to_string(f).unwrap_or_default();
+                text.lines()
+                    .filter(|l| !l.starts_with(char::is_whitespace))
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
             })
-            .sum()
+            .collect()
+    }
+
+    /// Waits until no event came for `quiet` (at most 30 s): the kernel's own activity
+    /// after the previous apply (links coming up) is over.
+    fn settle(&self, quiet: Duration) {
+        let start = Instant::now();
+        let mut seen = self.events().len();
+        let mut since = Instant::now();
+        while since.elapsed() < quiet && start.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = self.events().len();
+            if now != seen {
+                seen = now;
+                since = Instant::now();
+            }
+        }
     }
 }
 
@@ -469,6 +495,21 @@ impl Ns {
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         command("ip", &["netns", "add", &name])?;
         let ns = Ns(name);
+        // No IPv6: its DAD, router and MLD packets on the new bridges would be flooded
+        // to every peer and make the kernel resolve them (ARP), a background load and
+        // monitor noise that has nothing to do with the writes measured.
+        command(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns.0,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ],
+        )?;
         ns.ip_batch(&format!(
             "link set lo up\nlink add {UNDERLAY} mtu {UNDERLAY_MTU} type veth peer name ul1\n\
              addr add 198.18.0.1/15 dev {UNDERLAY}\nlink set ul1 up\nlink set {UNDERLAY} up\n"
@@ -515,6 +556,7 @@ impl Ns {
 
     /// `reconcile::apply` with a new `Kernel`, as one CLI run does: time and plan length.
     fn apply(&self, spec: &Spec, ring: &Keyring) -> Result<(Duration, usize), Error> {
+        wait_idle();
         self.with_kernel(async |kernel| {
             let me = spec.nodes.first().ok_or("no node")?;
             let t0 = Instant::now();
@@ -540,6 +582,7 @@ impl Ns {
             reconcile::apply(spec, me, &kernel, Keys::Ring(ring), false).await?;
             let (mut d, mut lens) = (vec![], vec![]);
             for _ in 0..times {
+                wait_idle();
                 let t0 = Instant::now();
                 let out = reconcile::apply(spec, me, &kernel, Keys::Ring(ring), false).await?;
                 d.push(t0.elapsed());
@@ -558,17 +601,42 @@ impl Ns {
         })
     }
 
-    /// The library's steps without `reconcile`: (desired + plan time, execute time).
-    fn execute_only(&self, spec: &Spec, ring: &Keyring) -> Result<(Duration, Duration), Error> {
+    /// `reconcile::apply`'s steps one by one, timed.
+    fn steps(&self, spec: &Spec, ring: &Keyring) -> Result<Steps, Error> {
+        wait_idle();
         self.with_kernel(async |kernel| {
+            let me = spec.nodes.first().ok_or("no node")?;
+            let t = Instant::now();
             let observed = kernel.dump().await?;
-            let t0 = Instant::now();
+            kernel.underlay_for(me.address).await?;
+            let dump = t.elapsed();
+            let t = Instant::now();
+            kernel.check_esp(me.address).await?;
+            let probe = t.elapsed();
+            if std::env::var_os("OVL_BENCH_IDLE_AFTER_PROBE").is_some() {
+                wait_idle();
+            }
+            let t = Instant::now();
             let want = desired_state(spec, ring)?;
             let plan = plan::plan(&want, &observed);
-            let pure = t0.elapsed();
-            let t1 = Instant::now();
+            let pure = t.elapsed();
+            let t = Instant::now();
             kernel.execute(&plan.changes).await?;
-            Ok((pure, t1.elapsed()))
+            let execute = t.elapsed();
+            let t = Instant::now();
+            let after = kernel.dump().await?;
+            let rest = plan::plan(&want, &after);
+            let verify = t.elapsed();
+            if !rest.is_empty() {
+                return Err("not converged".into());
+            }
+            Ok(Steps {
+                dump,
+                probe,
+                plan: pure,
+                execute,
+                verify,
+            })
         })
     }
 
@@ -594,6 +662,7 @@ impl Ns {
             std::fs::write(&file, text)?;
             files.push((*tool, file));
         }
+        wait_idle();
         let t0 = Instant::now();
         let mut result = Ok(());
         for (tool, file) in &files {
@@ -617,7 +686,42 @@ impl Drop for Ns {
     fn drop(&mut self) {
         let _ = self.ip_batch("xfrm state flush\nxfrm policy flush\n");
         let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-        std::thread::sleep(Duration::from_secs(1));
+        wait_idle();
+    }
+}
+
+/// Times of `reconcile::apply`'s steps.
+#[derive(Debug, Clone, Copy, Default)]
+struct Steps {
+    dump: Duration,
+    probe: Duration,
+    plan: Duration,
+    execute: Duration,
+    verify: Duration,
+}
+
+/// Waits until the (only) CPU is idle: the kernel's deferred work (a deleted network
+/// namespace is cleaned up by a worker) must not run into the next measurement.
+fn wait_idle() {
+    let sample = || -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let cpu = stat.lines().next()?;
+        let v: Vec<u64> = cpu
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+        Some((idle, v.iter().sum()))
+    };
+    let start = Instant::now();
+    let mut calm = 0;
+    while calm < 3 && start.elapsed() < Duration::from_secs(60) {
+        let Some((i0, t0)) = sample() else { return };
+        std::thread::sleep(Duration::from_millis(200));
+        let Some((i1, t1)) = sample() else { return };
+        let busy = 1.0 - (i1 - i0) as f64 / (t1 - t0).max(1) as f64;
+        calm = if busy < 0.05 { calm + 1 } else { 0 };
     }
 }
 

@@ -334,6 +334,23 @@ fn c_enforcement_drops_plaintext_and_spoofed_esp() {
         xfrm_errors(c, "node-c") > before,
         "XFRM error counters did not count the spoofed packet"
     );
+    // `status` explains the drops with the kernel's counters and a hint.
+    let st = c.ctl("node-a", &["status"]);
+    let text = stdout(&st);
+    assert!(
+        text.contains("KERNEL XFRM ERRORS") && text.contains("plaintext VXLAN was dropped"),
+        "{text}"
+    );
+    let st = c.ctl("node-c", &["status", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert!(
+        v["xfrm_errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["counter"] == "XfrmInStateMismatch"),
+        "{v}"
+    );
 }
 
 struct NsGuard(String);

@@ -31,7 +31,9 @@ fn cluster(tag: &str, cluster_extra: &str) -> (Cluster, Agents, std::path::PathB
     c.keygen_all();
     let spec = c.spec("net.yaml", &networks(cluster_extra));
     if !cluster_extra.is_empty() {
-        let text = std::fs::read_to_string(&spec).unwrap().replace("  name: test\n", &format!("  name: test\n{cluster_extra}"));
+        let text = std::fs::read_to_string(&spec)
+            .unwrap()
+            .replace("  name: test\n", &format!("  name: test\n{cluster_extra}"));
         std::fs::write(&spec, text).unwrap();
     }
     let mut agents = Agents::default();
@@ -51,7 +53,10 @@ fn flood(c: &Cluster, secs: u32) -> Vec<(String, std::process::Child)> {
     for from in NAMES {
         for to in NAMES {
             if from != to {
-                v.push((format!("{from} -> {to}"), ping_train(c, from, &sec_addr(to), "0.001", 1000 * secs)));
+                v.push((
+                    format!("{from} -> {to}"),
+                    ping_train(c, from, &sec_addr(to), "0.001", 1000 * secs),
+                ));
             }
         }
     }
@@ -60,7 +65,11 @@ fn flood(c: &Cluster, secs: u32) -> Vec<(String, std::process::Child)> {
 
 /// (src, dst, spi) of every SA on every node.
 fn all_sas(c: &Cluster) -> BTreeSet<(String, String, String)> {
-    NAMES.iter().flat_map(|n| c.sa_keys(n)).map(|(s, d, spi, _)| (s, d, spi)).collect()
+    NAMES
+        .iter()
+        .flat_map(|n| c.sa_keys(n))
+        .map(|(s, d, spi, _)| (s, d, spi))
+        .collect()
 }
 
 /// Waits until each node holds exactly one SA per pair and direction (retired keys gone
@@ -77,7 +86,10 @@ fn wait_settled(c: &Cluster, nodes: &[&str]) {
         if counts_ok && agree {
             return;
         }
-        assert!(Instant::now() < deadline, "SAs did not settle: {per_node:?}");
+        assert!(
+            Instant::now() < deadline,
+            "SAs did not settle: {per_node:?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -91,12 +103,23 @@ fn a_twenty_rotations_under_a_flood_lose_nothing() {
     for i in 0..20 {
         let node = NAMES[i % 3];
         let out = c.ctl_agent(node, &["rotate", "--timeout", "30"]);
-        assert!(out.status.success(), "rotate #{i} on {node}: {}{}", stdout(&out), stderr(&out));
+        assert!(
+            out.status.success(),
+            "rotate #{i} on {node}: {}{}",
+            stdout(&out),
+            stderr(&out)
+        );
         let after = all_sas(&c);
         // Every SA of the rotating node has a new SPI (in and out, with both peers).
         let addr = c.node(node).address.clone();
-        let fresh: Vec<_> = after.iter().filter(|s| (s.0 == addr || s.1 == addr) && !before.contains(*s)).collect();
-        assert!(fresh.len() >= 4, "rotation #{i} on {node} did not install new SAs for all its directions: {fresh:?}");
+        let fresh: Vec<_> = after
+            .iter()
+            .filter(|s| (s.0 == addr || s.1 == addr) && !before.contains(*s))
+            .collect();
+        assert!(
+            fresh.len() >= 4,
+            "rotation #{i} on {node} did not install new SAs for all its directions: {fresh:?}"
+        );
         before = after;
     }
     assert_no_loss(trains);
@@ -108,24 +131,48 @@ fn b_rotation_with_a_peer_down_names_it_and_keeps_its_traffic() {
     let (c, mut agents, spec) = cluster("rdn", "");
     agents.kill9("node-c");
     let trains = vec![
-        ("node-a -> node-c".to_owned(), ping_train(&c, "node-a", "10.3.0.3", "0.002", 5000)),
-        ("node-c -> node-a".to_owned(), ping_train(&c, "node-c", "10.3.0.1", "0.002", 5000)),
-        ("node-a -> node-b".to_owned(), ping_train(&c, "node-a", "10.3.0.2", "0.002", 5000)),
+        (
+            "node-a -> node-c".to_owned(),
+            ping_train(&c, "node-a", "10.3.0.3", "0.002", 5000),
+        ),
+        (
+            "node-c -> node-a".to_owned(),
+            ping_train(&c, "node-c", "10.3.0.1", "0.002", 5000),
+        ),
+        (
+            "node-a -> node-b".to_owned(),
+            ping_train(&c, "node-a", "10.3.0.2", "0.002", 5000),
+        ),
     ];
     std::thread::sleep(Duration::from_millis(500));
     let out = c.ctl_agent("node-a", &["rotate", "--timeout", "20"]);
-    assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
     let err = stderr(&out);
-    assert!(err.contains("node-c") && !err.contains("node-b:"), "rotate must name exactly the peer that did not rotate: {err}");
+    assert!(
+        err.contains("node-c") && !err.contains("node-b:"),
+        "rotate must name exactly the peer that did not rotate: {err}"
+    );
     // Bring node-c back while traffic flows: it is rekeyed with no loss.
-    agents.0.insert("node-c".into(), c.start_agent("node-c", &spec, "info"));
+    agents
+        .0
+        .insert("node-c".into(), c.start_agent("node-c", &spec, "info"));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = c.ctl_agent("node-a", &["rotate", "--peer", "node-c", "--timeout", "10"]);
         if out.status.success() {
             break;
         }
-        assert!(Instant::now() < deadline, "node-c never rotated after coming back: {}", stderr(&out));
+        assert!(
+            Instant::now() < deadline,
+            "node-c never rotated after coming back: {}",
+            stderr(&out)
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     assert_no_loss(trains);
@@ -137,8 +184,14 @@ fn c_soft_packet_lifetime_triggers_rekeys_without_loss() {
     let (c, _agents, _spec) = cluster("life", "  rekeyAfterPackets: 1500\n");
     let first: BTreeSet<_> = all_sas(&c);
     let trains = vec![
-        ("node-a -> node-b".to_owned(), ping_train(&c, "node-a", "10.3.0.2", "0.001", 8000)),
-        ("node-b -> node-c".to_owned(), ping_train(&c, "node-b", "10.3.0.3", "0.001", 8000)),
+        (
+            "node-a -> node-b".to_owned(),
+            ping_train(&c, "node-a", "10.3.0.2", "0.001", 8000),
+        ),
+        (
+            "node-b -> node-c".to_owned(),
+            ping_train(&c, "node-b", "10.3.0.3", "0.001", 8000),
+        ),
     ];
     let mut spis_seen = BTreeSet::new();
     let start = Instant::now();
@@ -148,9 +201,15 @@ fn c_soft_packet_lifetime_triggers_rekeys_without_loss() {
     }
     assert_no_loss(trains);
     // a->b and b->a and b->c and c->b each carried > 1500 packets several times over.
-    assert!(spis_seen.len() >= 8, "expected several lifetime-driven rekeys, saw new SAs {spis_seen:?}");
+    assert!(
+        spis_seen.len() >= 8,
+        "expected several lifetime-driven rekeys, saw new SAs {spis_seen:?}"
+    );
     let log = c.agent_log("node-b");
-    assert!(log.contains("reached its lifetime"), "the agent should log the kernel's expiry");
+    assert!(
+        log.contains("reached its lifetime"),
+        "the agent should log the kernel's expiry"
+    );
     wait_settled(&c, &NAMES);
 }
 
@@ -164,7 +223,17 @@ fn d_both_ends_rotating_at_once_converge_without_loss() {
         let opts_b = c.agent_opts("node-b");
         let spawn = |node: &str, opts: &[String]| {
             std::process::Command::new("ip")
-                .args(["netns", "exec", &c.node(node).ns, BIN, "rotate", "--peer", if node == "node-a" { "node-b" } else { "node-a" }, "--timeout", "30"])
+                .args([
+                    "netns",
+                    "exec",
+                    &c.node(node).ns,
+                    BIN,
+                    "rotate",
+                    "--peer",
+                    if node == "node-a" { "node-b" } else { "node-a" },
+                    "--timeout",
+                    "30",
+                ])
                 .args(opts)
                 .output()
         };

@@ -31,7 +31,7 @@ done
 
 echo "== integration tests inside user-mode-linux (ESP)"
 # Test binaries built above; run each inside one UML boot.
-mapfile -t uml_bins < <(cargo test --no-run --message-format=json --test encrypted --test kernel_xfrm --test agents --test rotation 2>/dev/null \
+mapfile -t uml_bins < <(cargo test --no-run --message-format=json --test encrypted --test kernel_xfrm --test agents --test kernel_batch --test rotation 2>/dev/null \
   | python3 -c 'import json,sys
 for l in sys.stdin:
     m=json.loads(l)

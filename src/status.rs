@@ -13,9 +13,57 @@ pub struct Status {
     pub networks: Vec<NetworkStatus>,
     pub policies: Vec<PolicyStatus>,
     pub sas: Vec<SaStatus>,
+    /// The kernel's non-zero XFRM error counters, each with what it usually means.
+    #[serde(default)]
+    pub xfrm_errors: Vec<XfrmError>,
     /// Present when the status came from a running agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct XfrmError {
+    pub counter: String,
+    pub value: u64,
+    pub hint: String,
+}
+
+/// What a non-zero `/proc/net/xfrm_stat` counter usually means on an overlay node.
+pub fn xfrm_hint(counter: &str) -> &'static str {
+    match counter {
+        "XfrmInNoStates" => {
+            "ESP arrived for an SPI we do not hold: a peer sends with a key we do not have (stale peer state, or a rotation raced)"
+        }
+        "XfrmInStateProtoError" => {
+            "ESP failed to decrypt or authenticate (bad ICV): tampered packets, or the two ends disagree on the key"
+        }
+        "XfrmInStateSeqError" => {
+            "ESP outside the anti-replay window: replayed or very late packets"
+        }
+        "XfrmInStateMismatch" => {
+            "decrypted traffic did not match its SA's pair: a member sent with another member's address (spoofing)"
+        }
+        "XfrmInTmplMismatch" => {
+            "traffic to the encrypted port arrived without the required ESP (plaintext VXLAN was dropped)"
+        }
+        "XfrmInNoPols" => "inbound traffic matched no policy",
+        "XfrmInPolBlock" => "inbound traffic was blocked by a policy",
+        "XfrmInStateExpired" | "XfrmOutStateExpired" => {
+            "an SA reached its hard lifetime before a rekey: is every agent running?"
+        }
+        "XfrmOutNoStates" => {
+            "traffic for a peer with no outbound SA yet was dropped (keys not agreed: is the peer's agent running?)"
+        }
+        "XfrmOutPolBlock" => {
+            "traffic to the encrypted port with no keyed peer was blocked (fail closed)"
+        }
+        "XfrmOutStateSeqError" => "an outbound sequence number overflowed",
+        "XfrmInBufferError" | "XfrmInError" | "XfrmOutError" => {
+            "out of memory or another local error in the IPsec path"
+        }
+        "XfrmAcquireError" => "the kernel asked for an SA no key manager could supply",
+        _ => "see the kernel's Documentation/networking/xfrm_proc.rst",
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -196,6 +244,7 @@ impl Status {
             networks: nets.into_values().collect(),
             policies,
             sas,
+            xfrm_errors: Vec::new(),
             agent: None,
         }
     }
@@ -218,6 +267,20 @@ impl Status {
                 sa.age_secs = now_unix.saturating_sub(c.added_at);
             }
         }
+        self
+    }
+
+    /// Adds the non-zero XFRM error counters with their hints.
+    pub fn with_xfrm_stat(mut self, stat: &[(String, u64)]) -> Status {
+        self.xfrm_errors = stat
+            .iter()
+            .filter(|(_, v)| *v > 0)
+            .map(|(c, v)| XfrmError {
+                counter: c.clone(),
+                value: *v,
+                hint: xfrm_hint(c).to_owned(),
+            })
+            .collect();
         self
     }
 
@@ -357,6 +420,12 @@ impl fmt::Display for Status {
                     "  {} -> {}  spi {}  replay {}  {} packets  {} bytes  age {}s",
                     sa.src, sa.dst, sa.spi, sa.replay_window, sa.packets, sa.bytes, sa.age_secs
                 )?;
+            }
+        }
+        if !self.xfrm_errors.is_empty() {
+            writeln!(f, "\nKERNEL XFRM ERRORS (/proc/net/xfrm_stat)")?;
+            for e in &self.xfrm_errors {
+                writeln!(f, "  {:<24} {:>10}  {}", e.counter, e.value, e.hint)?;
             }
         }
         Ok(())

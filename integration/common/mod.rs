@@ -523,6 +523,17 @@ impl Cluster {
 
     /// Starts a node's agent (logs to DIR/NODE/agent.log, appended across restarts).
     pub fn start_agent(&self, node: &str, spec: &Path, log_level: &str) -> std::process::Child {
+        self.start_agent_with(node, spec, log_level, &[])
+    }
+
+    /// [`Cluster::start_agent`] with extra agent options.
+    pub fn start_agent_with(
+        &self,
+        node: &str,
+        spec: &Path,
+        log_level: &str,
+        extra: &[&str],
+    ) -> std::process::Child {
         let log_path = self.node_dir(node).join("agent.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -537,6 +548,7 @@ impl Cluster {
             log_level.into(),
         ];
         args.extend(self.agent_opts(node));
+        args.extend(extra.iter().map(|s| s.to_string()));
         let child = Command::new("ip")
             .args(["netns", "exec", &self.node(node).ns, BIN])
             .args(&args)
@@ -634,9 +646,28 @@ impl Drop for Agents {
 // ---- traffic ----
 
 /// A ping train in the background; read its result with [`ping_result`].
-pub fn ping_train(c: &Cluster, from: &str, to: &str, interval: &str, count: u32) -> std::process::Child {
+pub fn ping_train(
+    c: &Cluster,
+    from: &str,
+    to: &str,
+    interval: &str,
+    count: u32,
+) -> std::process::Child {
     Command::new("ip")
-        .args(["netns", "exec", &c.node(from).ns, "ping", "-q", "-i", interval, "-c", &count.to_string(), "-W", "2", to])
+        .args([
+            "netns",
+            "exec",
+            &c.node(from).ns,
+            "ping",
+            "-q",
+            "-i",
+            interval,
+            "-c",
+            &count.to_string(),
+            "-W",
+            "2",
+            to,
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -648,8 +679,14 @@ pub fn ping_train(c: &Cluster, from: &str, to: &str, interval: &str, count: u32)
 pub fn ping_result(child: std::process::Child) -> (u64, u64) {
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.contains("packets transmitted")).unwrap_or_else(|| panic!("no ping summary: {text}"));
-    let nums: Vec<u64> = line.split(|ch: char| !ch.is_ascii_digit()).filter_map(|w| w.parse().ok()).collect();
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary: {text}"));
+    let nums: Vec<u64> = line
+        .split(|ch: char| !ch.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
     (nums[0], nums[1])
 }
 
@@ -663,7 +700,12 @@ pub fn assert_no_loss(trains: Vec<(String, std::process::Child)>) {
 }
 
 /// Waits until every ordered pair of `nodes` answers a ping at `addr_of(node)`.
-pub fn wait_mesh(c: &Cluster, nodes: &[&str], addr_of: &dyn Fn(&str) -> String, limit: std::time::Duration) {
+pub fn wait_mesh(
+    c: &Cluster,
+    nodes: &[&str],
+    addr_of: &dyn Fn(&str) -> String,
+    limit: std::time::Duration,
+) {
     let start = std::time::Instant::now();
     for from in nodes {
         for to in nodes {
@@ -671,7 +713,10 @@ pub fn wait_mesh(c: &Cluster, nodes: &[&str], addr_of: &dyn Fn(&str) -> String, 
                 continue;
             }
             while !c.ping(from, &addr_of(to)) {
-                assert!(start.elapsed() < limit, "{from} -> {to} not reachable after {limit:?}");
+                assert!(
+                    start.elapsed() < limit,
+                    "{from} -> {to} not reachable after {limit:?}"
+                );
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
         }

@@ -111,6 +111,9 @@ pub(crate) struct Agent {
     last_error: Option<String>,
     started: Instant,
     boot_id: u64,
+    reconciles: u64,
+    reconcile_failures: u64,
+    kernel_changes: u64,
 }
 
 fn random_u64() -> u64 {
@@ -205,6 +208,19 @@ impl Agent {
             events_tx.clone(),
         );
         spawn_api_server(api_listener, events_tx.clone());
+        if let Some(addr) = config.metrics {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::Listen {
+                    address: addr,
+                    source,
+                })?;
+            if !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "metrics served on a non-loopback address");
+            }
+            super::metrics::spawn(listener, events_tx.clone());
+            tracing::info!(%addr, "serving metrics");
+        }
         tracing::info!(node = %node.name, %control_addr, socket = %config.socket.display(), spec = %config.spec_source, "agent started");
 
         let mut agent = Agent {
@@ -230,6 +246,9 @@ impl Agent {
             last_error: None,
             started: now,
             boot_id,
+            reconciles: 0,
+            reconcile_failures: 0,
+            kernel_changes: 0,
         };
         agent.update_peers();
         if let Err(e) = agent.reconcile().await {
@@ -357,6 +376,19 @@ impl Agent {
                     Ok(actions) => self.perform(actions).await,
                     Err(e) => tracing::warn!(%peer, error = %e, "control message refused"),
                 }
+            }
+            Event::Metrics { reply } => {
+                let status = self.status().await;
+                let text = match status {
+                    Ok(st) => super::metrics::render(
+                        &st,
+                        self.reconciles,
+                        self.reconcile_failures,
+                        self.kernel_changes,
+                    ),
+                    Err(e) => format!("# status unavailable: {e}\novl_agent_up 1\n"),
+                };
+                let _ = reply.send(text);
             }
             Event::Api { request, reply } => {
                 let response = self.on_api(request, reply).await;
@@ -487,8 +519,13 @@ impl Agent {
     /// direction is rekeyed instead.
     async fn reconcile(&mut self) -> Result<crate::plan::Plan, ReconcileError> {
         let result = self.reconcile_inner(false).await;
+        self.reconciles += 1;
         match &result {
-            Ok(_) => {
+            Ok(plan) => {
+                self.kernel_changes += plan.changes.len() as u64;
+                if !plan.is_empty() {
+                    tracing::info!(changes = plan.changes.len(), "reconciled the kernel");
+                }
                 self.in_sync = true;
                 self.last_error = None;
                 // Announcements prepared during the pass (rekeys of vanished SAs); the
@@ -500,6 +537,7 @@ impl Agent {
                 }
             }
             Err(e) => {
+                self.reconcile_failures += 1;
                 self.in_sync = false;
                 self.last_error = Some(e.to_string());
                 self.reconcile_due = Some(Instant::now() + RETRY_AFTER_FAILURE);
@@ -717,11 +755,19 @@ impl Agent {
     }
 
     async fn api_status(&mut self) -> Response {
-        let observed = match self.kernel.dump().await {
+        let status = match self.status().await {
             Ok(s) => s,
             Err(e) => return Response::fail(1, String::new(), e),
         };
-        let counters = self.kernel.sa_counters().await.unwrap_or_default();
+        match serde_json::to_string(&status) {
+            Ok(json) => Response::ok(json),
+            Err(e) => Response::fail(1, String::new(), format!("cannot encode status: {e}")),
+        }
+    }
+
+    async fn status(&mut self) -> Result<Status, KernelError> {
+        let observed = self.kernel.dump().await?;
+        let counters = self.kernel.sa_counters().await?;
         let me = self.node().map(|n| n.address);
         let now = Instant::now();
         let mut peers = Vec::new();
@@ -756,8 +802,9 @@ impl Agent {
         let unix_now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let status = Status::from_kernel(&observed)
+        Ok(Status::from_kernel(&observed)
             .with_counters(&counters, unix_now)
+            .with_xfrm_stat(&crate::kernel::counters::xfrm_stat())
             .with_agent(AgentStatus {
                 node: self.me.to_string(),
                 cluster: self.spec.cluster.name.to_string(),
@@ -766,11 +813,7 @@ impl Agent {
                 last_error: self.last_error.clone(),
                 boot_id: format!("{:016x}", self.boot_id),
                 peers,
-            });
-        match serde_json::to_string(&status) {
-            Ok(json) => Response::ok(json),
-            Err(e) => Response::fail(1, String::new(), format!("cannot encode status: {e}")),
-        }
+            }))
     }
 
     async fn api_rotate(

@@ -10,6 +10,7 @@
 
 pub mod api;
 mod core;
+pub mod metrics;
 mod net;
 
 use std::path::PathBuf;
@@ -28,6 +29,8 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     pub socket: PathBuf,
     pub key: PathBuf,
+    /// Where to serve Prometheus metrics; `None` = off.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Everything the agent's state-owning task reacts to.
@@ -49,6 +52,9 @@ pub(crate) enum Event {
     Api {
         request: api::Request,
         reply: oneshot::Sender<api::Response>,
+    },
+    Metrics {
+        reply: oneshot::Sender<String>,
     },
 }
 

@@ -1,9 +1,24 @@
+use clap::Args;
+
 use ovl::agent::{self, AgentConfig};
 
 use super::{Common, Failure, SpecFile, load_spec_text};
 
-pub fn run(common: &Common, args: &SpecFile) -> Result<(), Failure> {
-    let (spec, _, source) = load_spec_text(&args.file)?;
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    #[command(flatten)]
+    pub spec: SpecFile,
+    /// Serve Prometheus metrics on PORT (loopback) or IP:PORT; off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_address: Option<String>,
+}
+
+pub fn run(common: &Common, args: &AgentArgs) -> Result<(), Failure> {
+    let (spec, _, source) = load_spec_text(&args.spec.file)?;
+    let metrics = match &args.metrics_address {
+        Some(a) => Some(agent::metrics::parse_address(a).map_err(Failure::input)?),
+        None => None,
+    };
     let config = AgentConfig {
         spec,
         spec_source: source,
@@ -11,6 +26,7 @@ pub fn run(common: &Common, args: &SpecFile) -> Result<(), Failure> {
         state_dir: common.state_dir.clone(),
         socket: common.socket.clone(),
         key: common.key.clone(),
+        metrics,
     };
     super::runtime()?.block_on(agent::run(config)).map_err(|e| {
         if e.is_input_error() {

@@ -66,6 +66,15 @@ pub struct Common {
     /// Log verbosity (also RUST_LOG): error, warn, info, debug, trace.
     #[arg(long, global = true, value_name = "LEVEL", default_value = "warn")]
     pub log_level: String,
+    /// Log format: text for people, json for log collectors (one event per line).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -79,7 +88,7 @@ pub enum Command {
     /// Show the overlay state of this node.
     Status(status::StatusArgs),
     /// Run the per-node daemon.
-    Agent(SpecFile),
+    Agent(agent::AgentArgs),
     /// Rotate keys now (for cron and timers).
     Rotate(rotate::RotateArgs),
     /// Create this node's identity key (mode 0600) and print its public key.

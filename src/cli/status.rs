@@ -42,7 +42,9 @@ pub fn run(common: &Common, args: &StatusArgs) -> Result<(), Failure> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        Ok(Status::from_kernel(&state).with_counters(&counters, now))
+        Ok(Status::from_kernel(&state)
+            .with_counters(&counters, now)
+            .with_xfrm_stat(&ovl::kernel::counters::xfrm_stat()))
     })?;
     match args.output {
         Format::Table => print!("{status}"),

@@ -74,3 +74,17 @@ pub async fn sa_counters(
     }
     Ok(out)
 }
+
+/// The kernel's XFRM error counters of this namespace (`/proc/net/xfrm_stat`), as
+/// (name, value) pairs in the kernel's order. Empty when the file is missing.
+pub fn xfrm_stat() -> Vec<(String, u64)> {
+    let Ok(text) = std::fs::read_to_string("/proc/net/xfrm_stat") else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some((w.next()?.to_owned(), w.next()?.parse().ok()?))
+        })
+        .collect()
+}

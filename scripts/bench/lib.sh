@@ -1,0 +1,182 @@
+# Helpers shared by scripts/bench-*.sh (sourced, not run).
+#
+# Each benchmark script runs in two halves:
+#   host:  checks, copies the binary to a work dir (so a concurrent `cargo build` cannot
+#          swap it mid-run), boots one user-mode-linux guest with scripts/uml-run.sh and
+#          runs itself inside with `--inside WORKDIR`;
+#   guest: builds namespaces and agents, measures, prints a markdown table and leaves
+#          it in WORKDIR/result.md. A trap kills every process it started (by PID) and
+#          deletes every namespace it made, on success and on failure.
+#
+# Only namespaces created by the script ever carry traffic; all addresses are from the
+# documentation ranges (192.0.2.0/24) or private ranges local to the guest.
+
+bench_repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+
+bench_log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+bench_die() {
+    printf 'bench: error: %s\n' "$*" >&2
+    exit 1
+}
+
+# ---- host side -------------------------------------------------------------------------
+
+# bench_host_run NAME MEM TIMEOUT BIN SCRIPT [ARGS...]: prepares a work dir, runs SCRIPT
+# --inside WORK ARGS... inside UML, prints the result and removes the work dir (kept with
+# OVL_BENCH_KEEP=1 or on failure).
+bench_host_run() {
+    local name=$1 mem=$2 timeout=$3 bin=$4 script=$5
+    shift 5
+    [[ $(id -u) == 0 ]] || bench_die "run as root (network namespaces, user-mode-linux)"
+    [[ -x $bin ]] || bench_die "$bin not found: build it first (cargo build --release) or pass --bin"
+    local work
+    work=$(mktemp -d "/tmp/ovl-bench-$name.XXXXXXXX")
+    chmod 755 "$work"
+    cp "$bin" "$work/ovl-controller"
+    {
+        echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+        echo "binary=$bin"
+        echo "binary_sha256=$(sha256sum "$bin" | cut -c1-16)"
+        case $bin in
+        */release/*) echo "profile=release" ;;
+        */debug/*) echo "profile=debug" ;;
+        *) echo "profile=unknown" ;;
+        esac
+        echo "git=$(git -C "$bench_repo" rev-parse --short HEAD 2>/dev/null || echo '?')$(
+            [[ -n $(git -C "$bench_repo" status --porcelain --untracked-files=no 2>/dev/null) ]] && echo '+uncommitted changes')"
+        echo "host_kernel=$(uname -r)"
+        echo "host_cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//') x $(nproc)"
+        echo "host_mem=$(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
+        echo "uml_kernel=$(/usr/bin/linux.uml --version 2>/dev/null | head -n1)"
+        echo "uml_mem=$mem"
+    } >"$work/info"
+    bench_log "work dir $work; binary $bin ($(grep profile= "$work/info" | cut -d= -f2))"
+    local rc=0
+    "$bench_repo/scripts/uml-run.sh" --mem "$mem" --timeout "$timeout" -- "$script" --inside "$work" "$@" || rc=$?
+    if [[ -s $work/result.md ]]; then
+        echo
+        echo "----- result ($work/result.md) -----"
+        sed 's/^/    /' "$work/info"
+        echo
+        cat "$work/result.md"
+    fi
+    if ((rc != 0)) || [[ ${OVL_BENCH_KEEP:-0} == 1 ]]; then
+        bench_log "exit status $rc; work dir kept: $work (agent logs under $work/logs)"
+    else
+        rm -rf -- "$work"
+    fi
+    return "$rc"
+}
+
+# ---- guest side ------------------------------------------------------------------------
+
+BENCH_PIDS=()
+BENCH_NETNS=()
+
+bench_guest_cleanup() {
+    local pid ns
+    for pid in "${BENCH_PIDS[@]}"; do
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    for pid in "${BENCH_PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    BENCH_PIDS=()
+    for ns in "${BENCH_NETNS[@]}"; do
+        ip netns del "$ns" 2>/dev/null || true
+    done
+    BENCH_NETNS=()
+}
+
+# bench_guest_init WORK: checks we are in the UML guest and sets the trap.
+bench_guest_init() {
+    BENCH_WORK=$1
+    [[ ${OVL_IN_UML:-} == 1 ]] || bench_die "--inside is for the user-mode-linux guest (run the script without it)"
+    [[ -x $BENCH_WORK/ovl-controller ]] || bench_die "no binary in $BENCH_WORK"
+    BIN=$BENCH_WORK/ovl-controller
+    # Private node files live on the guest's tmpfs, not on hostfs (whose every file
+    # operation is a host system call): closer to a real node's local disk.
+    BENCH_RUN=/run/ovl-bench
+    mkdir -p "$BENCH_RUN" "$BENCH_WORK/logs"
+    trap 'bench_guest_cleanup' EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+}
+
+bench_now() { date +%s.%N; }
+bench_elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
+
+# bench_netns NAME: creates a namespace, remembered for cleanup.
+bench_netns() {
+    ip netns add "$1"
+    BENCH_NETNS+=("$1")
+    ip -n "$1" link set lo up
+}
+
+# bench_keygen DIR: node key in DIR/node.key; prints the public key.
+bench_keygen() {
+    mkdir -p "$1"
+    "$BIN" keygen --out "$1/node.key"
+}
+
+# bench_opts NAME: the per-node options (as for integration/common agent_opts).
+bench_opts() {
+    local d=$BENCH_RUN/$1
+    echo "--node $1 --key $d/node.key --state-dir $d/state --socket $d/agent.sock"
+}
+
+# bench_start_agent NS NODE SPEC [LEVEL]: starts the node's agent in NS, logging to
+# DIR/agent.log; waits for its socket. Sets AGENT_PID.
+bench_start_agent() {
+    local ns=$1 node=$2 spec=$3 level=${4:-info}
+    local d=$BENCH_RUN/$node
+    mkdir -p "$d"
+    # `ip netns exec` execs the command in place: $! is the agent itself.
+    # shellcheck disable=SC2046
+    ip netns exec "$ns" "$BIN" agent -f "$spec" --log-level "$level" $(bench_opts "$node") \
+        </dev/null >>"$d/agent.log" 2>&1 &
+    AGENT_PID=$!
+    BENCH_PIDS+=("$AGENT_PID")
+    local i
+    for ((i = 0; i < 600; i++)); do
+        [[ -S $d/agent.sock ]] && return 0
+        kill -0 "$AGENT_PID" 2>/dev/null || break
+        sleep 0.05
+    done
+    tail -n 20 "$d/agent.log" >&2
+    bench_die "agent of $node did not open its socket"
+}
+
+# bench_ctl NS NODE ARGS...: an ovl-controller subcommand with the node's options.
+bench_ctl() {
+    local ns=$1 node=$2
+    shift 2
+    # shellcheck disable=SC2046
+    ip netns exec "$ns" "$BIN" "$@" $(bench_opts "$node")
+}
+
+# bench_peers_keyed NS NODE WANT: true when the node's agent reports WANT peers, every
+# one connected with inbound and outbound keys.
+bench_peers_keyed() {
+    local ns=$1 node=$2 want=$3
+    bench_ctl "$ns" "$node" status -o json 2>/dev/null | jq -e --argjson want "$want" '
+        (.agent.peers | length) == $want and
+        all(.agent.peers[]; .connected and (.inbound | length) > 0 and (.outbound | length) > 0)
+    ' >/dev/null 2>&1
+}
+
+# bench_save_logs: copies the agents' logs to the work dir (on the host file system).
+bench_save_logs() {
+    local d
+    for d in "$BENCH_RUN"/*/; do
+        [[ -f $d/agent.log ]] && cp "$d/agent.log" "$BENCH_WORK/logs/$(basename "$d").log"
+    done
+    return 0
+}
+
+# bench_median NUMBERS...: the median (mean of the middle two for an even count).
+bench_median() {
+    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
+        if (NR == 0) { print "nan"; exit }
+        if (NR % 2) printf "%.3f", v[(NR + 1) / 2]; else printf "%.3f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
