@@ -258,6 +258,15 @@ fn b2(n: usize, repeat: usize) -> Result<B2, Error> {
     std::thread::sleep(Duration::from_millis(500));
     let control = monitors.events().len();
     let control_events = control - settled;
+    for line in monitors
+        .events()
+        .get(settled..)
+        .unwrap_or_default()
+        .iter()
+        .take(8)
+    {
+        eprintln!("B2: control event: {line}");
+    }
     let (mut fresh, mut lengths) = (vec![], vec![]);
     for _ in 0..repeat {
         let (d, len) = ns.apply(&spec, &ring)?;
@@ -273,6 +282,7 @@ fn b2(n: usize, repeat: usize) -> Result<B2, Error> {
     }
     let events_during = during.len();
     drop(monitors);
+    eprintln!("B2: N = {n}: steps {:?}", ns.steps(&spec, &ring)?);
     if control_events == 0 {
         return Err("the monitors saw no event for the control write: they do not work".into());
     }

@@ -21,49 +21,52 @@ bench_die() {
 
 # ---- host side -------------------------------------------------------------------------
 
-# bench_host_run NAME MEM TIMEOUT BIN SCRIPT [ARGS...]: prepares a work dir, runs SCRIPT
-# --inside WORK ARGS... inside UML, prints the result and removes the work dir (kept with
-# OVL_BENCH_KEEP=1 or on failure).
-bench_host_run() {
-    local name=$1 mem=$2 timeout=$3 bin=$4 script=$5
-    shift 5
+# bench_host_prepare NAME BIN MEM: makes the work dir (BENCH_WORK), copies the binary
+# into it and records the run's facts (date, binary, profile, git, host) in BENCH_WORK/info.
+bench_host_prepare() {
+    local name=$1 bin=$2 mem=$3
     [[ $(id -u) == 0 ]] || bench_die "run as root (network namespaces, user-mode-linux)"
     [[ -x $bin ]] || bench_die "$bin not found: build it first (cargo build --release) or pass --bin"
-    local work
-    work=$(mktemp -d "/tmp/ovl-bench-$name.XXXXXXXX")
-    chmod 755 "$work"
-    cp "$bin" "$work/ovl-controller"
+    BENCH_WORK=$(mktemp -d "/tmp/ovl-bench-$name.XXXXXXXX")
+    chmod 755 "$BENCH_WORK"
+    cp "$bin" "$BENCH_WORK/ovl-controller"
+    BIN=$BENCH_WORK/ovl-controller
     {
-        echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-        echo "binary=$bin"
-        echo "binary_sha256=$(sha256sum "$bin" | cut -c1-16)"
+        echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+        echo "binary: $bin (sha256 $(sha256sum "$bin" | cut -c1-16), built $(date -u -r "$bin" +%Y-%m-%dT%H:%M:%SZ))"
         case $bin in
-        */release/*) echo "profile=release" ;;
-        */debug/*) echo "profile=debug" ;;
-        *) echo "profile=unknown" ;;
+        */release/*) echo "profile: release" ;;
+        */debug/*) echo "profile: debug" ;;
+        *) echo "profile: unknown" ;;
         esac
-        echo "git=$(git -C "$bench_repo" rev-parse --short HEAD 2>/dev/null || echo '?')$(
-            [[ -n $(git -C "$bench_repo" status --porcelain --untracked-files=no 2>/dev/null) ]] && echo '+uncommitted changes')"
-        echo "host_kernel=$(uname -r)"
-        echo "host_cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//') x $(nproc)"
-        echo "host_mem=$(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
-        echo "uml_kernel=$(/usr/bin/linux.uml --version 2>/dev/null | head -n1)"
-        echo "uml_mem=$mem"
-    } >"$work/info"
-    bench_log "work dir $work; binary $bin ($(grep profile= "$work/info" | cut -d= -f2))"
+        echo "git: $(git -C "$bench_repo" rev-parse --short HEAD 2>/dev/null || echo '?')$(
+            [[ -n $(git -C "$bench_repo" status --porcelain --untracked-files=no 2>/dev/null) ]] && echo ' + uncommitted changes in the work tree')"
+        echo "host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo), kernel $(uname -r)"
+        echo "guest: user-mode-linux $(/usr/bin/linux.uml --version 2>/dev/null | head -n1), mem=$mem, 1 CPU"
+    } >"$BENCH_WORK/info"
+    bench_log "work dir $BENCH_WORK; binary $bin"
+}
+
+# bench_host_boot MEM TIMEOUT SCRIPT [ARGS...]: runs SCRIPT --inside BENCH_WORK ARGS...
+# in one UML guest, prints the facts and the result, removes the work dir (kept on
+# failure or with OVL_BENCH_KEEP=1). Returns the guest's exit status.
+bench_host_boot() {
+    local mem=$1 timeout=$2 script=$3
+    shift 3
     local rc=0
-    "$bench_repo/scripts/uml-run.sh" --mem "$mem" --timeout "$timeout" -- "$script" --inside "$work" "$@" || rc=$?
-    if [[ -s $work/result.md ]]; then
+    "$bench_repo/scripts/uml-run.sh" --mem "$mem" --timeout "$timeout" --env NO_COLOR=1 \
+        -- "$script" --inside "$BENCH_WORK" "$@" || rc=$?
+    if [[ -s $BENCH_WORK/result.md ]]; then
         echo
-        echo "----- result ($work/result.md) -----"
-        sed 's/^/    /' "$work/info"
+        echo "----- result -----"
+        sed 's/^/- /' "$BENCH_WORK/info"
         echo
-        cat "$work/result.md"
+        cat "$BENCH_WORK/result.md"
     fi
     if ((rc != 0)) || [[ ${OVL_BENCH_KEEP:-0} == 1 ]]; then
-        bench_log "exit status $rc; work dir kept: $work (agent logs under $work/logs)"
+        bench_log "exit status $rc; work dir kept: $BENCH_WORK (agent logs under $BENCH_WORK/logs)"
     else
-        rm -rf -- "$work"
+        rm -rf -- "$BENCH_WORK"
     fi
     return "$rc"
 }
