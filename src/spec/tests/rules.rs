@@ -355,3 +355,34 @@ fn rejects_bad_public_key() {
         "invalid publicKey",
     );
 }
+
+#[test]
+fn rekey_limits_default_and_bounds() {
+    let spec = parse(base().as_bytes(), "t.yaml").unwrap();
+    assert_eq!(spec.cluster.rekey_after_packets, DEFAULT_REKEY_PACKETS);
+    assert_eq!(spec.cluster.rekey_after_bytes, DEFAULT_REKEY_BYTES);
+    let set = base().replace(
+        "  name: demo\n",
+        "  name: demo\n  rekeyAfterPackets: 5000\n  rekeyAfterBytes: 1048576\n",
+    );
+    let spec = parse(set.as_bytes(), "t.yaml").unwrap();
+    assert_eq!(
+        (
+            spec.cluster.rekey_after_packets,
+            spec.cluster.rekey_after_bytes
+        ),
+        (5000, 1 << 20)
+    );
+    assert_rejects(
+        &base().replace("  name: demo\n", "  name: demo\n  rekeyAfterPackets: 10\n"),
+        4,
+        22,
+        "rekeyAfterPackets 10 is out of range 100..=1099511627776",
+    );
+    assert_rejects(
+        &base().replace("  name: demo\n", "  name: demo\n  rekeyAfterBytes: lots\n"),
+        4,
+        20,
+        "rekeyAfterBytes must be an integer",
+    );
+}

@@ -1,0 +1,229 @@
+#!/usr/bin/env bash
+# B4: data path throughput, inside one user-mode-linux boot (ESP kernel).
+#
+#   scripts/bench-datapath.sh [--bin PATH] [--reps R] [--secs S] [--mem 1024M]
+#
+# Two pairs of namespaces, each pair joined by one veth (192.0.2.1 <-> 192.0.2.2, MTU
+# 1500). One iperf3 TCP stream, S seconds (plus 1 s omitted for slow start), from the
+# first namespace of a pair to the second, over:
+#   underlay   the veth itself (pair 1);
+#   plain      a plaintext network made by `ovl-controller apply -f` (no agent) (pair 1);
+#   encrypted  an encrypted network made by ovl-controller agents (pair 1);
+#   by hand    the same ESP made with `ip xfrm` on a hand-made vxlan + bridge (pair 2):
+#              rfc4106(gcm(aes)) with a 36-byte key and 128-bit ICV, transport mode, ESN,
+#              replay window 1024, the same selectors, the same four policies (per-pair
+#              out/in, catch-all in requiring ESP, catch-all out block), VXLAN on port
+#              4790 with the same options, and the MTU the controller chose.
+# R repetitions, the order of the four rotated each time; the median is reported.
+# Fragmentation is checked with the kernel's counters on both ends of every run
+# (IpFragCreates on the sender, IpReasmReqds on the receiver, from nstat), and the XFRM
+# error counters (/proc/net/xfrm_stat) are reported when not zero.
+#
+# UML has one CPU: the iperf3 client, the server and all the kernel's work (VXLAN, ESP
+# with software AES-GCM) share it. Absolute numbers are not those of real hardware;
+# the ratios, measured in the same boot, are the result.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=scripts/bench/lib.sh
+source "$here/bench/lib.sh"
+
+reps=5
+secs=5
+mem=1024M
+bin=$bench_repo/target/release/ovl-controller
+inside=
+while (($#)); do
+    case $1 in
+    --bin) bin=$2; shift 2 ;;
+    --reps) reps=$2; shift 2 ;;
+    --secs) secs=$2; shift 2 ;;
+    --mem) mem=$2; shift 2 ;;
+    --inside) inside=$2; shift 2 ;;
+    -h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
+    *) bench_die "unknown argument $1 (see --help)" ;;
+    esac
+done
+command -v iperf3 >/dev/null || bench_die "iperf3 not found (apt-get install iperf3)"
+
+if [[ -z $inside ]]; then
+    bench_host_prepare datapath "$bin" "$mem"
+    bench_host_boot "$mem" 1800 "$here/bench-datapath.sh" --reps "$reps" --secs "$secs"
+    exit
+fi
+
+# ---- inside the guest -------------------------------------------------------------------
+bench_guest_init "$inside"
+A=192.0.2.1
+B=192.0.2.2
+PORT=4790
+
+# pair NS1 NS2: two namespaces joined by a veth, A and B on it.
+pair() {
+    bench_netns "$1"
+    bench_netns "$2"
+    ip -n "$1" link add eth0 mtu 1500 type veth peer name eth0 netns "$2"
+    ip -n "$1" addr add $A/24 dev eth0
+    ip -n "$2" addr add $B/24 dev eth0
+    ip -n "$1" link set eth0 up
+    ip -n "$2" link set eth0 up
+}
+pair da db
+pair dc dd
+
+# --- pair 1: ovl-controller ---
+ka=$(bench_keygen "$BENCH_RUN/a")
+kb=$(bench_keygen "$BENCH_RUN/b")
+nodes=$(printf '  - name: a\n    address: %s\n    publicKey: "%s"\n  - name: b\n    address: %s\n    publicKey: "%s"\n' $A "$ka" $B "$kb")
+plain_net='  - name: plain
+    vni: 100
+    addresses: {a: 10.1.0.1/24, b: 10.1.0.2/24}'
+sec_net='  - name: sec
+    vni: 300
+    encrypted: true
+    addresses: {a: 10.3.0.1/24, b: 10.3.0.2/24}'
+printf 'apiVersion: ovl/v1\ncluster:\n  name: bench\nnodes:\n%s\nnetworks:\n%s\n' "$nodes" "$plain_net" >"$BENCH_RUN/plain.yaml"
+printf 'apiVersion: ovl/v1\ncluster:\n  name: bench\nnodes:\n%s\nnetworks:\n%s\n%s\n' "$nodes" "$plain_net" "$sec_net" >"$BENCH_RUN/all.yaml"
+
+# (ii) plaintext network: apply -f, no agent running.
+bench_ctl da a apply -f "$BENCH_RUN/plain.yaml" >/dev/null
+bench_ctl db b apply -f "$BENCH_RUN/plain.yaml" >/dev/null
+# (iii) encrypted network: agents (the plaintext network is unchanged by them).
+bench_start_agent da a "$BENCH_RUN/all.yaml" info
+bench_start_agent db b "$BENCH_RUN/all.yaml" info
+bench_ctl da a apply -f "$BENCH_RUN/all.yaml" >/dev/null
+bench_ctl db b apply -f "$BENCH_RUN/all.yaml" >/dev/null
+for i in $(seq 1 120); do
+    bench_peers_keyed da a 1 && bench_peers_keyed db b 1 && break
+    ((i < 120)) || bench_die "the agents did not key the pair within 60 s"
+    sleep 0.5
+done
+mtu=$(ip -n da -j link show ovbr-300 | jq -r '.[0].mtu')
+plain_mtu=$(ip -n da -j link show ovbr-100 | jq -r '.[0].mtu')
+ip -n da -d link show ovvx-300 >"$BENCH_WORK/ovl-vxlan.txt"
+ip -n da xfrm policy >"$BENCH_WORK/ovl-policies.txt"
+ip -n da xfrm state | grep -v -E '^\s*(aead|auth|enc)' >"$BENCH_WORK/ovl-states.txt" || true
+
+# --- pair 2: the same ESP by hand ---
+hand_node() { # NS ME PEER MYADDR SPI_OUT SPI_IN KEY_OUT KEY_IN
+    local ns=$1 me=$2 peer=$3 addr=$4 spi_out=$5 spi_in=$6 key_out=$7 key_in=$8
+    local lim='limit byte-soft 1099511627776 limit byte-hard 4398046511104 limit packet-soft 2147483648 limit packet-hard 8589934592'
+    # Policies first (fail closed), as the controller orders them.
+    ip -n "$ns" xfrm policy add src 0.0.0.0/0 dst 0.0.0.0/0 proto udp dport $PORT dir out action block priority 2000 \
+        tmpl proto esp reqid 1 mode transport
+    ip -n "$ns" xfrm policy add src 0.0.0.0/0 dst "$me/32" proto udp dport $PORT dir in priority 2000 \
+        tmpl proto esp reqid 1 mode transport
+    ip -n "$ns" xfrm policy add src "$peer/32" dst "$me/32" proto udp dport $PORT dir in priority 1000 \
+        tmpl src "$peer" dst "$me" proto esp reqid 1 mode transport
+    ip -n "$ns" xfrm policy add src "$me/32" dst "$peer/32" proto udp dport $PORT dir out priority 1000 \
+        tmpl src "$me" dst "$peer" proto esp reqid 1 mode transport
+    # shellcheck disable=SC2086
+    ip -n "$ns" xfrm state add src "$peer" dst "$me" proto esp spi "$spi_in" reqid 1 mode transport \
+        replay-window 1024 flag esn aead 'rfc4106(gcm(aes))' "0x$key_in" 128 \
+        sel src "$peer/32" dst "$me/32" proto udp dport $PORT $lim
+    # shellcheck disable=SC2086
+    ip -n "$ns" xfrm state add src "$me" dst "$peer" proto esp spi "$spi_out" reqid 1 mode transport \
+        replay-window 1024 flag esn aead 'rfc4106(gcm(aes))' "0x$key_out" 128 \
+        sel src "$me/32" dst "$peer/32" proto udp dport $PORT $lim
+    ip -n "$ns" link add hbr300 mtu "$mtu" type bridge
+    ip -n "$ns" link add hvx300 mtu "$mtu" type vxlan id 300 local "$me" dev eth0 dstport $PORT udpcsum learning
+    ip -n "$ns" link set hvx300 master hbr300
+    ip -n "$ns" addr add "$addr" dev hbr300
+    bridge -n "$ns" fdb append 00:00:00:00:00:00 dev hvx300 dst "$peer"
+    ip -n "$ns" link set hvx300 up
+    ip -n "$ns" link set hbr300 up
+}
+key() { head -c36 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
+k_cd=$(key)
+k_dc=$(key)
+hand_node dc $A $B 10.3.0.1/24 0x1001 0x1002 "$k_cd" "$k_dc"
+hand_node dd $B $A 10.3.0.2/24 0x1002 0x1001 "$k_dc" "$k_cd"
+k_cd=
+k_dc=
+ip -n dc -d link show hvx300 >"$BENCH_WORK/hand-vxlan.txt"
+ip -n dc xfrm policy >"$BENCH_WORK/hand-policies.txt"
+ip -n dc xfrm state | grep -v -E '^\s*(aead|auth|enc)' >"$BENCH_WORK/hand-states.txt" || true
+
+# Both overlays work before anything is measured.
+for x in "da 10.1.0.2" "da 10.3.0.2" "dc 10.3.0.2"; do
+    set -- $x
+    ip netns exec "$1" ping -c 3 -i 0.2 -w 6 -q "$2" >/dev/null || bench_die "$1 cannot ping $2"
+done
+
+# iperf3 servers (one per pair; each serves every run on its pair).
+for ns in db dd; do
+    ip netns exec "$ns" iperf3 -s >"$BENCH_RUN/iperf3-$ns.log" 2>&1 &
+    BENCH_PIDS+=($!)
+done
+sleep 1
+
+frag() { # NS: "IpFragCreates IpReasmReqds" absolute
+    ip netns exec "$1" nstat -asz IpFragCreates IpReasmReqds | awk '
+        $1 == "IpFragCreates" { c = $2 } $1 == "IpReasmReqds" { r = $2 } END { print c + 0, r + 0 }'
+}
+xfrm_errors() { # NS: the non-zero lines of /proc/net/xfrm_stat
+    ip netns exec "$1" awk '$2 != 0 { printf "%s=%s ", $1, $2 }' /proc/net/xfrm_stat
+}
+
+declare -A CL SRV DST
+CL[underlay]=da SRV[underlay]=db DST[underlay]=$B
+CL[plain]=da SRV[plain]=db DST[plain]=10.1.0.2
+CL[encrypted]=da SRV[encrypted]=db DST[encrypted]=10.3.0.2
+CL[hand]=dc SRV[hand]=dd DST[hand]=10.3.0.2
+configs=(underlay plain encrypted hand)
+declare -A RES RETR FRAG
+for c in "${configs[@]}"; do RES[$c]="" RETR[$c]="" FRAG[$c]="0 0"; done
+
+for ((r = 0; r < reps; r++)); do
+    for ((k = 0; k < 4; k++)); do
+        c=${configs[(k + r) % 4]}
+        read -r fc0 _ < <(frag "${CL[$c]}")
+        read -r _ rr0 < <(frag "${SRV[$c]}")
+        out=$(timeout $((secs + 30)) ip netns exec "${CL[$c]}" iperf3 -c "${DST[$c]}" -t "$secs" -O 1 -J) ||
+            bench_die "iperf3 $c failed: $(jq -r '.error // empty' <<<"$out" 2>/dev/null)"
+        read -r fc1 _ < <(frag "${CL[$c]}")
+        read -r _ rr1 < <(frag "${SRV[$c]}")
+        gbps=$(jq -r '.end.sum_received.bits_per_second / 1e9' <<<"$out")
+        retr=$(jq -r '.end.sum_sent.retransmits' <<<"$out")
+        RES[$c]+="$gbps "
+        RETR[$c]+="$retr "
+        read -r f1 f2 <<<"${FRAG[$c]}"
+        FRAG[$c]="$((f1 + fc1 - fc0)) $((f2 + rr1 - rr0))"
+        bench_log "rep $((r + 1)) $c: $(printf '%.3f' "$gbps") Gbit/s, $retr retransmits, fragments created $((fc1 - fc0)), reassembly requests $((rr1 - rr0))"
+    done
+done
+
+med() { bench_median $1; }
+declare -A MED
+for c in "${configs[@]}"; do MED[$c]=$(med "${RES[$c]}"); done
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
+verdict() { awk -v r="$1" -v t="$2" 'BEGIN { print (r >= t) ? "met" : "MISSED" }'; }
+r_plain=$(ratio "${MED[plain]}" "${MED[underlay]}")
+r_enc=$(ratio "${MED[encrypted]}" "${MED[hand]}")
+r_enc_plain=$(ratio "${MED[encrypted]}" "${MED[plain]}")
+declare -A LABEL MTU
+LABEL[underlay]="underlay veth"
+LABEL[plain]="plain overlay (ovl-controller apply)"
+LABEL[encrypted]="encrypted overlay (ovl-controller agents)"
+LABEL[hand]="same ESP by hand (ip xfrm, vxlan, bridge)"
+MTU[underlay]=1500 MTU[plain]=$plain_mtu MTU[encrypted]=$mtu MTU[hand]=$mtu
+{
+    echo "| path | MTU | Gbit/s, median of $reps | every run (Gbit/s) | retransmits per run | fragments created / reassembly requests (all runs) |"
+    echo "|---|---:|---:|---|---|---:|"
+    for c in "${configs[@]}"; do
+        runs=$(for x in ${RES[$c]}; do printf '%.2f ' "$x"; done)
+        read -r f1 f2 <<<"${FRAG[$c]}"
+        echo "| ${LABEL[$c]} | ${MTU[$c]} | $(printf '%.3f' "${MED[$c]}") | ${runs% } | ${RETR[$c]% } | $f1 / $f2 |"
+    done
+    echo
+    echo "- plain / underlay = **$r_plain** (target >= 0.95: $(verdict "$r_plain" 0.95))"
+    echo "- encrypted / by hand = **$r_enc** (target >= 0.95: $(verdict "$r_enc" 0.95))"
+    echo "- encrypted / plain = $r_enc_plain (the cost of software AES-GCM in UML)"
+    for ns in da db dc dd; do
+        e=$(xfrm_errors "$ns")
+        [[ -z $e ]] || echo "- /proc/net/xfrm_stat non-zero in $ns: $e"
+    done
+    errs=$(grep -hE ' (WARN|ERROR) ' "$BENCH_RUN"/a/agent.log "$BENCH_RUN"/b/agent.log || true)
+    [[ -z $errs ]] || { echo "- agent WARN/ERROR lines:"; echo '```'; echo "$errs" | head -n 20; echo '```'; }
+} >"$BENCH_WORK/result.md"
+bench_save_logs
+cat "$BENCH_WORK/result.md"
