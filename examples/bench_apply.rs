@@ -77,6 +77,12 @@ fn args() -> Result<Args, Error> {
 
 fn run() -> Result<(), Error> {
     let args = args()?;
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     if !nix::unistd::geteuid().is_root() {
         return Err("needs root (network namespaces, XFRM); run scripts/bench-apply.sh".into());
     }
@@ -98,9 +104,9 @@ fn run() -> Result<(), Error> {
     let mut b1_at = None;
     let _ = writeln!(
         out,
-        "| N peers | changes | iproute2 | library apply | ratio | library per peer | execute only | plan (pure) |"
+        "| N peers | changes | iproute2 | library apply | ratio | library per peer | of which: execute | plan (pure) | dumps + ESP probe |"
     );
-    let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &n in &args.peers {
         let r = b1(n, args.repeat)?;
         if n == args.at {
@@ -108,14 +114,15 @@ fn run() -> Result<(), Error> {
         }
         let _ = writeln!(
             out,
-            "| {n} | {} | {} | {} | {:.2}x | {:.3} ms | {} | {} |",
+            "| {n} | {} | {} | {} | {:.2}x | {:.3} ms | {} | {} | {} |",
             r.changes,
             ms(r.iproute2),
             ms(r.library),
             ratio(r.library, r.iproute2),
             r.library.as_secs_f64() * 1000.0 / n as f64,
-            ms(r.execute),
-            ms(r.plan),
+            ms(r.steps.execute),
+            ms(r.steps.plan),
+            ms(r.steps.dump + r.steps.probe + r.steps.verify),
         );
     }
     let b1_at = match b1_at {
@@ -183,15 +190,15 @@ struct B1 {
     changes: usize,
     iproute2: Duration,
     library: Duration,
-    execute: Duration,
-    plan: Duration,
+    /// Medians of the step-by-step run.
+    steps: Steps,
 }
 
 fn b1(n: usize, repeat: usize) -> Result<B1, Error> {
     eprintln!("B1: N = {n}");
     let spec = spec(n)?;
     let ring = ring(&spec, 1)?;
-    let (mut lib, mut ip, mut exec, mut pure) = (vec![], vec![], vec![], vec![]);
+    let (mut lib, mut ip, mut steps) = (vec![], vec![], vec![]);
     let mut changes = 0;
     for r in 0..repeat {
         let lib_ns = Ns::new("lib")?;
@@ -217,17 +224,21 @@ fn b1(n: usize, repeat: usize) -> Result<B1, Error> {
         }
         drop((lib_ns, ip_ns));
         let x_ns = Ns::new("exec")?;
-        let steps = x_ns.steps(&spec, &ring)?;
-        eprintln!("B1: N = {n}: steps {steps:?}");
-        pure.push(steps.plan);
-        exec.push(steps.execute);
+        let s = x_ns.steps(&spec, &ring)?;
+        eprintln!("B1: N = {n}: steps {s:?}");
+        steps.push(s);
     }
     Ok(B1 {
         changes,
         iproute2: median(ip),
         library: median(lib),
-        execute: median(exec),
-        plan: median(pure),
+        steps: Steps {
+            dump: median(steps.iter().map(|s| s.dump).collect()),
+            probe: median(steps.iter().map(|s| s.probe).collect()),
+            plan: median(steps.iter().map(|s| s.plan).collect()),
+            execute: median(steps.iter().map(|s| s.execute).collect()),
+            verify: median(steps.iter().map(|s| s.verify).collect()),
+        },
     })
 }
 
@@ -248,7 +259,7 @@ fn b2(n: usize, repeat: usize) -> Result<B2, Error> {
     let ns = Ns::new("noop")?;
     ns.apply(&spec, &ring)?;
     let monitors = Monitors::start(&ns)?;
-    monitors.settle(Duration::from_secs(2));
+    monitors.settle(Duration::from_secs(4));
     let settled = monitors.events().len();
     ns.ip_batch(
         "xfrm policy add src 203.0.113.1/32 dst 203.0.113.2/32 dir out priority 5 action block\n\
@@ -340,13 +351,13 @@ impl Monitors {
             .collect()
     }
 
-    /// Waits until no event came for `quiet` (at most 30 s): the kernel's own activity
+    /// Waits until no event came for `quiet` (at most 60 s): the kernel's own activity
     /// after the previous apply (links coming up) is over.
     fn settle(&self, quiet: Duration) {
         let start = Instant::now();
         let mut seen = self.events().len();
         let mut since = Instant::now();
-        while since.elapsed() < quiet && start.elapsed() < Duration::from_secs(30) {
+        while since.elapsed() < quiet && start.elapsed() < Duration::from_secs(60) {
             std::thread::sleep(Duration::from_millis(100));
             let now = self.events().len();
             if now != seen {
@@ -494,7 +505,7 @@ fn ring(spec: &Spec, generation: u32) -> Result<Keyring, Error> {
 
 // --- namespaces -------------------------------------------------------------------------------
 
-/// A fresh network namespace with the underlay (`ul0`, 198.18.0.1/15); flushed and
+/// A fresh network namespace with the underlay (`ul0`, 198.18.0.1); flushed and
 /// deleted on drop, then a pause so that the kernel's cleanup does not run into the next
 /// measurement (UML has one CPU).
 struct Ns(String);
@@ -520,9 +531,14 @@ impl Ns {
                 "net.ipv6.conf.default.disable_ipv6=1",
             ],
         )?;
+        // The peers are reached through a gateway whose address is resolved already, as
+        // on a real network: flooded VXLAN packets to a thousand peers that nobody
+        // answers would make the kernel ARP for each of them in the background.
         ns.ip_batch(&format!(
             "link set lo up\nlink add {UNDERLAY} mtu {UNDERLAY_MTU} type veth peer name ul1\n\
-             addr add 198.18.0.1/15 dev {UNDERLAY}\nlink set ul1 up\nlink set {UNDERLAY} up\n"
+             addr add 198.18.0.1/32 dev {UNDERLAY}\nlink set ul1 up\nlink set {UNDERLAY} up\n\
+             neigh add 198.51.100.1 lladdr 02:00:00:00:00:01 dev {UNDERLAY} nud permanent\n\
+             route add 198.18.0.0/15 via 198.51.100.1 dev {UNDERLAY} onlink\n"
         ))?;
         Ok(ns)
     }

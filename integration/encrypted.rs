@@ -477,38 +477,7 @@ fn mtu_edges(ipv6: bool) {
     let mtu = if ipv6 { 1396 } else { 1416 };
     assert_eq!(s.c.link("node-a", "ovvx-300").unwrap()["mtu"], mtu);
     assert_eq!(s.c.link("node-a", "ovbr-300").unwrap()["mtu"], mtu);
-    let filter = if ipv6 {
-        "ip6 and ip6[6] == 44"
-    } else {
-        "ip and (ip[6:2] & 0x3fff) != 0"
-    };
-    let cap = Capture::start(&s.c, "frag", filter);
-    let a = s.c.node("node-a").ns.clone();
-    let fits = sh(&format!(
-        "ip netns exec {a} ping -M do -c 2 -W 2 -s {} 10.3.0.2",
-        mtu - 28
-    ));
-    let too_big = sh(&format!(
-        "ip netns exec {a} ping -M do -c 1 -W 2 -s {} 10.3.0.2",
-        mtu - 27
-    ));
-    let pcap = cap.stop();
-    assert!(
-        fits.status.success(),
-        "largest DF ping over the encrypted network failed: {}",
-        stdout(&fits)
-    );
-    assert!(!too_big.status.success());
-    let msg = format!("{}{}", stdout(&too_big), stderr(&too_big)).to_lowercase();
-    assert!(
-        msg.contains("message too long") || msg.contains("mtu"),
-        "{msg}"
-    );
-    assert_eq!(
-        pcap.lines(""),
-        Vec::<String>::new(),
-        "fragments on the underlay"
-    );
+    assert_mtu_edge(&s.c, "node-a", "10.3.0.2", mtu);
 }
 
 /// (g) the default MTU of an encrypted network accounts for ESP exactly.

@@ -357,65 +357,7 @@ fn mtu_edges(ipv6: bool) {
     c.apply_all(&spec);
     assert!(c.ping_eventually("node-a", "10.1.0.2"));
     let mtu = if ipv6 { 1430 } else { 1450 };
-    let sw = c.switch.clone();
-    let a = c.node("node-a").ns.clone();
-    // Count fragments on the underlay while the big pings run.
-    let filter = if ipv6 {
-        "ip6 and ip6[6] == 44"
-    } else {
-        "ip and (ip[6:2] & 0x3fff) != 0"
-    };
-    let pcap = c.dir.path().join("frag.pcap");
-    let mut dump = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &sw,
-            "tcpdump",
-            "-i",
-            "ub0",
-            "-n",
-            "-U",
-            "-w",
-            pcap.to_str().unwrap(),
-            filter,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(800));
-    let fits = sh(&format!(
-        "ip netns exec {a} ping -M do -c 2 -W 2 -s {} 10.1.0.2",
-        mtu - 28
-    ));
-    let too_big = sh(&format!(
-        "ip netns exec {a} ping -M do -c 1 -W 2 -s {} 10.1.0.2",
-        mtu - 27
-    ));
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(dump.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    );
-    let _ = dump.wait();
-    assert!(
-        fits.status.success(),
-        "largest DF ping failed: {}",
-        stdout(&fits)
-    );
-    assert!(!too_big.status.success());
-    let msg = format!("{}{}", stdout(&too_big), stderr(&too_big)).to_lowercase();
-    assert!(
-        msg.contains("message too long") || msg.contains("mtu"),
-        "{msg}"
-    );
-    let frags = ok(&format!(
-        "tcpdump -r {} -n 2>/dev/null | wc -l",
-        pcap.display()
-    ));
-    assert_eq!(frags.trim(), "0", "fragments seen on the underlay");
+    assert_mtu_edge(&c, "node-a", "10.1.0.2", mtu);
 }
 
 #[test]

@@ -722,3 +722,45 @@ pub fn wait_mesh(
         }
     }
 }
+
+/// The MTU edge of an overlay: the largest don't-fragment ping (`mtu - 28` bytes of
+/// payload) from `from` to `to_addr` passes, one byte more fails locally with "message
+/// too long", and no fragment appears on the underlay meanwhile.
+pub fn assert_mtu_edge(c: &Cluster, from: &str, to_addr: &str, mtu: u32) {
+    let filter = if c.ipv6 {
+        "ip6 and ip6[6] == 44"
+    } else {
+        "ip and (ip[6:2] & 0x3fff) != 0"
+    };
+    let cap = Capture::start(c, "frag", filter);
+    let ns = &c.node(from).ns;
+    let fits = sh(&format!(
+        "ip netns exec {ns} ping -M do -c 2 -W 2 -s {} {to_addr}",
+        mtu - 28
+    ));
+    let too_big = sh(&format!(
+        "ip netns exec {ns} ping -M do -c 1 -W 2 -s {} {to_addr}",
+        mtu - 27
+    ));
+    let pcap = cap.stop();
+    assert!(
+        fits.status.success(),
+        "largest DF ping ({} bytes) failed: {}",
+        mtu - 28,
+        stdout(&fits)
+    );
+    assert!(
+        !too_big.status.success(),
+        "a DF ping one byte over the MTU passed"
+    );
+    let msg = format!("{}{}", stdout(&too_big), stderr(&too_big)).to_lowercase();
+    assert!(
+        msg.contains("message too long") || msg.contains("mtu"),
+        "{msg}"
+    );
+    assert_eq!(
+        pcap.lines(""),
+        Vec::<String>::new(),
+        "fragments on the underlay"
+    );
+}

@@ -2,14 +2,21 @@
 //!
 //! ```text
 //! push(request) ... push(request) --flush--> one buffer, one send()
-//!     kernel: runs every message in order, queues one ACK (or errno) per message
-//! recv ACKs until every sequence number of the buffer is answered (or the deadline)
+//!     kernel: runs every message in order; queues an NLMSG_ERROR for each one that
+//!     fails, and the ACK of the last one (the only one with NLM_F_ACK)
+//! recv until the last sequence number is answered (or the deadline); errors by sequence
 //! ```
 //!
-//! The kernel handles a buffer of requests synchronously inside `send()`, in order, and
-//! answers each message that asked for one (`NLM_F_ACK`) with its own `NLMSG_ERROR`
-//! (errno 0 for success). It does not stop at a failing message: the ones after it in the
-//! same buffer are still run. Hence the contract of [`Batch::flush`]:
+//! The kernel handles a buffer of requests synchronously inside `send()`, in order
+//! (`netlink_rcv_skb`), and answers a message with an `NLMSG_ERROR` when it failed or
+//! when it asked for an ACK (`NLM_F_ACK`, errno 0). So only the last message of a buffer
+//! asks for one: its answer comes after the error of every earlier message, which makes
+//! the whole buffer one `send()` and, unless something failed, one `recv()` (an ACK per
+//! message costs a `recv()` each, ~20 µs apiece inside UML). Errors are matched to
+//! requests by sequence number.
+//!
+//! The kernel does not stop at a failing message: the ones after it in the same buffer
+//! are still run. Hence the contract of [`Batch::flush`]:
 //!
 //! - the first failing message (in send order) is the error reported; nothing is sent
 //!   after the buffer that held it;
@@ -18,13 +25,14 @@
 //!   (the executor additionally cuts buffers at every phase boundary of the plan, see
 //!   `kernel::execute`, so no later phase ever runs after a failed earlier one).
 //!
-//! Every ACK must fit the socket's receive buffer when the buffer is sent, or the
-//! kernel drops it (an earlier test with default buffers got 277 ACKs out of 500
-//! messages). The socket asks for large buffers (`SO_RCVBUFFORCE`/`SO_SNDBUFFORCE`, which
-//! need CAP_NET_ADMIN, as XFRM itself does; else the ordinary, capped options) and sizes
-//! each buffer of messages from what it got. ACKs are requested with `NETLINK_CAP_ACK`,
-//! so an error does not echo the request (with its key) back. A lost ACK is detected
-//! (ENOBUFS) and reported, never waited for; the wait for ACKs has a deadline.
+//! Every answer must fit the socket's receive buffer when the buffer is sent, or the
+//! kernel drops it (an earlier test with default buffers and an ACK per message got 277
+//! ACKs out of 500 messages); sized for the worst case, every message failing. The
+//! socket asks for large buffers (`SO_RCVBUFFORCE`/`SO_SNDBUFFORCE`, which need
+//! CAP_NET_ADMIN, as XFRM itself does; else the ordinary, capped options) and sizes each
+//! buffer of messages from what it got. Answers are requested with `NETLINK_CAP_ACK`, so
+//! an error does not echo the request (with its key) back. A lost answer is detected
+//! (ENOBUFS) and reported, never waited for; the wait has a deadline.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -35,16 +43,17 @@ use netlink_sys::Socket;
 use tokio::io::unix::AsyncFd;
 use zeroize::Zeroizing;
 
-/// How long the ACKs of one buffer may take. The kernel answers while it runs `send()`,
-/// so they are normally already queued when we start reading; the deadline is for a
+/// How long the answers to one buffer may take. The kernel answers while it runs
+/// `send()`, so they are normally queued when we start reading; the deadline is for a
 /// kernel (or a socket) that went wrong, never a normal wait.
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Socket buffer size asked for (the kernel doubles it for bookkeeping).
 const SOCKET_BUFFER: usize = 4 << 20;
 
-/// Receive-buffer space budgeted per ACK: an ACK is its own small skb, and the receive
-/// buffer is charged its true size (~770 bytes measured on 6.1), not its 36 bytes.
+/// Receive-buffer space budgeted per answer: each is its own small skb, and the receive
+/// buffer is charged its true size (~770 bytes on 6.1), not its 36 bytes. A buffer of
+/// requests is sized so that all of them could fail and their errors still fit.
 const ACK_BUDGET: usize = 1024;
 
 /// Most messages in one `send()`, even with a huge receive buffer: past a few hundred
@@ -59,7 +68,7 @@ const MIN_MESSAGES: usize = 16;
 /// buffer minus 32 bytes.
 const SEND_SLACK: usize = 64;
 
-/// Largest datagram we read: ACKs are 36 bytes; anything else is skipped.
+/// Largest datagram we read: answers are 36 bytes; anything else is skipped.
 const RECV_BUFFER: usize = 64 << 10;
 
 /// Netlink header layout (host byte order): length, type, flags, sequence, port.
@@ -84,9 +93,10 @@ pub(super) enum BatchError {
     Refused { tag: usize, errno: i32 },
     /// Sending failed: nothing of this buffer reached the kernel.
     Send { tag: usize, source: io::Error },
-    /// Reading the answers failed (ENOBUFS: the kernel dropped ACKs).
+    /// Reading the answers failed (ENOBUFS: the kernel dropped some); `tag` is the
+    /// first request of the buffer, whose fate (and its followers') is unknown.
     Receive { tag: usize, source: io::Error },
-    /// No answer within [`ACK_TIMEOUT`] for this request.
+    /// The buffer that starts with this request got no final answer in time.
     Timeout { tag: usize, waited: Duration },
 }
 
@@ -210,8 +220,8 @@ impl Batch<'_> {
         Ok(())
     }
 
-    /// Sends everything queued (one `send()` per [`BatchSocket`]-sized buffer) and waits
-    /// for every answer. See the module doc for what a failure leaves behind.
+    /// Sends everything queued in one `send()` and waits for the answers. See the module
+    /// doc for what a failure leaves behind.
     pub async fn flush(&mut self) -> Result<(), BatchError> {
         if self.pending.is_empty() {
             return Ok(());
@@ -219,6 +229,7 @@ impl Batch<'_> {
         let requests = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
         let socket = &mut *self.socket;
+        let started = std::time::Instant::now();
         socket.drain();
 
         let first_seq = socket.next_seq;
@@ -227,12 +238,21 @@ impl Batch<'_> {
         let mut buf = Zeroizing::new(Vec::with_capacity(
             requests.iter().map(|r| aligned(r.bytes.len())).sum(),
         ));
+        let last = requests.len() - 1;
         for (i, r) in requests.iter().enumerate() {
             let start = buf.len();
             buf.extend_from_slice(&r.bytes);
             let seq = first_seq.wrapping_add(i as u32);
             if let Some(field) = buf.get_mut(start + 8..start + 12) {
                 field.copy_from_slice(&seq.to_ne_bytes());
+            }
+            // Only the last message asks for an ACK; failures are answered anyway.
+            if i != last
+                && let Some(field) = buf.get_mut(start + 6..start + 8)
+                && let Ok(bytes) = <[u8; 2]>::try_from(&*field)
+            {
+                let flags = u16::from_ne_bytes(bytes) & !NLM_F_ACK;
+                field.copy_from_slice(&flags.to_ne_bytes());
             }
             buf.resize(start + aligned(r.bytes.len()), 0);
         }
@@ -242,31 +262,25 @@ impl Batch<'_> {
             source,
         })?;
         drop(buf);
-        tracing::trace!(messages = requests.len(), "netlink batch sent");
+        let sent_in = started.elapsed();
 
-        // errno per request, None until answered.
-        let mut answers: Vec<Option<i32>> = vec![None; requests.len()];
-        let mut missing = requests.len();
+        // Errors by position; done when the last request is answered.
+        let mut errors: Vec<(usize, i32)> = Vec::new();
+        let last = requests.len() - 1;
         let deadline = tokio::time::Instant::now() + ACK_TIMEOUT;
         let mut datagram = Vec::with_capacity(RECV_BUFFER);
-        while missing > 0 {
-            let first_unanswered = || {
-                answers
-                    .iter()
-                    .position(Option::is_none)
-                    .and_then(|i| requests.get(i))
-                    .map_or(first_tag, |r| r.tag)
-            };
+        let mut done = false;
+        while !done {
             match tokio::time::timeout_at(deadline, socket.recv(&mut datagram)).await {
                 Err(_) => {
                     return Err(BatchError::Timeout {
-                        tag: first_unanswered(),
+                        tag: first_tag,
                         waited: ACK_TIMEOUT,
                     });
                 }
                 Ok(Err(source)) => {
                     return Err(BatchError::Receive {
-                        tag: first_unanswered(),
+                        tag: first_tag,
                         source,
                     });
                 }
@@ -274,22 +288,31 @@ impl Batch<'_> {
             }
             for (seq, errno) in acks(&datagram) {
                 let index = seq.wrapping_sub(first_seq) as usize;
-                if let Some(slot @ None) = answers.get_mut(index) {
-                    *slot = Some(errno);
-                    missing -= 1;
+                if index > last {
+                    continue; // an answer to an earlier batch
                 }
+                if errno != 0 {
+                    errors.push((index, errno));
+                }
+                done |= index == last;
             }
         }
-        for (request, errno) in requests.iter().zip(&answers) {
-            match errno {
-                Some(0) | None => {}
-                Some(e) if request.tolerated.contains(e) => {}
-                Some(e) => {
-                    return Err(BatchError::Refused {
-                        tag: request.tag,
-                        errno: *e,
-                    });
-                }
+        tracing::debug!(
+            messages = requests.len(),
+            send_us = sent_in.as_micros() as u64,
+            total_us = started.elapsed().as_micros() as u64,
+            "netlink batch acknowledged"
+        );
+        errors.sort_unstable();
+        for (index, errno) in errors {
+            let Some(request) = requests.get(index) else {
+                continue;
+            };
+            if !request.tolerated.contains(&errno) {
+                return Err(BatchError::Refused {
+                    tag: request.tag,
+                    errno,
+                });
             }
         }
         Ok(())

@@ -147,7 +147,8 @@ impl Kernel {
     ///
     /// Consecutive changes of the same phase (same kind: policy puts of one rank, SA
     /// adds, FDB appends, ...) are sent as one buffer of requests per `send()` (up to
-    /// ~1000, see `batch`), each acknowledged by sequence number, with a deadline.
+    /// ~1000, see `batch`); errors are matched to changes by sequence number, and the
+    /// wait for the kernel's answers has a deadline.
     /// Before the first change of the next phase, every request of the previous one is
     /// acknowledged, so the plan's phase order holds exactly as if the changes ran one by
     /// one. Link creation runs on its own (two requests and a possible adoption).
@@ -341,7 +342,10 @@ fn batch_error(changes: &[Change], e: BatchError) -> KernelError {
         },
         BatchError::Timeout { tag, waited } => KernelError::Netlink {
             operation: op(tag),
-            message: format!("no acknowledgement within {} s", waited.as_secs()),
+            message: format!(
+                "no acknowledgement within {} s (changes from this one on may or may not have been applied)",
+                waited.as_secs()
+            ),
         },
     }
 }
