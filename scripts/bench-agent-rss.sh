@@ -93,7 +93,7 @@ measure() {
     cpu=$(awk -v a="$t0" -v b="$t1" -v hz="$hz" -v w0="$w0" -v w1="$w1" 'BEGIN { printf "%.2f", 100 * (b - a) / hz / (w1 - w0) }')
     local st0 st1 seen
     st0=$(date +%s.%N)
-    seen=$(bench_ctl "$ns" "$node" status -o json | jq '[.agent.peers | length, ([.agent.peers[] | select(.connected)] | length)] | join("/")' -r)
+    seen=$(bench_ctl "$ns" "$node" status -o json | jq -r '[(.agent.peers | length), ([.agent.peers[] | select(.connected)] | length)] | map(tostring) | join(" / ")')
     st1=$(date +%s.%N)
     local warn
     warn=$(grep -cE ' (WARN|ERROR) ' "$BENCH_RUN/$node/agent.log" || true)
@@ -102,7 +102,7 @@ measure() {
     if ((warn > 0)); then
         notes+=("$label: first WARN/ERROR lines of the agent log:")
         notes+=('```')
-        while IFS= read -r l; do notes+=("$l"); done < <(grep -E ' (WARN|ERROR) ' "$BENCH_RUN/$node/agent.log" | cut -c1-300 | head -n 8)
+        while IFS= read -r l; do notes+=("$l"); done <<<"$(grep -E ' (WARN|ERROR) ' "$BENCH_RUN/$node/agent.log" | cut -c1-300 | head -n 8)"
         notes+=('```')
     fi
 }
@@ -131,7 +131,11 @@ one_agent() {
     bench_ctl rs0 n0000 apply -f "$BENCH_WORK/spec.yaml" >"$d/apply.out" 2>&1 ||
         notes+=("$label: apply via the agent exited non-zero: $(tail -n 2 "$d/apply.out" | tr '\n' ' ')")
     APPLY_S=$(bench_elapsed "$a0" "$(date +%s.%N)")
-    notes+=("$label: after apply, kernel objects in the namespace: $(bridge -n rs0 fdb show dev ovvx-300 | grep -c '^00:00:00:00:00:00') FDB entries, $(ip -n rs0 xfrm policy | grep -c '^src') XFRM policies, $(ip -n rs0 xfrm state | grep -c '^src') SAs")
+    local fdb pol sas
+    fdb=$(bridge -n rs0 fdb show dev ovvx-300 | grep -c '^00:00:00:00:00:00' || true)
+    pol=$(ip -n rs0 xfrm policy | grep -c '^src' || true)
+    sas=$(ip -n rs0 xfrm state | grep -c '^src' || true)
+    notes+=("$label: after apply, kernel objects in the namespace: $fdb FDB entries, $pol XFRM policies, $sas SAs")
     measure "$label" rs0 n0000 "$peers"
     cp "$d/agent.log" "$BENCH_WORK/logs/$label.log"
     bench_guest_cleanup

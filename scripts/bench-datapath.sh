@@ -27,7 +27,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=scripts/bench/lib.sh
 source "$here/bench/lib.sh"
 
-reps=5
+reps=7
 secs=5
 mem=1024M
 bin=$bench_repo/target/release/ovl-controller
@@ -99,9 +99,23 @@ for i in $(seq 1 120); do
 done
 mtu=$(ip -n da -j link show ovbr-300 | jq -r '.[0].mtu')
 plain_mtu=$(ip -n da -j link show ovbr-100 | jq -r '.[0].mtu')
-ip -n da -d link show ovvx-300 >"$BENCH_WORK/ovl-vxlan.txt"
-ip -n da xfrm policy >"$BENCH_WORK/ovl-policies.txt"
-ip -n da xfrm state | grep -v -E '^\s*(aead|auth|enc)' >"$BENCH_WORK/ovl-states.txt" || true
+# What the kernel holds, keys redacted, for the comparison with the hand-made setup.
+snapshot() { # NS VXLAN PREFIX
+    ip -n "$1" -d link show "$2" >"$BENCH_WORK/$3-vxlan.txt"
+    ip -n "$1" xfrm policy >"$BENCH_WORK/$3-policies.txt"
+    ip -n "$1" -s xfrm state | sed -E 's/0x[0-9a-f]{72}/<key>/' >"$BENCH_WORK/$3-states.txt"
+}
+# The same objects with what must differ (SPIs, reqids, counters, times) taken out.
+normalize() { # PREFIX
+    {
+        grep -o 'vxlan id.*' "$BENCH_WORK/$1-vxlan.txt"
+        grep -oE '(^| )mtu [0-9]+' "$BENCH_WORK/$1-vxlan.txt"
+        sed -E 's/reqid [0-9]+//' "$BENCH_WORK/$1-policies.txt" | tr -s ' \t' ' '
+        sed -E '/lifetime current/,/replay-window [0-9]+ replay/d; /anti-replay esn context/,/replay_window/{/replay_window/!d}; /^\s*[0-9a-f]{8} /d' \
+            "$BENCH_WORK/$1-states.txt" | sed -E 's/spi 0x[0-9a-f]+\([0-9]+\)//; s/reqid [0-9]+\(0x[0-9a-f]+\)//; s/ uid 0//' | tr -s ' \t' ' '
+    } >"$BENCH_WORK/$1-normalized.txt"
+}
+snapshot da ovvx-300 ovl
 
 # --- pair 2: the same ESP by hand ---
 hand_node() { # NS ME PEER MYADDR SPI_OUT SPI_IN KEY_OUT KEY_IN
@@ -139,9 +153,12 @@ hand_node dc $A $B 10.3.0.1/24 0x1001 0x1002 "$k_cd" "$k_dc"
 hand_node dd $B $A 10.3.0.2/24 0x1002 0x1001 "$k_dc" "$k_cd"
 k_cd=
 k_dc=
-ip -n dc -d link show hvx300 >"$BENCH_WORK/hand-vxlan.txt"
-ip -n dc xfrm policy >"$BENCH_WORK/hand-policies.txt"
-ip -n dc xfrm state | grep -v -E '^\s*(aead|auth|enc)' >"$BENCH_WORK/hand-states.txt" || true
+snapshot dc hvx300 hand
+normalize ovl
+normalize hand
+if same_setup=$(diff "$BENCH_WORK/ovl-normalized.txt" "$BENCH_WORK/hand-normalized.txt"); then
+    same_setup="identical"
+fi
 
 # Both overlays work before anything is measured.
 for x in "da 10.1.0.2" "da 10.3.0.2" "dc 10.3.0.2"; do
@@ -160,9 +177,12 @@ frag() { # NS: "IpFragCreates IpReasmReqds" absolute
     ip netns exec "$1" nstat -asz IpFragCreates IpReasmReqds | awk '
         $1 == "IpFragCreates" { c = $2 } $1 == "IpReasmReqds" { r = $2 } END { print c + 0, r + 0 }'
 }
-xfrm_errors() { # NS: the non-zero lines of /proc/net/xfrm_stat
-    ip netns exec "$1" awk '$2 != 0 { printf "%s=%s ", $1, $2 }' /proc/net/xfrm_stat
+
+xfrm_stat() { # NS: NAME=VALUE for every counter of /proc/net/xfrm_stat
+    ip netns exec "$1" awk '{ printf "%s=%s ", $1, $2 }' /proc/net/xfrm_stat
 }
+declare -A XS0
+for ns in da db dc dd; do XS0[$ns]=$(xfrm_stat "$ns"); done
 
 declare -A CL SRV DST
 CL[underlay]=da SRV[underlay]=db DST[underlay]=$B
@@ -176,12 +196,12 @@ for c in "${configs[@]}"; do RES[$c]="" RETR[$c]="" FRAG[$c]="0 0"; done
 for ((r = 0; r < reps; r++)); do
     for ((k = 0; k < 4; k++)); do
         c=${configs[(k + r) % 4]}
-        read -r fc0 _ < <(frag "${CL[$c]}")
-        read -r _ rr0 < <(frag "${SRV[$c]}")
+        read -r fc0 _ <<<"$(frag "${CL[$c]}")"
+        read -r _ rr0 <<<"$(frag "${SRV[$c]}")"
         out=$(timeout $((secs + 30)) ip netns exec "${CL[$c]}" iperf3 -c "${DST[$c]}" -t "$secs" -O 1 -J) ||
             bench_die "iperf3 $c failed: $(jq -r '.error // empty' <<<"$out" 2>/dev/null)"
-        read -r fc1 _ < <(frag "${CL[$c]}")
-        read -r _ rr1 < <(frag "${SRV[$c]}")
+        read -r fc1 _ <<<"$(frag "${CL[$c]}")"
+        read -r _ rr1 <<<"$(frag "${SRV[$c]}")"
         gbps=$(jq -r '.end.sum_received.bits_per_second / 1e9' <<<"$out")
         retr=$(jq -r '.end.sum_sent.retransmits' <<<"$out")
         RES[$c]+="$gbps "
@@ -219,9 +239,12 @@ MTU[underlay]=1500 MTU[plain]=$plain_mtu MTU[encrypted]=$mtu MTU[hand]=$mtu
     echo "- encrypted / by hand = **$r_enc** (target >= 0.95: $(verdict "$r_enc" 0.95))"
     echo "- encrypted / plain = $r_enc_plain (the cost of software AES-GCM in UML)"
     for ns in da db dc dd; do
-        e=$(xfrm_errors "$ns")
-        [[ -z $e ]] || echo "- /proc/net/xfrm_stat non-zero in $ns: $e"
+        e=$(awk -v before="${XS0[$ns]}" -v after="$(xfrm_stat "$ns")" 'BEGIN {
+            n = split(before, b, " "); for (i = 1; i <= n; i++) { split(b[i], kv, "="); v[kv[1]] = kv[2] }
+            n = split(after, a, " "); for (i = 1; i <= n; i++) { split(a[i], kv, "="); if (kv[2] - v[kv[1]] != 0) printf "%s +%d ", kv[1], kv[2] - v[kv[1]] } }')
+        echo "- XFRM error counters (/proc/net/xfrm_stat) in $ns during the runs: ${e:-all unchanged}"
     done
+    echo "- kernel objects of the encrypted overlay vs the hand-made one (VXLAN options, MTU, policies, SA parameters; SPIs, reqids, keys and counters aside): $same_setup"
     errs=$(grep -hE ' (WARN|ERROR) ' "$BENCH_RUN"/a/agent.log "$BENCH_RUN"/b/agent.log || true)
     [[ -z $errs ]] || { echo "- agent WARN/ERROR lines:"; echo '```'; echo "$errs" | head -n 20; echo '```'; }
 } >"$BENCH_WORK/result.md"

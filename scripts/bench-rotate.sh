@@ -112,7 +112,8 @@ wait_keyed() {
 # sets ELAPSED and FAILED (the nodes whose command did not exit 0).
 concurrently() {
     local n=${#NODES[@]} i t0 t1
-    local pids=()
+    local pids=() b0 a0 b1 a1
+    read -r b0 a0 <<<"$(bench_cpu_busy)"
     t0=$(bench_now)
     for ((i = 0; i < n; i++)); do
         bench_ctl "${NSS[i]}" "${NODES[i]}" "$@" >"$BENCH_RUN/${NODES[i]}/cmd.out" 2>&1 &
@@ -123,14 +124,16 @@ concurrently() {
         wait "${pids[i]}" || FAILED+=("${NODES[i]}")
     done
     t1=$(bench_now)
+    read -r b1 a1 <<<"$(bench_cpu_busy)"
     ELAPSED=$(bench_elapsed "$t0" "$t1")
+    BUSY=$(awk -v b="$((b1 - b0))" -v a="$((a1 - a0))" 'BEGIN { printf "%.0f", a ? 100 * b / a : 0 }')
     for f in "${FAILED[@]}"; do
         bench_log "$* failed on $f: $(tail -n 3 "$BENCH_RUN/$f/cmd.out" | tr '\n' ' ')"
     done
 }
 
 teardown_cluster() {
-    bench_save_logs
+    bench_save_logs "N$1-"
     bench_guest_cleanup
     trap 'bench_guest_cleanup' EXIT
 }
@@ -145,12 +148,14 @@ for n in $sizes; do
     concurrently status -o json
     status_overhead=$ELAPSED
     totals=()
+    busy=()
     fails=0
     for ((r = 1; r <= reps; r++)); do
         concurrently rotate --timeout 600
         totals+=("$ELAPSED")
+        busy+=("$BUSY")
         ((${#FAILED[@]} == 0)) || { fails=$((fails + ${#FAILED[@]})); notes+=("N=$n rep $r: rotate failed on ${FAILED[*]}"); }
-        bench_log "N=$n rep $r: every node rotated in ${ELAPSED}s (failed: ${FAILED[*]:-none})"
+        bench_log "N=$n rep $r: every node rotated in ${ELAPSED}s, guest CPU ${BUSY}% busy (failed: ${FAILED[*]:-none})"
         sleep 3 # GRACE (2 s) for retired SAs
         wait_keyed "$n" 300
     done
@@ -171,15 +176,15 @@ for n in $sizes; do
     med=$(bench_median "${totals[@]}")
     minmax=$(printf '%s\n' "${totals[@]}" | sort -g | sed -n '1p;$p' | paste -sd- -)
     per_pair=$(awk -v t="$med" -v p="$pairs" 'BEGIN { printf "%.1f", t * 1000 / p }')
-    rows+=("| $n | $pairs | $CONVERGE | $med | $minmax | $per_pair | $alone | $status_overhead | $((hwm / 1024)) | $fails |")
+    rows+=("| $n | $pairs | $CONVERGE | $med | $minmax | $per_pair | $(bench_median "${busy[@]}" | cut -d. -f1) | $alone | $status_overhead | $((hwm / 1024)) | $fails |")
     errs=$(cat "$BENCH_RUN"/n*/agent.log | grep -cE ' (WARN|ERROR) ' || true)
     notes+=("N=$n: agent log lines at WARN or ERROR, all nodes: $errs")
-    teardown_cluster
+    teardown_cluster "$n"
 done
 
 {
-    echo "| nodes | pairs | all keyed after apply (s) | rotate on every node at once, median of $reps (s) | min-max (s) | ms per pair | one node alone (s) | N concurrent \`status\` calls (s) | max agent VmHWM (MiB) | failed rotates |"
-    echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| nodes | pairs | all keyed after apply (s) | rotate on every node at once, median of $reps (s) | min-max (s) | ms per pair | guest CPU busy during it (%) | one node alone (s) | N concurrent \`status\` calls (s) | max agent VmHWM (MiB) | failed rotates |"
+    echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     printf '%s\n' "${rows[@]}"
     echo
     for x in "${notes[@]}"; do echo "- $x"; done

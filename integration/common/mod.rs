@@ -565,6 +565,9 @@ impl Cluster {
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
         panic!(
             "agent on {node} did not open its socket; log:\n{}",
             std::fs::read_to_string(&log_path).unwrap_or_default()

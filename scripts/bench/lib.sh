@@ -168,13 +168,19 @@ bench_peers_keyed() {
     ' >/dev/null 2>&1
 }
 
-# bench_save_logs: copies the agents' logs to the work dir (on the host file system).
+# bench_save_logs [PREFIX]: copies the agents' logs to the work dir (on the host file
+# system) as PREFIXNODE.log.
 bench_save_logs() {
     local d
     for d in "$BENCH_RUN"/*/; do
-        [[ -f $d/agent.log ]] && cp "$d/agent.log" "$BENCH_WORK/logs/$(basename "$d").log"
+        [[ -f $d/agent.log ]] && cp "$d/agent.log" "$BENCH_WORK/logs/${1:-}$(basename "$d").log"
     done
     return 0
+}
+
+# bench_cpu_busy: "busy total" jiffies of the (guest's) CPUs so far, from /proc/stat.
+bench_cpu_busy() {
+    awk '$1 == "cpu" { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t }' /proc/stat
 }
 
 # bench_median NUMBERS...: the median (mean of the middle two for an even count).

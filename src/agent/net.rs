@@ -81,7 +81,7 @@ pub fn spawn_listener(
                         match peer {
                             Some(peer) => {
                                 tracing::info!(%peer, %remote, "control session accepted");
-                                run_session(peer, session, events).await;
+                                run_session(peer, session, events, Role::Responder).await;
                             }
                             None => {
                                 tracing::warn!(%remote, "peer left the spec during the handshake")
@@ -122,7 +122,7 @@ pub fn spawn_dialer(
                 Ok(session) => {
                     tracing::info!(%peer, %address, "control session established");
                     backoff = DIAL_BACKOFF_MIN;
-                    run_session(peer.clone(), session, events.clone()).await;
+                    run_session(peer.clone(), session, events.clone(), Role::Initiator).await;
                     if events.is_closed() {
                         return;
                     }
@@ -137,6 +137,13 @@ pub fn spawn_dialer(
     })
 }
 
+/// Which side of the Noise handshake this node played.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Initiator,
+    Responder,
+}
+
 static SESSION_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Runs one authenticated session until it ends: tells the agent it is connected (with
@@ -145,9 +152,30 @@ async fn run_session(
     peer: NodeName,
     session: control::session::Session<TcpStream>,
     events: mpsc::UnboundedSender<Event>,
+    role: Role,
 ) {
     let id = SESSION_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (mut reader, mut writer) = session.split();
+    // A responder's handshake can be completed by anyone replaying an initiator's first
+    // message (Noise IK). Such a session cannot carry a valid transport message, so an
+    // accepted session counts only once the initiator's first message has decrypted;
+    // until then it must not displace a live session with the same peer.
+    let first = match role {
+        Role::Initiator => None,
+        Role::Responder => {
+            match tokio::time::timeout(control::session::HANDSHAKE_TIMEOUT, reader.recv()).await {
+                Ok(Ok(msg)) => Some(msg),
+                Ok(Err(e)) => {
+                    tracing::info!(%peer, error = %e, "accepted session ended before its first message");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(%peer, "accepted session sent nothing; dropped");
+                    return;
+                }
+            }
+        }
+    };
     let (outbox, mut queued) = mpsc::channel::<Message>(OUTBOX_DEPTH);
     if events
         .send(Event::Connected {
@@ -156,6 +184,17 @@ async fn run_session(
             outbox,
         })
         .is_err()
+    {
+        return;
+    }
+    if let Some(msg) = first.filter(|m| *m != Message::Keepalive)
+        && events
+            .send(Event::Received {
+                peer: peer.clone(),
+                session: id,
+                msg,
+            })
+            .is_err()
     {
         return;
     }

@@ -26,7 +26,7 @@
 //!
 //! let (a, b) = (Identity::generate().unwrap(), Identity::generate().unwrap());
 //! let (client, server) = tokio::io::duplex(4096);
-//! let a_public = a.public.clone();
+//! let a_public = a.public;
 //! let (initiator, responder) = tokio::join!(
 //!     connect(client, &a, &b.public, "demo"),
 //!     accept(server, &b, "demo", |key| *key == a_public),
@@ -204,7 +204,7 @@ where
     Ok(Session {
         stream,
         noise: Arc::new(noise),
-        peer: peer.clone(),
+        peer: *peer,
     })
 }
 
@@ -268,7 +268,7 @@ where
         Session {
             stream,
             noise: Arc::new(noise),
-            peer: peer.clone(),
+            peer,
         },
         peer,
     ))
@@ -302,7 +302,7 @@ impl<S: AsyncRead + AsyncWrite> Session<S> {
         let reader = SessionReader {
             stream: read,
             noise: Arc::clone(&self.noise),
-            peer: self.peer.clone(),
+            peer: self.peer,
             frames: FrameReader::new(MAX_TRANSPORT_FRAME),
             nonce: 0,
             last_seq: 0,

@@ -100,7 +100,7 @@ pub(super) enum BatchError {
     Timeout { tag: usize, waited: Duration },
 }
 
-/// A netlink socket of one family, used only for batches of acknowledged requests.
+/// A netlink socket of one family, used only for batches of requests ([`Batch`]).
 pub(super) struct BatchSocket {
     fd: AsyncFd<Socket>,
     next_seq: u32,
@@ -122,7 +122,7 @@ impl BatchSocket {
         let rcvbuf = grow_buffer(fd, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF)?;
         let sndbuf = grow_buffer(fd, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)?;
         let max_messages = (rcvbuf / ACK_BUDGET).clamp(MIN_MESSAGES, MAX_MESSAGES);
-        let max_bytes = sndbuf.saturating_sub(SEND_SLACK).max(RECV_BUFFER);
+        let max_bytes = sndbuf.saturating_sub(SEND_SLACK);
         tracing::debug!(
             protocol,
             rcvbuf,
@@ -152,7 +152,7 @@ impl BatchSocket {
     }
 
     /// Reads and drops whatever is queued (answers to an earlier batch that stopped
-    /// early), so it does not eat the receive buffer the next batch's ACKs need.
+    /// early), so it does not eat the receive buffer the next batch's answers need.
     fn drain(&self) {
         let mut buf = Vec::with_capacity(RECV_BUFFER);
         loop {

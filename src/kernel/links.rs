@@ -44,7 +44,7 @@ const ENODEV: i32 = libc::ENODEV;
 pub async fn execute(route: &rtnetlink::Handle, change: &Change) -> Result<(), KernelError> {
     let op = change.to_string();
     let mut indexes = Indexes::default();
-    match prepare(route, change, &mut indexes, &op).await? {
+    match prepare(route, change, &mut indexes).await? {
         Step::Alone => match change {
             Change::CreateLink(link) => create_link(route, link, &op, &mut indexes).await,
             _ => Err(KernelError::Unsupported {
@@ -70,8 +70,9 @@ pub(super) async fn create_link(
     indexes: &mut Indexes,
 ) -> Result<(), KernelError> {
     indexes.forget(&link.name);
+    let op_text = || op.to_owned();
     let master = match &link.master {
-        Some(m) => Some(indexes.resolve(route, m, op).await?),
+        Some(m) => Some(indexes.resolve(route, m, &op_text).await?),
         None => None,
     };
     let msg = match &link.kind {
@@ -84,7 +85,7 @@ pub(super) async fn create_link(
             }
         }
         LinkKind::Vxlan(p) => {
-            let dev = indexes.resolve(route, &p.underlay, op).await?;
+            let dev = indexes.resolve(route, &p.underlay, &op_text).await?;
             let b = LinkVxlan::new(link.name.as_str(), p.vni)
                 .dev(dev)
                 .port(p.port)

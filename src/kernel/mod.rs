@@ -133,10 +133,30 @@ impl Kernel {
 
     /// Everything the controller owns in this namespace.
     pub async fn dump(&self) -> Result<KernelState, KernelError> {
+        let started = std::time::Instant::now();
         let mut state = links::dump(&self.route).await?;
+        let links_done = started.elapsed();
         let (policies, sas) = xfrm::dump(&self.xfrm).await?;
+        // An SA of ours as we install it (reqid kept: ESP, `rfc4106(gcm(aes))`, our key
+        // length) proves that this kernel carries it for that address family, and the
+        // modules cannot go away while it exists: no need to probe (`check_esp`) again.
+        let proven: std::collections::BTreeSet<bool> = sas
+            .values()
+            .filter(|sa| sa.reqid != 0)
+            .map(|sa| sa.id.dst.is_ipv6())
+            .collect();
+        if !proven.is_empty()
+            && let Ok(mut ok) = self.esp_ok.lock()
+        {
+            ok.extend(proven);
+        }
         state.policies = policies;
         state.sas = sas;
+        tracing::debug!(
+            links_us = links_done.as_micros() as u64,
+            total_us = started.elapsed().as_micros() as u64,
+            "kernel dump"
+        );
         Ok(state)
     }
 
@@ -198,8 +218,7 @@ impl Kernel {
                 }
                 continue;
             }
-            let op = || change.to_string();
-            match links::prepare(&self.route, change, &mut indexes, &op()).await {
+            match links::prepare(&self.route, change, &mut indexes).await {
                 Ok(links::Step::Request(r)) => {
                     let mut message = netlink_packet_core::NetlinkMessage::from(r.message);
                     let request = batch::Request {
@@ -212,7 +231,8 @@ impl Kernel {
                 Ok(links::Step::Alone) => {
                     route_batch.flush().await.map_err(failed)?;
                     if let Change::CreateLink(link) = change {
-                        links::create_link(&self.route, link, &op(), &mut indexes).await?;
+                        let op = change.to_string();
+                        links::create_link(&self.route, link, &op, &mut indexes).await?;
                     }
                 }
                 Err(e) => {
@@ -239,6 +259,8 @@ impl Kernel {
     /// Fails with [`KernelError::NoEsp`] when this kernel cannot install an ESP
     /// AES-GCM SA. The probe runs in a throwaway network namespace of its own, so the
     /// node's namespace sees no write (a no-op apply stays a no-op for `ip xfrm monitor`).
+    /// It runs once per address family and `Kernel`, and not at all for a family of
+    /// which [`Kernel::dump`] found SAs of ours already installed.
     pub async fn check_esp(&self, family_of: std::net::IpAddr) -> Result<(), KernelError> {
         let v6 = family_of.is_ipv6();
         if self.esp_ok.lock().is_ok_and(|ok| ok.contains(&v6)) {

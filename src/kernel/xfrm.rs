@@ -85,8 +85,15 @@ pub const PROBE_REQID: u32 = ownership::REQID_MAX;
 pub async fn dump(
     h: &xfrmnetlink::Handle,
 ) -> Result<(BTreeMap<PolicyId, Policy>, BTreeMap<SaId, Sa>), KernelError> {
+    let started = std::time::Instant::now();
     let policies = policy::dump(h).await?;
+    let policies_done = started.elapsed();
     let sas = sa::dump(h).await?;
+    tracing::debug!(
+        policies_us = policies_done.as_micros() as u64,
+        total_us = started.elapsed().as_micros() as u64,
+        "xfrm dump"
+    );
     Ok((policies, sas))
 }
 

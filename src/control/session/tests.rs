@@ -34,7 +34,7 @@ async fn handshake<S>(client: S, server: S, a: &Identity, b: &Identity) -> (Sess
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let a_public = a.public.clone();
+    let a_public = a.public;
     let (initiator, responder) = tokio::join!(
         connect(client, a, &b.public, CLUSTER),
         accept(server, b, CLUSTER, |key| *key == a_public),
@@ -74,12 +74,14 @@ where
     let (mut b_rx, mut b_tx) = b.split();
     for round in 0..3 {
         for msg in all_messages() {
-            a_tx.send(&msg).await.unwrap();
-            let got = b_rx.recv().await.unwrap();
+            // Sent and received concurrently: a frame may not fit the stream's buffer.
+            let (sent, got) = tokio::join!(a_tx.send(&msg), b_rx.recv());
+            sent.unwrap();
             // SaKey compares its bytes: the key arrives byte-exactly.
-            assert_eq!(got, msg, "round {round}");
-            b_tx.send(&msg).await.unwrap();
-            assert_eq!(a_rx.recv().await.unwrap(), msg, "round {round}");
+            assert_eq!(got.unwrap(), msg, "round {round}");
+            let (sent, got) = tokio::join!(b_tx.send(&msg), a_rx.recv());
+            sent.unwrap();
+            assert_eq!(got.unwrap(), msg, "round {round}");
         }
     }
     // Both directions at once, each direction driven by its own tasks (a reader
@@ -252,7 +254,7 @@ async fn tapped() -> (
 ) {
     let (a, b) = pair();
     let (client, server, mut tap) = Tap::new();
-    let a_public = a.public.clone();
+    let a_public = a.public;
     let (initiator, responder, ()) = tokio::join!(
         connect(client, &a, &b.public, CLUSTER),
         accept(server, &b, CLUSTER, |key| *key == a_public),

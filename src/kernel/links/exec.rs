@@ -44,18 +44,19 @@ impl Indexes {
         Ok(Indexes { by_name })
     }
 
-    /// The index of a link by name: from the dump, else one GET.
+    /// The index of a link by name: from the dump, else one GET. `op` names the change
+    /// in errors.
     pub async fn resolve(
         &mut self,
         route: &rtnetlink::Handle,
         name: &IfName,
-        op: &str,
+        op: &dyn Fn() -> String,
     ) -> Result<u32, KernelError> {
         if let Some(index) = self.by_name.get(name.as_str()) {
             return Ok(*index);
         }
         let not_found = || KernelError::LinkNotFound {
-            operation: op.to_owned(),
+            operation: op(),
             link: name.to_string(),
         };
         let mut links = route.link().get().match_name(name.as_str()).execute();
@@ -63,7 +64,7 @@ impl Indexes {
             Ok(Some(msg)) => msg.header.index,
             Ok(None) => return Err(not_found()),
             Err(e) if errno(&e) == Some(ENODEV) => return Err(not_found()),
-            Err(e) => return Err(refused(op, e)),
+            Err(e) => return Err(refused(&op(), e)),
         };
         self.by_name.insert(name.as_str().to_owned(), index);
         Ok(index)
@@ -106,8 +107,8 @@ pub(in crate::kernel) async fn prepare(
     route: &rtnetlink::Handle,
     change: &Change,
     indexes: &mut Indexes,
-    op: &str,
 ) -> Result<Step, KernelError> {
+    let op = &|| change.to_string();
     let set = |msg: rtnetlink::LinkMessageBuilder<LinkUnspec>| LinkRequest {
         message: RouteNetlinkMessage::NewLink(msg.build()),
         flags: 0,
@@ -182,7 +183,7 @@ pub(in crate::kernel) async fn prepare(
         | Change::AddSa(_)
         | Change::DeleteSa(_) => {
             return Err(KernelError::Unsupported {
-                operation: op.to_owned(),
+                operation: op(),
                 executor: "link",
             });
         }
