@@ -232,3 +232,119 @@ async fn run_session(
     tracing::info!(%peer, %reason, "control session ended");
     let _ = events.send(Event::Disconnected { peer, session: id });
 }
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::sync::Mutex;
+    use std::task::{Context, Poll};
+
+    use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+
+    use super::*;
+
+    /// A stream that keeps a copy of everything written to it.
+    struct Recording {
+        inner: TcpStream,
+        written: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl AsyncRead for Recording {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Recording {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+            if let Poll::Ready(Ok(n)) = &r {
+                self.written.lock().unwrap().extend_from_slice(&buf[..*n]);
+            }
+            r
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// A replayed first handshake message completes a responder handshake (Noise IK has
+    /// no way to tell), but it never becomes a session the agent sees.
+    #[tokio::test]
+    async fn replayed_handshake_never_reaches_the_agent() {
+        let responder = Arc::new(Identity::generate().unwrap());
+        let initiator = Identity::generate().unwrap();
+        let allowed: Allowed = Arc::new(RwLock::new(BTreeMap::new()));
+        let peer = NodeName::new("node-b").unwrap();
+        allowed
+            .write()
+            .unwrap()
+            .insert(initiator.public.0, peer.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        spawn_listener(listener, responder.clone(), "t".into(), allowed, tx);
+
+        // The genuine initiator: its session is announced once its Hello arrives.
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let stream = Recording {
+            inner: TcpStream::connect(addr).await.unwrap(),
+            written: written.clone(),
+        };
+        let first_frame = {
+            let session = control::session::connect(stream, &initiator, &responder.public, "t")
+                .await
+                .unwrap();
+            let frame = written.lock().unwrap().clone();
+            let (_r, mut w) = session.split();
+            w.send(&Message::Hello { boot_id: 7 }).await.unwrap();
+            match rx.recv().await {
+                Some(Event::Connected { peer: p, .. }) => assert_eq!(p, peer),
+                _ => panic!("the genuine session was not announced"),
+            }
+            match rx.recv().await {
+                Some(Event::Received {
+                    msg: Message::Hello { boot_id: 7 },
+                    ..
+                }) => {}
+                _ => panic!("the Hello was not delivered"),
+            }
+            frame
+        };
+
+        // An attacker replays the initiator's first handshake frame.
+        let mut replay = TcpStream::connect(addr).await.unwrap();
+        replay.write_all(&first_frame).await.unwrap();
+        let waited = tokio::time::timeout(
+            control::session::HANDSHAKE_TIMEOUT + Duration::from_secs(1),
+            async {
+                loop {
+                    match rx.recv().await {
+                        Some(Event::Connected { .. }) => return true,
+                        Some(_) => continue,
+                        None => return false,
+                    }
+                }
+            },
+        )
+        .await;
+        assert!(
+            !matches!(waited, Ok(true)),
+            "a replayed handshake was announced as a session"
+        );
+    }
+}
