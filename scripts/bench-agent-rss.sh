@@ -83,11 +83,16 @@ measure() {
     hwm=$(kib "$AGENT_PID" VmHWM)
     rss=$(kib "$AGENT_PID" VmRSS)
     thr=$(kib "$AGENT_PID" Threads)
+    local gb0 ga0 gb1 ga1
     t0=$(ticks "$AGENT_PID")
+    read -r gb0 ga0 <<<"$(bench_cpu_busy)"
     w0=$(date +%s.%N)
     sleep "$window"
     t1=$(ticks "$AGENT_PID")
+    read -r gb1 ga1 <<<"$(bench_cpu_busy)"
     w1=$(date +%s.%N)
+    local gbusy
+    gbusy=$(awk -v b="$((gb1 - gb0))" -v a="$((ga1 - ga0))" 'BEGIN { printf "%.1f", a ? 100 * b / a : 0 }')
     hwm2=$(kib "$AGENT_PID" VmHWM)
     local cpu
     cpu=$(awk -v a="$t0" -v b="$t1" -v hz="$hz" -v w0="$w0" -v w1="$w1" 'BEGIN { printf "%.2f", 100 * (b - a) / hz / (w1 - w0) }')
@@ -97,7 +102,7 @@ measure() {
     st1=$(date +%s.%N)
     local warn
     warn=$(grep -cE ' (WARN|ERROR) ' "$BENCH_RUN/$node/agent.log" || true)
-    rows+=("| $label | $npeers | $(mib "$hwm") | $(mib "$rss") | $(mib "$hwm2") | $thr | $cpu | $((t1 - t0)) | $APPLY_S | $(bench_elapsed "$st0" "$st1") | $seen | $warn |")
+    rows+=("| $label | $npeers | $(mib "$hwm") | $(mib "$rss") | $(mib "$hwm2") | $thr | $cpu | $((t1 - t0)) | $gbusy | $APPLY_S | $(bench_elapsed "$st0" "$st1") | $seen | $warn |")
     bench_log "$label: VmHWM $(mib "$hwm") MiB, VmRSS $(mib "$rss") MiB, CPU $cpu % over ${window}s"
     if ((warn > 0)); then
         notes+=("$label: first WARN/ERROR lines of the agent log:")
@@ -176,8 +181,8 @@ measure "baseline (1 peer, connected)" rb0 x1 1
 bench_save_logs
 
 {
-    echo "| case | peers | VmHWM at ${settle} s (MiB) | VmRSS at ${settle} s (MiB) | VmHWM at $((settle + window)) s (MiB) | threads | CPU over ${window} s idle (%) | CPU ticks (1/$hz s) | apply via agent (s) | \`status\` call (s) | peers in status / connected | WARN+ERROR log lines |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| case | peers | VmHWM at ${settle} s (MiB) | VmRSS at ${settle} s (MiB) | VmHWM at $((settle + window)) s (MiB) | threads | CPU over ${window} s idle (%) | CPU ticks (1/$hz s) | whole guest CPU busy (%) | apply via agent (s) | \`status\` call (s) | peers in status / connected | WARN+ERROR log lines |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     printf '%s\n' "${rows[@]}"
     echo
     for x in "${notes[@]}"; do

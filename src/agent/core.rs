@@ -481,6 +481,23 @@ impl Agent {
                         tracing::warn!(%peer, "kernel not in sync; key message held back");
                         continue;
                     }
+                    match &msg {
+                        Message::KeyOffer {
+                            generation, spi, ..
+                        } => tracing::info!(
+                            %peer,
+                            generation = generation & 0xffff_ffff,
+                            spi = format_args!("0x{spi:08x}"),
+                            "new inbound key installed; offering it"
+                        ),
+                        Message::KeyAck { generation, spi } => tracing::info!(
+                            %peer,
+                            generation = generation & 0xffff_ffff,
+                            spi = format_args!("0x{spi:08x}"),
+                            "switched to the peer's new key"
+                        ),
+                        _ => {}
+                    }
                     self.send(&peer, msg);
                 }
             }
@@ -523,8 +540,10 @@ impl Agent {
         match &result {
             Ok(plan) => {
                 self.kernel_changes += plan.changes.len() as u64;
-                if !plan.is_empty() {
-                    tracing::info!(changes = plan.changes.len(), "reconciled the kernel");
+                // One event per kernel change (it names the network or the peer's
+                // addresses and SPI; never a key).
+                for change in &plan.changes {
+                    tracing::info!(%change, "kernel changed");
                 }
                 self.in_sync = true;
                 self.last_error = None;
