@@ -88,7 +88,7 @@ args=(--peers "$peers" --at "$at" --repeat "$repeat")
 chmod +x "$work/inside.sh"
 
 log "booting user-mode-linux (progress below; the tables follow at the end)"
-"$repo/scripts/uml-run.sh" --mem "$mem" --timeout "$timeout" --env NO_COLOR=1 -- "$work/inside.sh"
+"$repo/scripts/uml-run.sh" --mem "$mem" --timeout "$timeout" --env NO_COLOR=1 -- "$work/inside.sh" >&2
 
 echo
 echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"

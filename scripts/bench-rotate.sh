@@ -108,11 +108,25 @@ wait_keyed() {
     done
 }
 
+# agents_ticks: utime+stime of every agent of the cluster so far (1/CLK_TCK s; /proc/stat
+# counts in the same unit).
+agents_ticks() {
+    local p
+    for p in "${AGENTS[@]}"; do cat "/proc/$p/stat"; done | awk '{ t += $14 + $15 } END { print t + 0 }'
+}
+# reconciles: "reconciled the kernel" lines in every agent's log so far.
+reconciles() {
+    cat "$BENCH_RUN"/n*/agent.log | grep -c 'reconciled the kernel' || true
+}
+
 # concurrently CMD...: runs "CMD" on every node at once (with the node's options);
 # sets ELAPSED and FAILED (the nodes whose command did not exit 0).
 concurrently() {
     local n=${#NODES[@]} i t0 t1
     local pids=() b0 a0 b1 a1
+    local ag0 ag1 rc0 rc1
+    ag0=$(agents_ticks)
+    rc0=$(reconciles)
     read -r b0 a0 <<<"$(bench_cpu_busy)"
     t0=$(bench_now)
     for ((i = 0; i < n; i++)); do
@@ -125,7 +139,13 @@ concurrently() {
     done
     t1=$(bench_now)
     read -r b1 a1 <<<"$(bench_cpu_busy)"
+    ag1=$(agents_ticks)
+    rc1=$(reconciles)
     ELAPSED=$(bench_elapsed "$t0" "$t1")
+    # The agents' share of all CPU time spent in the guest meanwhile, and their reconcile
+    # passes (from their logs) per node.
+    AGENTS_SHARE=$(awk -v g="$((ag1 - ag0))" -v b="$((b1 - b0))" 'BEGIN { printf "%.0f", b ? 100 * g / b : 0 }')
+    RECONCILES=$(awk -v r="$((rc1 - rc0))" -v n="$n" 'BEGIN { printf "%.0f", r / n }')
     BUSY=$(awk -v b="$((b1 - b0))" -v a="$((a1 - a0))" 'BEGIN { printf "%.0f", a ? 100 * b / a : 0 }')
     for f in "${FAILED[@]}"; do
         bench_log "$* failed on $f: $(tail -n 3 "$BENCH_RUN/$f/cmd.out" | tr '\n' ' ')"
@@ -149,13 +169,17 @@ for n in $sizes; do
     status_overhead=$ELAPSED
     totals=()
     busy=()
+    share=()
+    recs=()
     fails=0
     for ((r = 1; r <= reps; r++)); do
         concurrently rotate --timeout 600
         totals+=("$ELAPSED")
         busy+=("$BUSY")
+        share+=("$AGENTS_SHARE")
+        recs+=("$RECONCILES")
         ((${#FAILED[@]} == 0)) || { fails=$((fails + ${#FAILED[@]})); notes+=("N=$n rep $r: rotate failed on ${FAILED[*]}"); }
-        bench_log "N=$n rep $r: every node rotated in ${ELAPSED}s, guest CPU ${BUSY}% busy (failed: ${FAILED[*]:-none})"
+        bench_log "N=$n rep $r: every node rotated in ${ELAPSED}s, guest CPU ${BUSY}% busy, agents ${AGENTS_SHARE}% of it, ${RECONCILES} reconcile passes per agent (failed: ${FAILED[*]:-none})"
         sleep 3 # GRACE (2 s) for retired SAs
         wait_keyed "$n" 300
     done
@@ -176,15 +200,15 @@ for n in $sizes; do
     med=$(bench_median "${totals[@]}")
     minmax=$(printf '%s\n' "${totals[@]}" | sort -g | sed -n '1p;$p' | paste -sd- -)
     per_pair=$(awk -v t="$med" -v p="$pairs" 'BEGIN { printf "%.1f", t * 1000 / p }')
-    rows+=("| $n | $pairs | $CONVERGE | $med | $minmax | $per_pair | $(bench_median "${busy[@]}" | cut -d. -f1) | $alone | $status_overhead | $((hwm / 1024)) | $fails |")
+    rows+=("| $n | $pairs | $CONVERGE | $med | $minmax | $per_pair | $(bench_median "${busy[@]}" | cut -d. -f1) | $(bench_median "${share[@]}" | cut -d. -f1) | $(bench_median "${recs[@]}" | cut -d. -f1) | $alone | $status_overhead | $((hwm / 1024)) | $fails |")
     errs=$(cat "$BENCH_RUN"/n*/agent.log | grep -cE ' (WARN|ERROR) ' || true)
     notes+=("N=$n: agent log lines at WARN or ERROR, all nodes: $errs")
     teardown_cluster "$n"
 done
 
 {
-    echo "| nodes | pairs | all keyed after apply (s) | rotate on every node at once, median of $reps (s) | min-max (s) | ms per pair | guest CPU busy during it (%) | one node alone (s) | N concurrent \`status\` calls (s) | max agent VmHWM (MiB) | failed rotates |"
-    echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| nodes | pairs | all keyed after apply (s) | rotate on every node at once, median of $reps (s) | min-max (s) | ms per pair | guest CPU busy during it (%) | agents' share of that CPU (%) | reconcile passes per agent | one node alone (s) | N concurrent \`status\` calls (s) | max agent VmHWM (MiB) | failed rotates |"
+    echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     printf '%s\n' "${rows[@]}"
     echo
     for x in "${notes[@]}"; do echo "- $x"; done

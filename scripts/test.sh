@@ -20,7 +20,8 @@ echo "== build"
 cargo build --all-targets --quiet
 
 echo "== unit, property and doc tests"
-cargo test --quiet --lib --bins --doc
+cargo test --quiet --lib --bins
+cargo test --quiet --doc
 
 echo "== integration tests on the host kernel"
 for t in invalid_specs plaintext kernel_links host_kernel; do
