@@ -53,7 +53,7 @@ fn cluster_with_agents_opts(
         c.apply_via_agent(n, &spec);
         last_apply = Instant::now();
     }
-    wait_full_mesh(&c, Duration::from_secs(60));
+    wait_full_mesh(&c, Duration::from_secs(120));
     println!(
         "time from the last apply to full encrypted connectivity: {:?}",
         last_apply.elapsed()
@@ -364,7 +364,7 @@ fn d_node_reboot_rekeys_and_removes_stale_sas_with_distinct_keys() {
         .0
         .insert("node-d".into(), c.start_agent("node-d", &spec, "info"));
     c.apply_via_agent("node-d", &spec);
-    wait_full_mesh(&c, Duration::from_secs(60));
+    wait_full_mesh(&c, Duration::from_secs(120));
     // Peers converge to exactly one SA per direction with node-d, none of the old ones.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

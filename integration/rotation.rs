@@ -194,10 +194,15 @@ fn c_soft_packet_lifetime_triggers_rekeys_without_loss() {
         ),
     ];
     let mut spis_seen = BTreeSet::new();
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(6) {
+    // Sample the SAs until both trains have finished (however fast this machine runs
+    // them): every SA lives ~1500 packets, far longer than the sampling period.
+    let mut trains = trains;
+    while trains
+        .iter_mut()
+        .any(|(_, t)| t.try_wait().ok().flatten().is_none())
+    {
         spis_seen.extend(all_sas(&c).into_iter().filter(|s| !first.contains(s)));
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(Duration::from_millis(200));
     }
     assert_no_loss(trains);
     // a->b and b->a and b->c and c->b each carried > 1500 packets several times over.

@@ -27,7 +27,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=scripts/bench/lib.sh
 source "$here/bench/lib.sh"
 
-reps=7
+reps=9
 secs=5
 mem=1024M
 bin=$bench_repo/target/release/ovl-controller
@@ -220,6 +220,17 @@ verdict() { awk -v r="$1" -v t="$2" 'BEGIN { print (r >= t) ? "met" : "MISSED" }
 r_plain=$(ratio "${MED[plain]}" "${MED[underlay]}")
 r_enc=$(ratio "${MED[encrypted]}" "${MED[hand]}")
 r_enc_plain=$(ratio "${MED[encrypted]}" "${MED[plain]}")
+# Paired: the ratio within each repetition (the two runs were at most a few runs apart),
+# then the median of those; less sensitive to slow drifts of the host's load.
+paired() { # A B: median over repetitions of A[r] / B[r]
+    local -a a b q
+    read -r -a a <<<"${RES[$1]}"
+    read -r -a b <<<"${RES[$2]}"
+    for ((r = 0; r < ${#a[@]}; r++)); do q+=("$(ratio "${a[r]}" "${b[r]}")"); done
+    echo "$(bench_median "${q[@]}") (per repetition: ${q[*]})"
+}
+p_plain=$(paired plain underlay)
+p_enc=$(paired encrypted hand)
 declare -A LABEL MTU
 LABEL[underlay]="underlay veth"
 LABEL[plain]="plain overlay (ovl-controller apply)"
@@ -237,6 +248,7 @@ MTU[underlay]=1500 MTU[plain]=$plain_mtu MTU[encrypted]=$mtu MTU[hand]=$mtu
     echo
     echo "- plain / underlay = **$r_plain** (target >= 0.95: $(verdict "$r_plain" 0.95))"
     echo "- encrypted / by hand = **$r_enc** (target >= 0.95: $(verdict "$r_enc" 0.95))"
+    echo "- paired (median of the per-repetition ratios): plain / underlay = $p_plain; encrypted / by hand = $p_enc"
     echo "- encrypted / plain = $r_enc_plain (the cost of software AES-GCM in UML)"
     for ns in da db dc dd; do
         e=$(awk -v before="${XS0[$ns]}" -v after="$(xfrm_stat "$ns")" 'BEGIN {

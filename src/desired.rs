@@ -165,6 +165,8 @@ pub fn build(
     scope: Scope,
 ) -> Result<KernelState, DesiredError> {
     let me = &local.node.name;
+    // Name -> node, once: member lists are resolved per network and per peer.
+    let index: NodeIndex<'_> = spec.nodes.iter().map(|n| (&n.name, n)).collect();
     let mut state = KernelState::default();
     let mut encrypted_peers = BTreeSet::new();
     let mut any_encrypted = false;
@@ -175,9 +177,9 @@ pub fn build(
                 continue;
             }
         }
-        add_network(spec, net, local, &mut state)?;
+        add_network(spec, &index, net, local, &mut state)?;
         if net.encrypted {
-            encrypted_peers.extend(peers(spec, net, me).map(|n| n.address));
+            encrypted_peers.extend(peers(&index, net, me).map(|n| n.address));
         }
     }
     // Enforcement stays in place whenever the node has an encrypted network in the spec,
@@ -188,15 +190,22 @@ pub fn build(
     Ok(state)
 }
 
-fn peers<'s>(spec: &'s Spec, net: &'s Network, me: &'s NodeName) -> impl Iterator<Item = &'s Node> {
+type NodeIndex<'s> = BTreeMap<&'s NodeName, &'s Node>;
+
+fn peers<'s>(
+    index: &'s NodeIndex<'s>,
+    net: &'s Network,
+    me: &'s NodeName,
+) -> impl Iterator<Item = &'s Node> {
     net.nodes
         .iter()
         .filter(move |n| *n != me)
-        .filter_map(|n| spec.node(n))
+        .filter_map(|n| index.get(n).copied())
 }
 
 fn add_network(
     spec: &Spec,
+    index: &NodeIndex<'_>,
     net: &Network,
     local: &LocalNode<'_>,
     state: &mut KernelState,
@@ -243,7 +252,7 @@ fn add_network(
             addr: *addr,
         });
     }
-    for peer in peers(spec, net, &local.node.name) {
+    for peer in peers(index, net, &local.node.name) {
         state.fdb.insert(FdbEntry {
             link: vxlan.clone(),
             remote: peer.address,

@@ -19,6 +19,7 @@ mod model;
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::net::IpAddr;
 
 pub use change::{Change, ChangeKind};
 pub use model::simulate;
@@ -78,20 +79,23 @@ fn policy_rank(p: &Policy) -> (u8, Direction) {
     (rank, p.id.dir)
 }
 
-/// An SA is outbound when a desired or observed OUT policy of ours names its pair.
-fn is_outbound(sa: &Sa, desired: &KernelState, observed: &KernelState) -> bool {
+/// The (src, dst) pairs that a desired or observed OUT policy of ours sends ESP on: an
+/// SA on such a pair is outbound. Computed once per plan (a lookup per SA keeps large
+/// plans linear).
+fn outbound_pairs(desired: &KernelState, observed: &KernelState) -> BTreeSet<(IpAddr, IpAddr)> {
     desired
         .policies
         .values()
         .chain(observed.policies.values())
-        .any(|p| {
-            p.id.dir == Direction::Out
-                && p.action
-                    == PolicyAction::Esp {
-                        src: Some(sa.id.src),
-                        dst: Some(sa.id.dst),
-                    }
+        .filter(|p| p.id.dir == Direction::Out)
+        .filter_map(|p| match p.action {
+            PolicyAction::Esp {
+                src: Some(s),
+                dst: Some(d),
+            } => Some((s, d)),
+            _ => None,
         })
+        .collect()
 }
 
 pub fn plan(desired: &KernelState, observed: &KernelState) -> Plan {
@@ -129,7 +133,9 @@ pub fn plan(desired: &KernelState, observed: &KernelState) -> Plan {
         .values()
         .filter(|sa| !observed.sas.get(&sa.id).is_some_and(|o| o.same_install(sa)))
         .collect();
-    new_sas.sort_by_key(|sa| is_outbound(sa, desired, observed));
+    let outbound = outbound_pairs(desired, observed);
+    let is_outbound = |sa: &Sa| outbound.contains(&(sa.id.src, sa.id.dst));
+    new_sas.sort_by_key(|sa| is_outbound(sa));
     out.extend(new_sas.into_iter().map(|sa| Change::AddSa(sa.clone())));
 
     // 2. Links to delete or recreate: VXLAN devices before bridges.
@@ -244,7 +250,7 @@ pub fn plan(desired: &KernelState, observed: &KernelState) -> Plan {
         .values()
         .filter(|sa| !desired.sas.contains_key(&sa.id))
         .collect();
-    old_sas.sort_by_key(|sa| !is_outbound(sa, desired, observed));
+    old_sas.sort_by_key(|sa| !is_outbound(sa));
     out.extend(old_sas.into_iter().map(|sa| Change::DeleteSa(sa.id)));
     let mut old_policies: Vec<&Policy> = observed
         .policies
