@@ -490,3 +490,48 @@ fn g_encrypted_mtu_edge_ipv4() {
 fn g_encrypted_mtu_edge_ipv6() {
     mtu_edges(true);
 }
+
+/// Without an agent, `apply` on an ESP kernel brings up the plaintext network, leaves
+/// the encrypted one alone and exits 1 saying to start the agent.
+#[test]
+fn apply_without_agent_refuses_encrypted_networks() {
+    let s = setup("noag", false);
+    let before = s.c.kernel_dump("node-a");
+    let out = s.c.ctl(
+        "node-a",
+        &[
+            "apply",
+            "-f",
+            s.spec.to_str().unwrap(),
+            "--socket",
+            "/nonexistent/agent.sock",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("start `ovl-controller agent`"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        s.c.link("node-a", "ovbr-100").is_some(),
+        "the plaintext network must come up"
+    );
+    assert!(s.c.link("node-a", "ovbr-300").is_none() && s.c.link("node-a", "ovvx-300").is_none());
+    assert!(
+        !stdout(&out).contains("300"),
+        "the plan must not touch the encrypted network: {}",
+        stdout(&out)
+    );
+    assert_eq!(
+        ok(&format!("ip -n {} xfrm state", s.c.node("node-a").ns)).trim(),
+        ""
+    );
+    assert_ne!(before, s.c.kernel_dump("node-a"));
+}
