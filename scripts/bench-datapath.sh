@@ -14,7 +14,11 @@
 #              replay window 1024, the same selectors, the same four policies (per-pair
 #              out/in, catch-all in requiring ESP, catch-all out block), VXLAN on port
 #              4790 with the same options, and the MTU the controller chose.
-# R repetitions, the order of the four rotated each time; the median is reported.
+# R repetitions. The runs that are compared go back to back (underlay and plain, then
+# encrypted and by hand), which one first alternating between repetitions: the
+# throughput of the fast paths drifts with the shared host's load over tens of seconds,
+# so besides the ratio of the medians, the median of the per-repetition ratios of
+# neighbouring runs is reported (the steadier estimate).
 # Fragmentation is checked with the kernel's counters on both ends of every run
 # (IpFragCreates on the sender, IpReasmReqds on the receiver, from nstat), and the XFRM
 # error counters (/proc/net/xfrm_stat) are reported when not zero.
@@ -194,8 +198,8 @@ declare -A RES RETR FRAG
 for c in "${configs[@]}"; do RES[$c]="" RETR[$c]="" FRAG[$c]="0 0"; done
 
 for ((r = 0; r < reps; r++)); do
-    for ((k = 0; k < 4; k++)); do
-        c=${configs[(k + r) % 4]}
+    if ((r % 2 == 0)); then order=(underlay plain encrypted hand); else order=(plain underlay hand encrypted); fi
+    for c in "${order[@]}"; do
         read -r fc0 _ <<<"$(frag "${CL[$c]}")"
         read -r _ rr0 <<<"$(frag "${SRV[$c]}")"
         out=$(timeout $((secs + 30)) ip netns exec "${CL[$c]}" iperf3 -c "${DST[$c]}" -t "$secs" -O 1 -J) ||
@@ -220,8 +224,8 @@ verdict() { awk -v r="$1" -v t="$2" 'BEGIN { print (r >= t) ? "met" : "MISSED" }
 r_plain=$(ratio "${MED[plain]}" "${MED[underlay]}")
 r_enc=$(ratio "${MED[encrypted]}" "${MED[hand]}")
 r_enc_plain=$(ratio "${MED[encrypted]}" "${MED[plain]}")
-# Paired: the ratio within each repetition (the two runs were at most a few runs apart),
-# then the median of those; less sensitive to slow drifts of the host's load.
+# Paired: the ratio within each repetition (the two runs went back to back), then the
+# median of those; less sensitive to slow drifts of the host's load.
 paired() { # A B: median over repetitions of A[r] / B[r]
     local -a a b q
     read -r -a a <<<"${RES[$1]}"

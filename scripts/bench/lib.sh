@@ -39,7 +39,7 @@ bench_host_prepare() {
         */debug/*) echo "profile: debug" ;;
         *) echo "profile: unknown" ;;
         esac
-        echo "git: $(git -C "$bench_repo" rev-parse --short HEAD 2>/dev/null || echo '?')$(
+        echo "git (work tree now; the binary may be older): $(git -C "$bench_repo" rev-parse --short HEAD 2>/dev/null || echo '?')$(
             [[ -n $(git -C "$bench_repo" status --porcelain --untracked-files=no 2>/dev/null) ]] && echo ' + uncommitted changes in the work tree')"
         echo "host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo), kernel $(uname -r)"
         echo "guest: user-mode-linux $(/usr/bin/linux.uml --version 2>/dev/null | head -n1), mem=$mem, 1 CPU"
@@ -75,6 +75,7 @@ bench_host_boot() {
 
 BENCH_PIDS=()
 BENCH_NETNS=()
+BENCH_AGENT_ARGS=() # extra options for every agent bench_start_agent starts
 
 bench_guest_cleanup() {
     local pid ns
@@ -128,15 +129,15 @@ bench_opts() {
     echo "--node $1 --key $d/node.key --state-dir $d/state --socket $d/agent.sock"
 }
 
-# bench_start_agent NS NODE SPEC [LEVEL]: starts the node's agent in NS, logging to
-# DIR/agent.log; waits for its socket. Sets AGENT_PID.
+# bench_start_agent NS NODE SPEC [LEVEL]: starts the node's agent in NS (with
+# BENCH_AGENT_ARGS), logging to DIR/agent.log; waits for its socket. Sets AGENT_PID.
 bench_start_agent() {
     local ns=$1 node=$2 spec=$3 level=${4:-info}
     local d=$BENCH_RUN/$node
     mkdir -p "$d"
     # `ip netns exec` execs the command in place: $! is the agent itself.
     # shellcheck disable=SC2046
-    ip netns exec "$ns" "$BIN" agent -f "$spec" --log-level "$level" $(bench_opts "$node") \
+    ip netns exec "$ns" "$BIN" agent -f "$spec" --log-level "$level" $(bench_opts "$node") "${BENCH_AGENT_ARGS[@]}" \
         </dev/null >>"$d/agent.log" 2>&1 &
     AGENT_PID=$!
     BENCH_PIDS+=("$AGENT_PID")
