@@ -369,3 +369,42 @@ fn h_mtu_edge_ipv4() {
 fn h_mtu_edge_ipv6() {
     mtu_edges(true);
 }
+
+#[test]
+fn i_logs_are_json_lines_or_plain_text_with_one_event_per_change() {
+    require_root();
+    let c = Cluster::new("logs", 3, false, 1500);
+    let spec = c.spec("net.yaml", TWO_NETWORKS);
+    let spec = spec.to_str().unwrap();
+    // JSON: every line of stderr is one JSON object; each kernel change is one event
+    // naming the change (which carries the network's devices and the peer).
+    let out = c.ctl(
+        "node-a",
+        &["apply", "-f", spec, "--log-level", "debug", "--log-format", "json"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let plan = plan_lines(&stdout(&out));
+    let err = stderr(&out);
+    let events: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+        .collect();
+    let changes: Vec<&str> = events
+        .iter()
+        .filter(|e| e["message"] == "kernel change")
+        .map(|e| e["change"].as_str().expect("a change field"))
+        .collect();
+    assert_eq!(
+        changes.len(),
+        plan.len(),
+        "one log event per change: {changes:?} vs plan {plan:?}"
+    );
+    assert!(events.iter().all(|e| e["level"].is_string()));
+    // Text to a file or pipe (systemd, cron): no colour codes.
+    c.ctl("node-a", &["delete", "-f", spec]);
+    let out = c.ctl("node-a", &["apply", "-f", spec, "--log-level", "debug"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("kernel change"), "{err}");
+    assert!(!err.contains('\x1b'), "colour codes in logs to a pipe: {err:?}");
+}

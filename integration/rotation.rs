@@ -253,3 +253,60 @@ fn d_both_ends_rotating_at_once_converge_without_loss() {
     assert_no_loss(trains);
     wait_settled(&c, &NAMES);
 }
+
+/// Runs a node's command on a pseudo-terminal (util-linux `script`), as an operator at a
+/// shell would; returns everything the terminal showed and the exit status.
+fn on_terminal(c: &Cluster, node: &str, args: &[&str]) -> (String, bool) {
+    let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    full.extend(c.agent_opts(node));
+    let command = format!("{BIN} {}", full.join(" "));
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &c.node(node).ns])
+        .args(["script", "-qefc", &command, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("spawn script");
+    (
+        format!("{}{}", stdout(&out), stderr(&out)),
+        out.status.success(),
+    )
+}
+
+#[test]
+fn e_long_operations_show_progress_on_a_terminal_only() {
+    let (c, _agents, spec) = cluster("rpg", "");
+    // A rotation with both peers, on a terminal: the count of switched peers is drawn
+    // and redrawn in place, ending at 2/2, and erased before the result.
+    let (shown, ok) = on_terminal(&c, "node-a", &["rotate", "--timeout", "30"]);
+    assert!(ok, "rotate on a terminal failed: {shown}");
+    assert!(
+        shown.contains("peers switched to new keys: 0/2 (0%)")
+            && shown.contains("peers switched to new keys: 2/2 (100%)"),
+        "no rotation progress on the terminal: {shown:?}"
+    );
+    assert!(
+        shown.contains("\r\x1b[2KRotated: new keys in use with every peer."),
+        "the progress line was not erased before the result: {shown:?}"
+    );
+    // The same without a terminal (cron, systemd): no progress, no control characters.
+    let out = c.ctl_agent("node-a", &["rotate", "--timeout", "30"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let all = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        !all.contains("switched") && !all.contains('\x1b') && !all.contains('\r'),
+        "progress leaked into non-terminal output: {all:?}"
+    );
+    // An apply through the agent: the kernel changes are counted.
+    let text = std::fs::read_to_string(&spec).unwrap().replace(
+        "  - name: sec\n",
+        "  - name: extra\n    vni: 301\n    addresses: {node-a: 10.4.0.1/24}\n  - name: sec\n",
+    );
+    let bigger = c.spec("bigger.yaml", "");
+    std::fs::write(&bigger, text).unwrap();
+    let (shown, ok) = on_terminal(&c, "node-a", &["apply", "-f", bigger.to_str().unwrap()]);
+    assert!(ok, "apply on a terminal failed: {shown}");
+    assert!(
+        shown.contains("kernel changes applied: 0/") && shown.contains("(100%)"),
+        "no apply progress on the terminal: {shown:?}"
+    );
+}

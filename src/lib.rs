@@ -15,6 +15,7 @@ pub mod kernel;
 pub mod keys;
 pub mod logging;
 pub mod plan;
+pub mod progress;
 pub mod reconcile;
 pub mod spec;
 pub mod state;

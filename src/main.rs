@@ -9,19 +9,11 @@ use clap::Parser as _;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.common.log_level));
-    // The netlink crates log whole messages (SA keys included) at trace level and raw
-    // bytes on decode errors: they are silenced whatever the operator asks for.
-    for quiet in ovl::logging::SILENCED_TARGETS {
-        if let Ok(directive) = format!("{quiet}=off").parse() {
-            filter = filter.add_directive(directive);
-        }
-    }
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(filter)
-        .init();
+    let format = match cli.common.log_format {
+        cli::LogFormat::Text => ovl::logging::Format::Text,
+        cli::LogFormat::Json => ovl::logging::Format::Json,
+    };
+    ovl::logging::init(&cli.common.log_level, format);
     match cli::run(cli) {
         Ok(()) => ExitCode::from(cli::EXIT_OK),
         Err(failure) => {

@@ -1,6 +1,7 @@
-//! The agent's local API: one JSON request and one JSON response per connection on a
-//! Unix socket (mode 0600, root only: the peer's uid is checked too). `apply`, `status`
-//! and `rotate` use it. No key ever crosses it.
+//! The agent's local API: one JSON request per connection on a Unix socket (mode 0600,
+//! root only: the peer's uid is checked too), answered by zero or more progress lines
+//! (`{"progress": {...}}`) and one final JSON response line. `apply`, `status` and
+//! `rotate` use it. No key ever crosses it.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,11 +10,35 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::progress::Progress;
+
 /// Requests and responses are small; anything bigger is refused (a spec is at most
 /// [`crate::spec::MAX_SPEC_BYTES`], JSON-escaped at most ~6x for control characters).
 pub const MAX_API_MESSAGE: usize = 8 << 20;
-/// How long the CLI waits for an answer (a rotation of every pair may take a while).
+/// How long the CLI waits for an answer to `apply` and `status`.
 pub const API_TIMEOUT: Duration = Duration::from_secs(120);
+/// What the CLI waits beyond a rotation's own `--timeout` before giving up on the agent.
+pub const ROTATE_MARGIN: Duration = Duration::from_secs(30);
+
+impl Request {
+    /// How long the client waits for the final answer.
+    pub fn wait(&self) -> Duration {
+        match self {
+            Request::Rotate { timeout_secs, .. } => {
+                Duration::from_secs(*timeout_secs).saturating_add(ROTATE_MARGIN)
+            }
+            _ => API_TIMEOUT,
+        }
+    }
+}
+
+/// One line the agent writes back: progress, or the final response.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum Line {
+    Progress { progress: Progress },
+    Final(Response),
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
@@ -72,8 +97,14 @@ pub enum ApiError {
     Timeout(Duration),
 }
 
-/// Sends one request to the agent. `Ok(None)` when no agent listens on `socket`.
-pub async fn call(socket: &Path, request: &Request) -> Result<Option<Response>, ApiError> {
+/// Sends one request to the agent and waits for its answer (at most
+/// [`Request::wait`]), handing progress lines to `on_progress` as they come. `Ok(None)`
+/// when no agent listens on `socket`.
+pub async fn call(
+    socket: &Path,
+    request: &Request,
+    on_progress: &mut (dyn FnMut(&Progress) + Send),
+) -> Result<Option<Response>, ApiError> {
     let io = |source| ApiError::Io {
         path: socket.to_owned(),
         source,
@@ -97,16 +128,30 @@ pub async fn call(socket: &Path, request: &Request) -> Result<Option<Response>, 
         line.push(b'\n');
         write.write_all(&line).await.map_err(io)?;
         write.shutdown().await.map_err(io)?;
-        let mut answer = Vec::new();
-        let mut reader = BufReader::new(read).take(MAX_API_MESSAGE as u64);
-        reader.read_until(b'\n', &mut answer).await.map_err(io)?;
-        serde_json::from_slice::<Response>(&answer)
-            .map(Some)
-            .map_err(|e| ApiError::BadResponse(e.to_string()))
+        let mut reader = BufReader::new(read);
+        loop {
+            let mut line = Vec::new();
+            (&mut reader)
+                .take(MAX_API_MESSAGE as u64)
+                .read_until(b'\n', &mut line)
+                .await
+                .map_err(io)?;
+            if line.is_empty() {
+                return Err(ApiError::BadResponse(
+                    "the agent closed the connection without an answer".into(),
+                ));
+            }
+            match serde_json::from_slice::<Line>(&line) {
+                Ok(Line::Progress { progress }) => on_progress(&progress),
+                Ok(Line::Final(response)) => return Ok(Some(response)),
+                Err(e) => return Err(ApiError::BadResponse(e.to_string())),
+            }
+        }
     };
-    tokio::time::timeout(API_TIMEOUT, exchange)
+    let wait = request.wait();
+    tokio::time::timeout(wait, exchange)
         .await
-        .map_err(|_| ApiError::Timeout(API_TIMEOUT))?
+        .map_err(|_| ApiError::Timeout(wait))?
 }
 
 use tokio::io::AsyncReadExt as _;
@@ -156,6 +201,17 @@ pub async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
         return Err("request too large".into());
     }
     serde_json::from_slice(&buf).map_err(|e| format!("malformed request: {e}"))
+}
+
+/// Writes one progress line; false when the client has gone.
+pub async fn write_progress(stream: &mut UnixStream, progress: Progress) -> bool {
+    match serde_json::to_vec(&Line::Progress { progress }) {
+        Ok(mut line) => {
+            line.push(b'\n');
+            stream.write_all(&line).await.is_ok()
+        }
+        Err(_) => true,
+    }
 }
 
 pub async fn write_response(stream: &mut UnixStream, response: &Response) {

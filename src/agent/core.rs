@@ -17,6 +17,7 @@ use crate::identity::{Identity, IdentityError};
 use crate::kernel::monitor::{self, SaExpired};
 use crate::kernel::{Kernel, KernelError};
 use crate::keys::schedule::{Action, Schedule};
+use crate::progress::Progress;
 use crate::reconcile::{self, Keys, ReconcileError};
 use crate::spec::{self, Node, NodeName, PublicKey, Spec};
 use crate::state::SaId;
@@ -72,11 +73,17 @@ impl AgentError {
 }
 
 struct PendingRotation {
+    /// The peers still to switch to new keys.
     peers: Vec<NodeName>,
+    /// How many peers were asked to switch.
+    total: usize,
     failed: Vec<String>,
     since: Instant,
     deadline: Instant,
     reply: oneshot::Sender<Response>,
+    progress: mpsc::UnboundedSender<Progress>,
+    /// How many peers have switched, as last reported.
+    reported: Option<usize>,
 }
 
 struct Session {
@@ -390,8 +397,12 @@ impl Agent {
                 };
                 let _ = reply.send(text);
             }
-            Event::Api { request, reply } => {
-                let response = self.on_api(request, reply).await;
+            Event::Api {
+                request,
+                reply,
+                progress,
+            } => {
+                let response = self.on_api(request, reply, progress).await;
                 if let Some((reply, response)) = response {
                     let _ = reply.send(response);
                 }
@@ -683,6 +694,7 @@ impl Agent {
         &mut self,
         request: Request,
         reply: oneshot::Sender<Response>,
+        progress: mpsc::UnboundedSender<Progress>,
     ) -> Option<(oneshot::Sender<Response>, Response)> {
         match request {
             Request::Apply {
@@ -690,11 +702,17 @@ impl Agent {
                 source,
                 dry_run,
                 node,
-            } => Some((
-                reply,
-                self.api_apply(&spec, &source, dry_run, node.as_deref())
-                    .await,
-            )),
+            } => {
+                let sink: crate::progress::Sink = Arc::new(move |p: &Progress| {
+                    let _ = progress.send(p.clone());
+                });
+                self.kernel.set_progress(Some(sink));
+                let response = self
+                    .api_apply(&spec, &source, dry_run, node.as_deref())
+                    .await;
+                self.kernel.set_progress(None);
+                Some((reply, response))
+            }
             Request::Status => Some((reply, self.api_status().await)),
             Request::Rotate {
                 network,
@@ -706,6 +724,7 @@ impl Agent {
                     peer,
                     Duration::from_secs(timeout_secs.clamp(1, 3600)),
                     reply,
+                    progress,
                 )
                 .await
             }
@@ -841,6 +860,7 @@ impl Agent {
         peer: Option<String>,
         timeout: Duration,
         reply: oneshot::Sender<Response>,
+        progress: mpsc::UnboundedSender<Progress>,
     ) -> Option<(oneshot::Sender<Response>, Response)> {
         let mut peers: Vec<NodeName> = encrypted_peers(&self.spec, &self.me)
             .keys()
@@ -895,12 +915,16 @@ impl Agent {
             waiting.push(p);
         }
         self.rotations.push(PendingRotation {
+            total: waiting.len(),
             peers: waiting,
             failed,
             since: now,
             deadline: now + timeout,
             reply,
+            progress,
+            reported: None,
         });
+        self.check_rotations();
         None
     }
 
@@ -911,6 +935,15 @@ impl Agent {
         let mut still = Vec::new();
         for mut r in std::mem::take(&mut self.rotations) {
             r.peers.retain(|p| !self.schedule.rotated_since(p, r.since));
+            let switched = r.total - r.peers.len();
+            if r.reported != Some(switched) {
+                r.reported = Some(switched);
+                let _ = r.progress.send(Progress {
+                    what: "peers switched to new keys".into(),
+                    done: switched as u64,
+                    total: r.total as u64,
+                });
+            }
             if r.peers.is_empty() || now >= r.deadline {
                 for p in &r.peers {
                     r.failed
@@ -1036,14 +1069,33 @@ fn spawn_api_server(listener: tokio::net::UnixListener, events: mpsc::UnboundedS
                         Response::fail(2, String::new(), e)
                     }
                     Ok(request) => {
-                        let (reply, answer) = oneshot::channel();
-                        if events.send(Event::Api { request, reply }).is_err() {
+                        let (reply, mut answer) = oneshot::channel();
+                        let (progress, mut progress_rx) = mpsc::unbounded_channel();
+                        let event = Event::Api {
+                            request,
+                            reply,
+                            progress,
+                        };
+                        if events.send(event).is_err() {
                             return;
                         }
-                        match answer.await {
-                            Ok(r) => r,
-                            Err(_) => {
-                                Response::fail(1, String::new(), "the agent dropped the request")
+                        // Progress lines until the answer (a client that has gone
+                        // stops them; the request itself runs to its end).
+                        let mut client_here = true;
+                        loop {
+                            tokio::select! {
+                                biased;
+                                Some(p) = progress_rx.recv(), if client_here => {
+                                    client_here = api::write_progress(&mut stream, p).await;
+                                }
+                                r = &mut answer => break match r {
+                                    Ok(r) => r,
+                                    Err(_) => Response::fail(
+                                        1,
+                                        String::new(),
+                                        "the agent dropped the request",
+                                    ),
+                                },
                             }
                         }
                     }

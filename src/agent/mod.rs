@@ -52,6 +52,8 @@ pub(crate) enum Event {
     Api {
         request: api::Request,
         reply: oneshot::Sender<api::Response>,
+        /// Progress lines for the client while the request runs.
+        progress: mpsc::UnboundedSender<crate::progress::Progress>,
     },
     Metrics {
         reply: oneshot::Sender<String>,

@@ -4,6 +4,7 @@ use ovl::agent::api::{self, Request};
 use ovl::kernel::Kernel;
 use ovl::reconcile::{self, Keys, ReconcileError};
 
+use super::progress::Terminal;
 use super::{Common, Failure, SpecFile, load_spec, load_spec_text, runtime};
 
 #[derive(Args, Debug)]
@@ -42,7 +43,10 @@ pub fn run_apply(common: &Common, args: &ApplyArgs) -> Result<(), Failure> {
             dry_run: args.dry_run,
             node: common.node.clone(),
         };
-        if let Some(response) = api::call(&common.socket, &request).await.map_err(Failure::runtime)? {
+        let mut terminal = Terminal::new();
+        let answer = api::call(&common.socket, &request, &mut |p| terminal.show(p)).await;
+        terminal.finish();
+        if let Some(response) = answer.map_err(Failure::runtime)? {
             print!("{}", response.output);
             return match response.error {
                 Some(e) => Err(Failure { code: response.code.max(1), message: e }),
@@ -57,9 +61,14 @@ pub fn run_apply(common: &Common, args: &ApplyArgs) -> Result<(), Failure> {
             reason: "keys for encrypted networks are agreed by the agent: start `ovl-controller agent` on this node"
                 .into(),
         };
-        let outcome = reconcile::apply(&spec, node, &kernel, keys, args.dry_run)
-            .await
-            .map_err(reconcile_failure)?;
+        let (terminal, sink) = Terminal::new().shared();
+        kernel.set_progress(Some(sink));
+        let outcome = reconcile::apply(&spec, node, &kernel, keys, args.dry_run).await;
+        kernel.set_progress(None);
+        if let Ok(mut t) = terminal.lock() {
+            t.finish();
+        }
+        let outcome = outcome.map_err(reconcile_failure)?;
         if args.dry_run {
             println!("Dry run for node {}: nothing is changed.", node.name);
         }
@@ -78,9 +87,14 @@ pub fn run_delete(_common: &Common, args: &DeleteArgs) -> Result<(), Failure> {
     let spec = load_spec(&args.spec.file)?;
     runtime()?.block_on(async {
         let kernel = Kernel::connect().map_err(Failure::runtime)?;
-        let plan = reconcile::delete(&spec, &kernel, args.dry_run)
-            .await
-            .map_err(reconcile_failure)?;
+        let (terminal, sink) = Terminal::new().shared();
+        kernel.set_progress(Some(sink));
+        let plan = reconcile::delete(&spec, &kernel, args.dry_run).await;
+        kernel.set_progress(None);
+        if let Ok(mut t) = terminal.lock() {
+            t.finish();
+        }
+        let plan = plan.map_err(reconcile_failure)?;
         print!("{plan}");
         Ok(())
     })

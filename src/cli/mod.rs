@@ -4,6 +4,7 @@
 mod agent;
 mod apply;
 mod keygen;
+mod progress;
 mod rotate;
 mod status;
 mod validate;

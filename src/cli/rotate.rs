@@ -2,6 +2,7 @@ use clap::Args;
 
 use ovl::agent::api::{self, Request};
 
+use super::progress::Terminal;
 use super::{Common, Failure, runtime};
 
 #[derive(Args, Debug)]
@@ -23,15 +24,17 @@ pub fn run(common: &Common, args: &RotateArgs) -> Result<(), Failure> {
         peer: args.peer.clone(),
         timeout_secs: args.timeout,
     };
-    let response = runtime()?
-        .block_on(api::call(&common.socket, &request))
-        .map_err(Failure::runtime)?
-        .ok_or_else(|| {
-            Failure::runtime(format!(
-                "no agent is running on {}: start `ovl-controller agent` first",
-                common.socket.display()
-            ))
-        })?;
+    let mut terminal = Terminal::new();
+    let answer = runtime()?.block_on(api::call(&common.socket, &request, &mut |p| {
+        terminal.show(p)
+    }));
+    terminal.finish();
+    let response = answer.map_err(Failure::runtime)?.ok_or_else(|| {
+        Failure::runtime(format!(
+            "no agent is running on {}: start `ovl-controller agent` first",
+            common.socket.display()
+        ))
+    })?;
     print!("{}", response.output);
     match response.error {
         Some(e) => Err(Failure {

@@ -22,7 +22,7 @@ pub struct StatusArgs {
 pub fn run(common: &Common, args: &StatusArgs) -> Result<(), Failure> {
     let status = runtime()?.block_on(async {
         // The agent knows sessions and keys; without one, the kernel's view alone.
-        if let Some(r) = api::call(&common.socket, &Request::Status)
+        if let Some(r) = api::call(&common.socket, &Request::Status, &mut |_| {})
             .await
             .map_err(Failure::runtime)?
         {

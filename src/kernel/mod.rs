@@ -92,6 +92,9 @@ pub struct Underlay {
     pub mtu: u32,
 }
 
+/// How often (in changes) [`Kernel::execute`] reports progress within one phase.
+const PROGRESS_EVERY: usize = 1000;
+
 pub struct Kernel {
     pub(crate) route: rtnetlink::Handle,
     pub(crate) xfrm: xfrmnetlink::Handle,
@@ -100,6 +103,8 @@ pub struct Kernel {
     xfrm_batch: tokio::sync::Mutex<BatchSocket>,
     /// ESP support does not change while we run: probe once per address family.
     esp_ok: std::sync::Mutex<std::collections::BTreeSet<bool>>,
+    /// Where [`Kernel::execute`] reports how far it got (see [`Kernel::set_progress`]).
+    progress: std::sync::Mutex<Option<crate::progress::Sink>>,
 }
 
 impl Kernel {
@@ -120,6 +125,7 @@ impl Kernel {
             route_batch: tokio::sync::Mutex::new(route_batch),
             xfrm_batch: tokio::sync::Mutex::new(xfrm_batch),
             esp_ok: Default::default(),
+            progress: Default::default(),
         })
     }
 
@@ -190,6 +196,8 @@ impl Kernel {
         if changes.is_empty() {
             return Ok(());
         }
+        let report = |done: usize| self.report_progress(done, changes.len());
+        report(0);
         let mut ownership = xfrm::Ownership::load(&self.xfrm, changes).await?;
         let mut indexes = links::Indexes::load(&self.route, changes).await?;
         let mut xfrm_socket = self.xfrm_batch.lock().await;
@@ -205,6 +213,9 @@ impl Kernel {
                 xfrm_batch.flush().await.map_err(failed)?;
                 route_batch.flush().await.map_err(failed)?;
                 phase = Some(this);
+                report(i);
+            } else if i % PROGRESS_EVERY == 0 {
+                report(i);
             }
             tracing::debug!(%change, "kernel change");
             if !links::is_link_change(change) {
@@ -243,7 +254,26 @@ impl Kernel {
         }
         xfrm_batch.flush().await.map_err(failed)?;
         route_batch.flush().await.map_err(failed)?;
+        report(changes.len());
         Ok(())
+    }
+
+    /// Sends [`Kernel::execute`]'s progress to `sink` from now on (`None`: nowhere).
+    pub fn set_progress(&self, sink: Option<crate::progress::Sink>) {
+        if let Ok(mut slot) = self.progress.lock() {
+            *slot = sink;
+        }
+    }
+
+    fn report_progress(&self, done: usize, total: usize) {
+        let sink = self.progress.lock().ok().and_then(|s| s.clone());
+        if let Some(sink) = sink {
+            sink(&crate::progress::Progress {
+                what: "kernel changes applied".into(),
+                done: done as u64,
+                total: total as u64,
+            });
+        }
     }
 
     /// The local interface holding `addr`, if any.

@@ -176,17 +176,35 @@ async fn exchange(
     message: XfrmMessage,
     flags: u16,
 ) -> Result<Vec<XfrmMessage>, NlError> {
+    let mut out = Vec::new();
+    exchange_each(h, message, flags, |m| {
+        out.push(m);
+        Ok(())
+    })
+    .await?;
+    Ok(out)
+}
+
+/// [`exchange`], handing each reply to `each` as it arrives instead of collecting them:
+/// a dump of thousands of objects is never held whole (fresh memory, and its page
+/// faults, were most of a large dump's cost), and state replies are scrubbed by `each`
+/// one by one. An error from `each` ends the exchange.
+async fn exchange_each(
+    h: &xfrmnetlink::Handle,
+    message: XfrmMessage,
+    flags: u16,
+    mut each: impl FnMut(XfrmMessage) -> Result<(), NlError>,
+) -> Result<(), NlError> {
     let mut req = NetlinkMessage::from(message);
     req.header.flags = flags;
     let mut h = h.clone();
     let mut replies = h.request(req).map_err(|_| NlError::Closed)?;
     let collect = async {
-        let mut out = Vec::new();
         let mut interrupted = false;
         while let Some(msg) = replies.next().await {
             interrupted |= msg.header.flags & NLM_F_DUMP_INTR != 0;
             match msg.payload {
-                NetlinkPayload::InnerMessage(m) => out.push(m),
+                NetlinkPayload::InnerMessage(m) => each(m)?,
                 NetlinkPayload::Error(e) => {
                     // No code: the ACK.
                     if let Some(code) = e.code {
@@ -201,7 +219,7 @@ async fn exchange(
         if interrupted {
             Err(NlError::Interrupted)
         } else {
-            Ok(out)
+            Ok(())
         }
     };
     tokio::time::timeout(REQUEST_TIMEOUT, collect)
@@ -216,16 +234,25 @@ async fn ack(h: &xfrmnetlink::Handle, message: XfrmMessage) -> Result<(), NlErro
         .map(drop)
 }
 
-/// A dump, retried while the kernel reports it as interrupted.
-async fn dump_all(
+/// A dump folded into a `T` one reply at a time ([`exchange_each`]), started over from
+/// `start()` while the kernel reports it as interrupted.
+async fn dump_fold<T>(
     h: &xfrmnetlink::Handle,
     request: impl Fn() -> XfrmMessage,
-) -> Result<Vec<XfrmMessage>, NlError> {
+    start: impl Fn() -> T,
+    mut each: impl FnMut(&mut T, XfrmMessage) -> Result<(), NlError>,
+) -> Result<T, NlError> {
     let mut last = NlError::Interrupted;
     for _ in 0..DUMP_ATTEMPTS {
-        match exchange(h, request(), NLM_F_REQUEST | NLM_F_DUMP).await {
+        let mut acc = start();
+        match exchange_each(h, request(), NLM_F_REQUEST | NLM_F_DUMP, |m| {
+            each(&mut acc, m)
+        })
+        .await
+        {
+            Ok(()) => return Ok(acc),
             Err(NlError::Interrupted) => last = NlError::Interrupted,
-            other => return other,
+            Err(e) => return Err(e),
         }
     }
     Err(last)

@@ -53,15 +53,17 @@ pub async fn dump(route: &rtnetlink::Handle) -> Result<KernelState, KernelError>
         state.links.insert(link.name.clone(), link);
     }
     if !bridges.is_empty() {
-        let addrs: Vec<AddressMessage> = route
-            .address()
-            .get()
-            .execute()
-            .try_collect()
+        // Folded as the replies arrive: large dumps are never held whole.
+        let mut addrs = route.address().get().execute();
+        while let Some(msg) = addrs
+            .try_next()
             .await
-            .map_err(|e| refused("dump addresses", e))?;
-        for msg in addrs.iter().filter(|m| is_configured(m)) {
-            if let (Some(link), Some(addr)) = (bridges.get(&msg.header.index), address_of(msg)) {
+            .map_err(|e| refused("dump addresses", e))?
+        {
+            if !is_configured(&msg) {
+                continue;
+            }
+            if let (Some(link), Some(addr)) = (bridges.get(&msg.header.index), address_of(&msg)) {
                 state.addresses.insert(Address {
                     link: link.clone(),
                     addr,
@@ -70,17 +72,18 @@ pub async fn dump(route: &rtnetlink::Handle) -> Result<KernelState, KernelError>
         }
     }
     if !vxlans.is_empty() {
-        let entries: Vec<NeighbourMessage> = route
+        let mut entries = route
             .neighbours()
             .get()
             .set_address_family(AddressFamily::Bridge)
-            .execute()
-            .try_collect()
+            .execute();
+        while let Some(msg) = entries
+            .try_next()
             .await
-            .map_err(|e| refused("dump the bridge FDB", e))?;
-        for msg in &entries {
+            .map_err(|e| refused("dump the bridge FDB", e))?
+        {
             if let (Some(link), Some(remote)) =
-                (vxlans.get(&msg.header.ifindex), head_end_remote(msg))
+                (vxlans.get(&msg.header.ifindex), head_end_remote(&msg))
             {
                 state.fdb.insert(FdbEntry {
                     link: link.clone(),

@@ -10,7 +10,7 @@ use netlink_packet_xfrm::{
     XFRM_POLICY_TYPE_MAIN, XfrmAttrs, XfrmMessage,
 };
 
-use super::{NlError, Occupant, Owned, dump_all, family_of, ip_of};
+use super::{NlError, Occupant, Owned, dump_fold, family_of, ip_of};
 use crate::kernel::KernelError;
 use crate::state::{Direction, Policy, PolicyAction, PolicyId, Selector, ownership};
 
@@ -19,28 +19,31 @@ pub(super) async fn dump(
     h: &xfrmnetlink::Handle,
 ) -> Result<BTreeMap<PolicyId, Policy>, KernelError> {
     let op = "dump xfrm policies";
-    let replies = dump_all(h, || XfrmMessage::GetPolicy(DelGetMessage::default()))
-        .await
-        .map_err(|e| e.into_kernel(op))?;
-    let mut out = BTreeMap::new();
-    for reply in replies {
-        let XfrmMessage::AddPolicy(m) = reply else {
-            return Err(NlError::Unexpected("message type in the policy dump").into_kernel(op));
-        };
-        match decode(&m) {
-            Owned::Foreign => {}
-            Owned::Ours(p) => {
-                if p.reqid == 0 {
-                    tracing::warn!(policy = %describe(&p.id), "policy of ours in a form we never install; it will be replaced");
+    dump_fold(
+        h,
+        || XfrmMessage::GetPolicy(DelGetMessage::default()),
+        BTreeMap::new,
+        |out, reply| {
+            let XfrmMessage::AddPolicy(m) = reply else {
+                return Err(NlError::Unexpected("message type in the policy dump"));
+            };
+            match decode(&m) {
+                Owned::Foreign => {}
+                Owned::Ours(p) => {
+                    if p.reqid == 0 {
+                        tracing::warn!(policy = %describe(&p.id), "policy of ours in a form we never install; it will be replaced");
+                    }
+                    out.insert(p.id, p);
                 }
-                out.insert(p.id, p);
+                Owned::Unaddressable { reason } => {
+                    tracing::warn!(%reason, index = m.user_policy_info.index, "ignoring an XFRM policy with our reqid that we cannot address");
+                }
             }
-            Owned::Unaddressable { reason } => {
-                tracing::warn!(%reason, index = m.user_policy_info.index, "ignoring an XFRM policy with our reqid that we cannot address");
-            }
-        }
-    }
-    Ok(out)
+            Ok(())
+        },
+    )
+    .await
+    .map_err(|e| e.into_kernel(op))
 }
 
 /// Who holds each policy slot one of our [`PolicyId`]s can address, from one dump.
@@ -53,19 +56,22 @@ pub(super) async fn occupants(
     h: &xfrmnetlink::Handle,
 ) -> Result<HashMap<PolicyId, Occupant>, KernelError> {
     let op = "dump xfrm policies";
-    let replies = dump_all(h, || XfrmMessage::GetPolicy(DelGetMessage::default()))
-        .await
-        .map_err(|e| e.into_kernel(op))?;
-    let mut out = HashMap::with_capacity(replies.len());
-    for reply in replies {
-        let XfrmMessage::AddPolicy(m) = reply else {
-            return Err(NlError::Unexpected("message type in the policy dump").into_kernel(op));
-        };
-        if let Some((id, occupant)) = occupant(&m) {
-            out.insert(id, occupant);
-        }
-    }
-    Ok(out)
+    dump_fold(
+        h,
+        || XfrmMessage::GetPolicy(DelGetMessage::default()),
+        HashMap::new,
+        |out, reply| {
+            let XfrmMessage::AddPolicy(m) = reply else {
+                return Err(NlError::Unexpected("message type in the policy dump"));
+            };
+            if let Some((id, occupant)) = occupant(&m) {
+                out.insert(id, occupant);
+            }
+            Ok(())
+        },
+    )
+    .await
+    .map_err(|e| e.into_kernel(op))
 }
 
 fn occupant(m: &ModifyMessage) -> Option<(PolicyId, Occupant)> {

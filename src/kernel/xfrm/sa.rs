@@ -11,7 +11,7 @@ use netlink_packet_xfrm::{
 use ring::rand::{SecureRandom as _, SystemRandom};
 use zeroize::Zeroize;
 
-use super::{NlError, Owned, PROBE_REQID, ack, dump_all, family_of, host_len, ip_of};
+use super::{NlError, Owned, PROBE_REQID, ack, dump_fold, family_of, host_len, ip_of};
 use crate::kernel::KernelError;
 use crate::keys::{SA_AEAD_NAME, SA_ICV_BITS, SA_KEY_LEN, SaKey};
 use crate::state::{Lifetime, Sa, SaId, ownership};
@@ -19,37 +19,34 @@ use crate::state::{Lifetime, Sa, SaId, ownership};
 /// Every SA of ours.
 pub(super) async fn dump(h: &xfrmnetlink::Handle) -> Result<BTreeMap<SaId, Sa>, KernelError> {
     let op = "dump xfrm states";
-    let replies = dump_all(h, || XfrmMessage::GetDumpSa(GetDumpMessage::default()))
-        .await
-        .map_err(|e| e.into_kernel(op))?;
-    let mut out = BTreeMap::new();
-    let mut unexpected = false;
-    for reply in replies {
-        let XfrmMessage::AddSa(mut m) = reply else {
-            unexpected = true;
-            continue;
-        };
-        let decoded = decode(&m);
-        scrub(&mut m);
-        match decoded {
-            Owned::Foreign => {}
-            Owned::Ours(sa) => {
-                if sa.reqid == 0 {
-                    tracing::warn!(spi = format_args!("0x{:08x}", sa.id.spi), src = %sa.id.src, dst = %sa.id.dst,
-                        "SA of ours in a form we never install; it will be replaced");
+    dump_fold(
+        h,
+        || XfrmMessage::GetDumpSa(GetDumpMessage::default()),
+        BTreeMap::new,
+        |out, reply| {
+            let XfrmMessage::AddSa(mut m) = reply else {
+                return Err(NlError::Unexpected("message type in the state dump"));
+            };
+            let decoded = decode(&m);
+            scrub(&mut m);
+            match decoded {
+                Owned::Foreign => {}
+                Owned::Ours(sa) => {
+                    if sa.reqid == 0 {
+                        tracing::warn!(spi = format_args!("0x{:08x}", sa.id.spi), src = %sa.id.src, dst = %sa.id.dst,
+                            "SA of ours in a form we never install; it will be replaced");
+                    }
+                    out.insert(sa.id, sa);
                 }
-                out.insert(sa.id, sa);
+                Owned::Unaddressable { reason } => {
+                    tracing::warn!(%reason, "ignoring an XFRM state with our reqid that we cannot address");
+                }
             }
-            Owned::Unaddressable { reason } => {
-                tracing::warn!(%reason, "ignoring an XFRM state with our reqid that we cannot address");
-            }
-        }
-    }
-    if unexpected {
-        // Scrubbed above for the ones we decoded; the others are dropped unread.
-        return Err(NlError::Unexpected("message type in the state dump").into_kernel(op));
-    }
-    Ok(out)
+            Ok(())
+        },
+    )
+    .await
+    .map_err(|e| e.into_kernel(op))
 }
 
 /// What the kernel holds at one (destination, SPI) of ESP: the slot DELSA addresses.
@@ -65,37 +62,35 @@ pub(super) async fn occupants(
     h: &xfrmnetlink::Handle,
 ) -> Result<HashMap<(IpAddr, u32), SaOccupant>, KernelError> {
     let op = "dump xfrm states";
-    let replies = dump_all(h, || XfrmMessage::GetDumpSa(GetDumpMessage::default()))
-        .await
-        .map_err(|e| e.into_kernel(op))?;
-    let mut out = HashMap::with_capacity(replies.len());
-    let mut unexpected = false;
-    for reply in replies {
-        let XfrmMessage::AddSa(mut m) = reply else {
-            unexpected = true;
-            continue;
-        };
-        let info = &m.user_sa_info;
-        let marked = m
-            .nlas
-            .iter()
-            .any(|a| matches!(a, XfrmAttrs::Mark(mark) if mark.value != 0));
-        if info.id.proto == IPPROTO_ESP
-            && !marked
-            && let Some(dst) = ip_of(info.family, &info.id.daddr)
-        {
-            let occupant = SaOccupant {
-                reqid: info.reqid,
-                src: ip_of(info.family, &info.saddr),
+    dump_fold(
+        h,
+        || XfrmMessage::GetDumpSa(GetDumpMessage::default()),
+        HashMap::new,
+        |out, reply| {
+            let XfrmMessage::AddSa(mut m) = reply else {
+                return Err(NlError::Unexpected("message type in the state dump"));
             };
-            out.insert((dst, info.id.spi), occupant);
-        }
-        scrub(&mut m);
-    }
-    if unexpected {
-        return Err(NlError::Unexpected("message type in the state dump").into_kernel(op));
-    }
-    Ok(out)
+            let info = &m.user_sa_info;
+            let marked = m
+                .nlas
+                .iter()
+                .any(|a| matches!(a, XfrmAttrs::Mark(mark) if mark.value != 0));
+            if info.id.proto == IPPROTO_ESP
+                && !marked
+                && let Some(dst) = ip_of(info.family, &info.id.daddr)
+            {
+                let occupant = SaOccupant {
+                    reqid: info.reqid,
+                    src: ip_of(info.family, &info.saddr),
+                };
+                out.insert((dst, info.id.spi), occupant);
+            }
+            scrub(&mut m);
+            Ok(())
+        },
+    )
+    .await
+    .map_err(|e| e.into_kernel(op))
 }
 
 /// NEWSA: the kernel refuses it with EEXIST when the destination and SPI are taken, by
