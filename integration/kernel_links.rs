@@ -4,18 +4,19 @@
 //!
 //! Each test runs in its own named network namespace (`ip netns add`), entered with
 //! `setns` by a dedicated thread that then builds a current-thread tokio runtime, so the
-//! netlink sockets live in that namespace; the namespace is deleted by a guard even when
-//! the test fails. The tests need root: without it they fail with a message, they never
-//! pass silently.
+//! netlink sockets live in that namespace (`common::netns`); the namespace is deleted by
+//! a guard even when the test fails. The tests need root: without it they fail with a
+//! message, they never pass silently.
+
+mod common;
 
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::future::Future;
 use std::net::IpAddr;
-use std::process::Command;
+use std::sync::Arc;
 
+use common::netns::Netns;
 use ipnet::IpNet;
-use nix::sched::{CloneFlags, setns};
 use ovl::kernel::{Kernel, KernelError, Underlay, links};
 use ovl::plan::Change;
 use ovl::state::{Address, FdbEntry, IfName, KernelState, Link, LinkKind, SaId, VxlanParams};
@@ -28,155 +29,13 @@ const VNI: u32 = 4097;
 
 // ---------------------------------------------------------------- harness
 
-fn require_root() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "the kernel_links tests need root (they create network namespaces, links and FDB \
-         entries); run them as root, e.g. `sudo -E cargo test --test kernel_links`"
-    );
-}
-
-/// Deletes the namespace when dropped, also when the test panicked.
-struct NetnsGuard {
-    ns: Ns,
-}
-
-impl NetnsGuard {
-    fn add(tag: &str) -> NetnsGuard {
-        require_root();
-        let name = format!("ovlt-{}-{tag}", std::process::id());
-        // A leftover from a killed run of the same pid would make `add` fail.
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        run("ip", &["netns", "add", &name]);
-        NetnsGuard { ns: Ns { name } }
-    }
-}
-
-impl Drop for NetnsGuard {
-    fn drop(&mut self) {
-        let out = Command::new("ip")
-            .args(["netns", "del", &self.ns.name])
-            .output();
-        if !matches!(&out, Ok(o) if o.status.success()) {
-            eprintln!(
-                "warning: cannot delete network namespace {}: {out:?}",
-                self.ns.name
-            );
-        }
-    }
-}
-
-/// A named namespace and the `ip`/`bridge` views of it.
-#[derive(Clone)]
-struct Ns {
-    name: String,
-}
-
-impl Ns {
-    /// Moves the calling thread (only it) into the namespace.
-    fn enter(&self) {
-        let path = format!("/run/netns/{}", self.name);
-        let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-        setns(&file, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
-    }
-
-    /// `ip -n NS ARGS`, which must succeed.
-    fn ip(&self, args: &str) -> String {
-        let mut all = vec!["-n", &self.name];
-        all.extend(args.split_whitespace());
-        run("ip", &all)
-    }
-
-    /// `ip -n NS ARGS...` for arguments with spaces in them.
-    fn ip_args(&self, args: &[&str]) -> String {
-        let mut all = vec!["-n", self.name.as_str()];
-        all.extend(args);
-        run("ip", &all)
-    }
-
-    /// `bridge -n NS ARGS`, which must succeed.
-    fn bridge(&self, args: &str) -> String {
-        let mut all = vec!["-n", self.name.as_str()];
-        all.extend(args.split_whitespace());
-        run("bridge", &all)
-    }
-
-    /// `ip -n NS ARGS` that is expected to fail.
-    fn ip_fails(&self, args: &str) -> bool {
-        let mut all = vec!["-n", self.name.as_str()];
-        all.extend(args.split_whitespace());
-        Command::new("ip")
-            .args(&all)
-            .output()
-            .is_ok_and(|o| !o.status.success())
-    }
-
-    /// The kernel's own description of one link (`ip -d -j link show dev NAME`).
-    fn link(&self, name: &str) -> Value {
-        let v: Value = json(&self.ip(&format!("-d -j link show dev {name}")));
-        v[0].clone()
-    }
-
-    fn has_link(&self, name: &str) -> bool {
-        !self.ip_fails(&format!("link show dev {name}"))
-    }
-
-    /// `(address/prefix, scope)` of every address on a link.
-    fn addresses(&self, name: &str) -> Vec<(String, String)> {
-        let v = json(&self.ip(&format!("-j addr show dev {name}")));
-        let infos = v[0]["addr_info"].as_array().cloned().unwrap_or_default();
-        infos
-            .iter()
-            .map(|a| {
-                let addr = format!("{}/{}", a["local"].as_str().unwrap_or("?"), a["prefixlen"]);
-                (addr, a["scope"].as_str().unwrap_or("?").to_owned())
-            })
-            .collect()
-    }
-
-    /// The destinations of the `00:00:00:00:00:00 self` entries on a device.
-    fn zero_fdb(&self, dev: &str) -> BTreeSet<String> {
-        json(&self.bridge(&format!("-j fdb show dev {dev}")))
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .iter()
-            .filter(|e| e["mac"] == "00:00:00:00:00:00")
-            .filter(|e| {
-                e["flags"]
-                    .as_array()
-                    .is_some_and(|f| f.iter().any(|f| f == "self"))
-            })
-            .filter_map(|e| e["dst"].as_str().map(str::to_owned))
-            .collect()
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn json(text: &str) -> Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("bad JSON from iproute2 ({e}): {text}"))
-}
-
 /// What a test body gets: the controller's kernel facade and a plain rtnetlink handle for
 /// `links::dump` (so the checks do not depend on the XFRM half of `Kernel::dump`), both
 /// opened inside the test's namespace.
 struct Ctx {
     kernel: Kernel,
     route: rtnetlink::Handle,
-    ns: Ns,
+    ns: Arc<Netns>,
 }
 
 impl Ctx {
@@ -199,33 +58,26 @@ impl Ctx {
     }
 }
 
-/// Runs `body` on a fresh thread that has entered a fresh namespace.
+/// Runs `body` on a fresh thread that has entered a fresh namespace `ovlt-PID-TAG`.
 fn in_netns<F, Fut>(tag: &str, body: F)
 where
-    F: FnOnce(Ctx) -> Fut + Send + 'static,
+    F: FnOnce(Ctx) -> Fut + Send,
     Fut: Future<Output = ()>,
 {
-    let guard = NetnsGuard::add(tag);
-    let ns = guard.ns.clone();
-    let result = std::thread::spawn(move || {
-        ns.enter();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap_or_else(|e| panic!("tokio runtime: {e}"));
-        rt.block_on(async move {
-            let kernel = Kernel::connect().unwrap_or_else(|e| panic!("Kernel::connect: {e}"));
-            let (conn, route, _) =
-                rtnetlink::new_connection().unwrap_or_else(|e| panic!("rtnetlink: {e}"));
-            tokio::spawn(conn);
-            body(Ctx { kernel, route, ns }).await;
-        });
-    })
-    .join();
-    drop(guard);
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
+    let ns = Arc::new(Netns::add(format!("ovlt-{}-{tag}", std::process::id())));
+    let inner = Arc::clone(&ns);
+    ns.block_on(move || async move {
+        let kernel = Kernel::connect().unwrap_or_else(|e| panic!("Kernel::connect: {e}"));
+        let (conn, route, _) =
+            rtnetlink::new_connection().unwrap_or_else(|e| panic!("rtnetlink: {e}"));
+        tokio::spawn(conn);
+        body(Ctx {
+            kernel,
+            route,
+            ns: inner,
+        })
+        .await;
+    });
 }
 
 // ---------------------------------------------------------------- fixtures
@@ -265,7 +117,7 @@ const V6: Family = Family {
 };
 
 /// A veth pair `ul0`/`ul1`, up, with `local` on `ul0`: the underlay.
-fn add_underlay(ns: &Ns, f: &Family) {
+fn add_underlay(ns: &Netns, f: &Family) {
     ns.ip("link add ul0 type veth peer name ul1");
     let nodad = if f.local.contains(':') { " nodad" } else { "" };
     ns.ip(&format!(
@@ -445,7 +297,7 @@ fn foreign_objects_are_not_dumped() {
         ns.bridge("fdb append 00:00:00:00:00:00 dev ovvx-77 dst 192.0.2.77");
         // Our alias, not our name.
         ns.ip("link add user-vx type vxlan id 79 local 192.0.2.1 dstport 4789 dev ul0");
-        ns.ip_args(&["link", "set", "user-vx", "alias", ALIAS]);
+        ns.ip(&format!("link set user-vx alias '{ALIAS}'"));
         // On our devices, but not ours: a unicast FDB entry, a link-local and a
         // non-permanent address.
         ns.bridge("fdb add 02:00:00:00:00:01 dev ovvx-4097 dst 192.0.2.50 self permanent");

@@ -1,5 +1,6 @@
-//! The XFRM layer (`ovl::kernel::xfrm` through [`Kernel`]) against a real kernel, each
-//! test in a fresh network namespace, checked with the kernel's own view (`ip xfrm`).
+//! The XFRM layer (`ovl::kernel::xfrm` through [`ovl::kernel::Kernel`]) against a real
+//! kernel, each test in a fresh network namespace (`common::netns`), checked with the
+//! kernel's own view (`ip xfrm`).
 //!
 //! Most tests need ESP with `rfc4106(gcm(aes))`, which this project's development hosts
 //! lack: run them inside user-mode-linux,
@@ -13,17 +14,16 @@
 //! kernel: run via scripts/uml-run.sh". `check_esp_agrees_with_ip_xfrm` runs on any
 //! kernel: it asserts `check_esp` says exactly what `ip xfrm` finds.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::fs::File;
-use std::future::Future;
 use std::net::{IpAddr, UdpSocket};
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use common::netns::{Netns, hex};
+use common::{ok, sh, stderr, stdout};
 use ipnet::IpNet;
-use ovl::kernel::{Kernel, KernelError};
+use ovl::kernel::KernelError;
 use ovl::keys::SaKey;
 use ovl::plan::Change;
 use ovl::state::{
@@ -34,114 +34,10 @@ const R: u32 = ownership::REQID_MIN;
 const PORT: u16 = 4790;
 const A: &str = "192.0.2.1";
 const B: &str = "192.0.2.2";
-const NEEDS_ESP: &str = "needs an ESP-capable kernel: run via scripts/uml-run.sh";
 
-// --- namespaces and commands ----------------------------------------------------------
-
-fn run(cmd: &str) -> (bool, String) {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run sh: {e}"));
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
-}
-
-/// Runs a command that must succeed; returns its output.
-fn ok(cmd: &str) -> String {
-    let (success, text) = run(cmd);
-    assert!(success, "command failed: {cmd}\n{text}");
-    text
-}
-
-/// A fresh named network namespace, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Netns {
-        static SEQ: AtomicU32 = AtomicU32::new(0);
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "this test needs root (network namespaces)"
-        );
-        let name = format!(
-            "ovlx-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::SeqCst)
-        );
-        ok(&format!("ip netns add {name}"));
-        ok(&format!("ip -n {name} link set lo up"));
-        Netns(name)
-    }
-
-    fn ip(&self, args: &str) -> String {
-        ok(&format!("ip -n {} {args}", self.0))
-    }
-
-    /// Whether the kernel of this namespace can hold an ESP AES-GCM state, asked with
-    /// `ip` (not with the code under test).
-    fn has_esp(&self) -> bool {
-        let key: String =
-            SaKey::generate()
-                .unwrap()
-                .expose()
-                .iter()
-                .fold(String::new(), |mut s, b| {
-                    let _ = write!(s, "{b:02x}");
-                    s
-                });
-        let (added, _) = run(&format!(
-            "ip -n {} xfrm state add src 198.51.100.1 dst 198.51.100.2 proto esp spi 0x77 mode transport \
-             aead 'rfc4106(gcm(aes))' 0x{key} 128",
-            self.0
-        ));
-        if added {
-            self.ip("xfrm state flush");
-        }
-        added
-    }
-
-    fn require_esp(&self) {
-        assert!(self.has_esp(), "{NEEDS_ESP}");
-    }
-
-    /// Runs `f` on a connection opened inside this namespace, from a thread of its own
-    /// that entered the namespace before creating its runtime.
-    fn with_kernel<T, F, Fut>(&self, f: F) -> T
-    where
-        T: Send,
-        F: FnOnce(Kernel) -> Fut + Send,
-        Fut: Future<Output = T>,
-    {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::scope(|s| {
-            let thread = s.spawn(move || {
-                let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                rt.block_on(async move {
-                    let kernel = Kernel::connect().expect("netlink connection");
-                    f(kernel).await
-                })
-            });
-            match thread.join() {
-                Ok(t) => t,
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = run(&format!("ip netns del {}", self.0));
-    }
+/// A fresh namespace for one test (see [`Netns::new`]).
+fn netns() -> Netns {
+    Netns::new("ovlx")
 }
 
 // --- objects --------------------------------------------------------------------------
@@ -170,10 +66,10 @@ fn policy(dir: Direction, src: &str, dst: &str, priority: u32, action: PolicyAct
     }
 }
 
-/// The suggested layout for node A with peer B: block catch-all out, require-ESP
-/// catch-all in, and the pair's out and in policies.
-fn policies_of_a() -> Vec<Policy> {
-    let (a, b) = (ip(A), ip(B));
+/// The suggested layout for node `me` with peer `peer`: block catch-all out,
+/// require-ESP catch-all in, and the pair's out and in policies.
+fn policies_of(me: &str, peer: &str) -> Vec<Policy> {
+    let (m, p) = (ip(me), ip(peer));
     vec![
         policy(
             Direction::Out,
@@ -185,7 +81,7 @@ fn policies_of_a() -> Vec<Policy> {
         policy(
             Direction::In,
             "0.0.0.0/0",
-            &format!("{A}/32"),
+            &format!("{me}/32"),
             2000,
             PolicyAction::Esp {
                 src: None,
@@ -194,69 +90,35 @@ fn policies_of_a() -> Vec<Policy> {
         ),
         policy(
             Direction::Out,
-            &format!("{A}/32"),
-            &format!("{B}/32"),
+            &format!("{me}/32"),
+            &format!("{peer}/32"),
             1000,
             PolicyAction::Esp {
-                src: Some(a),
-                dst: Some(b),
+                src: Some(m),
+                dst: Some(p),
             },
         ),
         policy(
             Direction::In,
-            &format!("{B}/32"),
-            &format!("{A}/32"),
+            &format!("{peer}/32"),
+            &format!("{me}/32"),
             1000,
             PolicyAction::Esp {
-                src: Some(b),
-                dst: Some(a),
+                src: Some(p),
+                dst: Some(m),
             },
         ),
     ]
 }
 
+/// Node A's layout, with peer B.
+fn policies_of_a() -> Vec<Policy> {
+    policies_of(A, B)
+}
+
 /// The mirror image for node B.
 fn policies_of_b() -> Vec<Policy> {
-    let (a, b) = (ip(A), ip(B));
-    vec![
-        policy(
-            Direction::Out,
-            "0.0.0.0/0",
-            "0.0.0.0/0",
-            2000,
-            PolicyAction::Block,
-        ),
-        policy(
-            Direction::In,
-            "0.0.0.0/0",
-            &format!("{B}/32"),
-            2000,
-            PolicyAction::Esp {
-                src: None,
-                dst: None,
-            },
-        ),
-        policy(
-            Direction::Out,
-            &format!("{B}/32"),
-            &format!("{A}/32"),
-            1000,
-            PolicyAction::Esp {
-                src: Some(b),
-                dst: Some(a),
-            },
-        ),
-        policy(
-            Direction::In,
-            &format!("{A}/32"),
-            &format!("{B}/32"),
-            1000,
-            PolicyAction::Esp {
-                src: Some(a),
-                dst: Some(b),
-            },
-        ),
-    ]
+    policies_of(B, A)
 }
 
 fn sa(src: &str, dst: &str, spi: u32, replay_window: u32, lifetime: Lifetime) -> Sa {
@@ -292,13 +154,6 @@ fn puts(ps: &[Policy]) -> Vec<Change> {
         .collect()
 }
 
-fn hex(key: &SaKey) -> String {
-    key.expose().iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
-
 fn by_id_p(ps: &[Policy]) -> BTreeMap<PolicyId, Policy> {
     ps.iter().map(|p| (p.id, p.clone())).collect()
 }
@@ -311,7 +166,7 @@ fn by_id_s(ss: &[Sa]) -> BTreeMap<SaId, Sa> {
 
 #[test]
 fn esp_policies_and_sas_round_trip() {
-    let ns = Netns::new();
+    let ns = netns();
     ns.require_esp();
     let policies = policies_of_a();
     let sas = vec![
@@ -394,7 +249,7 @@ fn esp_policies_and_sas_round_trip() {
 
 #[test]
 fn esp_put_policy_replaces_and_is_idempotent() {
-    let ns = Netns::new();
+    let ns = netns();
     ns.require_esp();
     let mut p = policies_of_a()[2].clone();
     let first = p.clone();
@@ -430,7 +285,7 @@ fn esp_put_policy_replaces_and_is_idempotent() {
 
 #[test]
 fn esp_foreign_objects_are_left_alone() {
-    let ns = Netns::new();
+    let ns = netns();
     ns.require_esp();
     // strongSwan-like neighbours: reqid 1, one at a selector of ours (in catch-all).
     ns.ip("xfrm policy add src 198.51.100.0/24 dst 198.51.100.1/32 proto udp dport 500 dir in priority 10 tmpl proto esp mode transport reqid 1");
@@ -542,7 +397,7 @@ async fn probe_here(local: IpAddr) -> Result<(), KernelError> {
 
 #[test]
 fn esp_check_esp_leaves_nothing_behind() {
-    let ns = Netns::new();
+    let ns = netns();
     ns.require_esp();
     let (scratch, v4, v6, state) = ns.with_kernel(|k| async move {
         let scratch = k.check_esp(ip(A)).await;
@@ -559,7 +414,7 @@ fn esp_check_esp_leaves_nothing_behind() {
 
 #[test]
 fn esp_ipv6_round_trip() {
-    let ns = Netns::new();
+    let ns = netns();
     ns.require_esp();
     let (a, b) = (ip("2001:db8::1"), ip("2001:db8::2"));
     let policies = vec![
@@ -608,7 +463,7 @@ fn esp_ipv6_round_trip() {
 /// they never equal a desired object, and the plan's changes restore them.
 #[test]
 fn esp_hand_changed_objects_are_replaced() {
-    let ns = Netns::new();
+    let ns = netns();
     ns.require_esp();
     let p = policies_of_a()[3].clone();
     let good = sa(A, B, 0x5001, 128, Lifetime::default());
@@ -666,10 +521,11 @@ fn esp_hand_changed_objects_are_replaced() {
 
 /// Two namespaces joined by a veth pair: A (192.0.2.1) and B (192.0.2.2).
 fn pair() -> (Netns, Netns) {
-    let (a, b) = (Netns::new(), Netns::new());
+    let (a, b) = (netns(), netns());
     ok(&format!(
         "ip -n {} link add va type veth peer name vb netns {}",
-        a.0, b.0
+        a.name(),
+        b.name()
     ));
     a.ip(&format!("addr add {A}/24 dev va"));
     b.ip(&format!("addr add {B}/24 dev vb"));
@@ -678,12 +534,17 @@ fn pair() -> (Netns, Netns) {
     (a, b)
 }
 
-/// Sends one UDP datagram from `ns` to `dst:port` with bash's /dev/udp.
+/// Sends one UDP datagram from `ns` to `dst:port` with bash's /dev/udp; whether it
+/// went out, and bash's complaint if not.
 fn send_udp(ns: &Netns, dst: &str, port: u16) -> (bool, String) {
-    run(&format!(
+    let out = sh(&format!(
         "ip netns exec {} bash -c 'echo ping >/dev/udp/{dst}/{port}'",
-        ns.0
-    ))
+        ns.name()
+    ));
+    (
+        out.status.success(),
+        format!("{}{}", stdout(&out), stderr(&out)),
+    )
 }
 
 /// Binds `addr:PORT` in the namespace, runs `send`, and says whether a datagram came in.
@@ -768,7 +629,7 @@ fn esp_sas_carry_udp_between_namespaces() {
 /// UML (`OVL_IN_UML=1`) it is success.
 #[test]
 fn check_esp_agrees_with_ip_xfrm() {
-    let ns = Netns::new();
+    let ns = netns();
     let esp = ns.has_esp();
     if std::env::var("OVL_IN_UML").as_deref() == Ok("1") {
         assert!(esp, "the UML guest should have ESP");

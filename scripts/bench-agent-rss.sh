@@ -29,14 +29,10 @@ bin=$bench_repo/target/release/ovl-controller
 inside=
 while (($#)); do
     case $1 in
-    --bin) bin=$2; shift 2 ;;
     --peers) peers=$2; shift 2 ;;
     --settle) settle=$2; shift 2 ;;
     --window) window=$2; shift 2 ;;
-    --mem) mem=$2; shift 2 ;;
-    --inside) inside=$2; shift 2 ;;
-    -h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
-    *) bench_die "unknown argument $1 (see --help)" ;;
+    *) bench_common_arg "$@"; shift "$BENCH_SHIFT" ;;
     esac
 done
 
@@ -115,13 +111,7 @@ measure() {
 # one_agent LABEL ROUTE: a fresh namespace and agent for n0000 with the big spec.
 one_agent() {
     local label=$1 route=$2
-    bench_netns rs0
-    bench_netns rs1
-    ip -n rs0 link add eth0 type veth peer name eth0 netns rs1
-    ip -n rs0 addr add 192.0.2.1/24 dev eth0
-    ip -n rs1 addr add 192.0.2.2/24 dev eth0
-    ip -n rs0 link set eth0 up
-    ip -n rs1 link set eth0 up
+    bench_pair rs0 rs1
     if [[ $route == onlink ]]; then
         ip -n rs0 route add 10.200.0.0/16 dev eth0
     fi
@@ -151,13 +141,7 @@ one_agent "no-route" noroute
 one_agent "on-link" onlink
 
 # Baseline: two real nodes, keyed.
-bench_netns rb0
-bench_netns rb1
-ip -n rb0 link add eth0 type veth peer name eth0 netns rb1
-ip -n rb0 addr add 192.0.2.1/24 dev eth0
-ip -n rb1 addr add 192.0.2.2/24 dev eth0
-ip -n rb0 link set eth0 up
-ip -n rb1 link set eth0 up
+bench_pair rb0 rb1
 rm -rf "$BENCH_RUN/x1" "$BENCH_RUN/x2"
 k1=$(bench_keygen "$BENCH_RUN/x1")
 k2=$(bench_keygen "$BENCH_RUN/x2")

@@ -38,13 +38,9 @@ bin=$bench_repo/target/release/ovl-controller
 inside=
 while (($#)); do
     case $1 in
-    --bin) bin=$2; shift 2 ;;
     --reps) reps=$2; shift 2 ;;
     --secs) secs=$2; shift 2 ;;
-    --mem) mem=$2; shift 2 ;;
-    --inside) inside=$2; shift 2 ;;
-    -h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
-    *) bench_die "unknown argument $1 (see --help)" ;;
+    *) bench_common_arg "$@"; shift "$BENCH_SHIFT" ;;
     esac
 done
 command -v iperf3 >/dev/null || bench_die "iperf3 not found (apt-get install iperf3)"
@@ -61,18 +57,9 @@ A=192.0.2.1
 B=192.0.2.2
 PORT=4790
 
-# pair NS1 NS2: two namespaces joined by a veth, A and B on it.
-pair() {
-    bench_netns "$1"
-    bench_netns "$2"
-    ip -n "$1" link add eth0 mtu 1500 type veth peer name eth0 netns "$2"
-    ip -n "$1" addr add $A/24 dev eth0
-    ip -n "$2" addr add $B/24 dev eth0
-    ip -n "$1" link set eth0 up
-    ip -n "$2" link set eth0 up
-}
-pair da db
-pair dc dd
+# Two pairs, each joined by a veth with A and B on it.
+bench_pair da db
+bench_pair dc dd
 
 # --- pair 1: ovl-controller ---
 ka=$(bench_keygen "$BENCH_RUN/a")

@@ -36,14 +36,10 @@ baseline=
 inside=
 while (($#)); do
     case $1 in
-    --bin) bin=$2; shift 2 ;;
     --baseline) baseline=$2; shift 2 ;;
     --sizes) sizes=$2; shift 2 ;;
     --reps) reps=$2; shift 2 ;;
-    --mem) mem=$2; shift 2 ;;
-    --inside) inside=$2; shift 2 ;;
-    -h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
-    *) bench_die "unknown argument $1 (see --help)" ;;
+    *) bench_common_arg "$@"; shift "$BENCH_SHIFT" ;;
     esac
 done
 

@@ -1,7 +1,10 @@
 //! Test clusters made of real network namespaces: a "switch" namespace with an underlay
 //! bridge, and one namespace per node joined to it by a veth pair. Everything is checked
-//! with the kernel's own tools (`ip`, `bridge`, `ping`, `tcpdump`).
+//! with the kernel's own tools (`ip`, `bridge`, `ping`, `tcpdump`). The single-namespace
+//! harness of the suites that drive the kernel layer directly is [`netns`].
 #![allow(dead_code)]
+
+pub mod netns;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

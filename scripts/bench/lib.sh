@@ -19,6 +19,21 @@ bench_die() {
     exit 1
 }
 
+# bench_common_arg ARGS...: the options every benchmark script takes, at the front of
+# its remaining arguments: --bin PATH, --mem SIZE, --inside WORKDIR (they set bin, mem
+# and inside) and -h/--help (prints the script's header comment and exits). Sets
+# BENCH_SHIFT to the number of arguments it used; any other argument is an error.
+bench_common_arg() {
+    BENCH_SHIFT=2
+    case $1 in
+    --bin) bin=$2 ;;
+    --mem) mem=$2 ;;
+    --inside) inside=$2 ;;
+    -h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
+    *) bench_die "unknown argument $1 (see --help)" ;;
+    esac
+}
+
 # ---- host side -------------------------------------------------------------------------
 
 # bench_host_prepare NAME BIN MEM: makes the work dir (BENCH_WORK), copies the binary
@@ -115,6 +130,18 @@ bench_netns() {
     ip netns add "$1"
     BENCH_NETNS+=("$1")
     ip -n "$1" link set lo up
+}
+
+# bench_pair NS1 NS2: two namespaces (bench_netns) joined by one veth, eth0 in each
+# (MTU 1500, up), with 192.0.2.1/24 in NS1 and 192.0.2.2/24 in NS2.
+bench_pair() {
+    bench_netns "$1"
+    bench_netns "$2"
+    ip -n "$1" link add eth0 mtu 1500 type veth peer name eth0 netns "$2"
+    ip -n "$1" addr add 192.0.2.1/24 dev eth0
+    ip -n "$2" addr add 192.0.2.2/24 dev eth0
+    ip -n "$1" link set eth0 up
+    ip -n "$2" link set eth0 up
 }
 
 # bench_keygen DIR: node key in DIR/node.key; prints the public key.
