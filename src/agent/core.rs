@@ -31,6 +31,9 @@ pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(20);
 pub const EVENT_DEBOUNCE: Duration = Duration::from_millis(300);
 /// After a failed reconcile, try again this soon.
 pub const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+/// Events already waiting that are handled before the kernel is reconciled once for all
+/// of them (a rotation with many peers, a burst of key messages).
+const MAX_COALESCED_EVENTS: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -111,6 +114,9 @@ pub(crate) struct Agent {
     vanished: BTreeSet<SaId>,
     /// Messages to send after the current reconcile pass succeeds.
     deferred: Vec<Action>,
+    /// The schedule's actions of the events handled since the last flush
+    /// ([`Agent::flush_actions`]).
+    queued: Vec<Action>,
     in_sync: bool,
     reconcile_due: Option<Instant>,
     next_periodic: Instant,
@@ -246,6 +252,7 @@ impl Agent {
             installed,
             vanished: BTreeSet::new(),
             deferred: Vec::new(),
+            queued: Vec::new(),
             in_sync: false,
             reconcile_due: None,
             next_periodic: now + RECONCILE_INTERVAL,
@@ -273,7 +280,13 @@ impl Agent {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                Some(event) = self.events.recv() => self.on_event(event).await,
+                Some(event) = self.events.recv() => {
+                    self.on_event(event).await;
+                    for _ in 0..MAX_COALESCED_EVENTS {
+                        let Ok(event) = self.events.try_recv() else { break };
+                        self.on_event(event).await;
+                    }
+                }
                 Some(()) = self.link_events.recv() => {
                     let due = Instant::now() + EVENT_DEBOUNCE;
                     self.reconcile_due = Some(self.reconcile_due.map_or(due, |d| d.min(due)));
@@ -281,6 +294,7 @@ impl Agent {
                 Some(expired) = self.expiry.recv() => self.on_expired(expired).await,
                 _ = tokio::time::sleep_until(wake.into()) => self.on_timer().await,
             }
+            self.flush_actions().await;
             self.check_rotations();
         }
         tracing::info!("agent stopping; the kernel keeps forwarding with the installed SAs");
@@ -366,7 +380,7 @@ impl Agent {
                 );
                 let taken = self.taken_spis();
                 let actions = self.schedule.on_connected(&peer, now, &taken);
-                self.perform(actions).await;
+                self.perform(actions);
             }
             Event::Disconnected { peer, session } => {
                 if self.sessions.get(&peer).is_some_and(|s| s.id == session) {
@@ -380,7 +394,7 @@ impl Agent {
                 }
                 let taken = self.taken_spis();
                 match self.schedule.on_message(&peer, msg, now, &taken) {
-                    Ok(actions) => self.perform(actions).await,
+                    Ok(actions) => self.perform(actions),
                     Err(e) => tracing::warn!(%peer, error = %e, "control message refused"),
                 }
             }
@@ -414,7 +428,7 @@ impl Agent {
         let now = Instant::now();
         let taken = self.taken_spis();
         let actions = self.schedule.poll(now, &taken);
-        self.perform(actions).await;
+        self.perform(actions);
         let periodic = now >= self.next_periodic;
         if periodic || self.reconcile_due.is_some_and(|d| now >= d) {
             self.reconcile_due = None;
@@ -443,7 +457,7 @@ impl Agent {
             if let Some(peer) = peer_of(e.src) {
                 tracing::info!(%peer, spi = format_args!("0x{:08x}", e.spi), hard = e.hard, "inbound SA reached its lifetime; rekeying");
                 let actions = self.schedule.rekey_inbound(&peer, now, &taken);
-                self.perform(actions).await;
+                self.perform(actions);
             }
         } else if e.src == me
             && let Some(peer) = peer_of(e.dst)
@@ -474,44 +488,79 @@ impl Agent {
         }
     }
 
-    /// Performs the schedule's actions in order. A failed reconcile stops the batch: a
-    /// key offer or acknowledgement is only ever sent for an SA the kernel holds.
-    async fn perform(&mut self, actions: Vec<Action>) {
+    /// Queues the schedule's actions; the run loop performs them after the events at
+    /// hand ([`Agent::flush_actions`]).
+    fn perform(&mut self, actions: Vec<Action>) {
+        self.queued.extend(actions);
+    }
+
+    /// Performs the queued actions: one reconcile if any of them asked for one, then
+    /// the messages in order. A key offer or acknowledgement goes out only for an SA the
+    /// kernel holds after that reconcile (one superseded meanwhile is dropped: the
+    /// schedule announces its successor); a failed reconcile holds all of them back.
+    async fn flush_actions(&mut self) {
+        let actions = std::mem::take(&mut self.queued);
+        if actions.is_empty() {
+            return;
+        }
+        if actions.contains(&Action::KernelChanged)
+            && let Err(e) = self.reconcile().await
+        {
+            tracing::error!(error = %e, "reconcile after a key change failed; not announcing keys");
+            return;
+        }
+        let Some(me) = self.node().map(|n| n.address) else {
+            return;
+        };
+        let addresses: BTreeMap<NodeName, IpAddr> = encrypted_peers(&self.spec, &self.me)
+            .into_iter()
+            .map(|(name, node)| (name, node.address))
+            .collect();
         for action in actions {
-            match action {
-                Action::KernelChanged => {
-                    if let Err(e) = self.reconcile().await {
-                        tracing::error!(error = %e, "reconcile after a key change failed; not announcing the key");
-                        return;
-                    }
+            let Action::Send { peer, msg } = action else {
+                continue;
+            };
+            let announced = match &msg {
+                Message::KeyOffer { spi, .. } => addresses.get(&peer).map(|a| SaId {
+                    src: *a,
+                    dst: me,
+                    spi: *spi,
+                }),
+                Message::KeyAck { spi, .. } => addresses.get(&peer).map(|a| SaId {
+                    src: me,
+                    dst: *a,
+                    spi: *spi,
+                }),
+                _ => None,
+            };
+            if let Some(id) = announced {
+                if !self.in_sync {
+                    tracing::warn!(%peer, "kernel not in sync; key message held back");
+                    continue;
                 }
-                Action::Send { peer, msg } => {
-                    let announces_key =
-                        matches!(msg, Message::KeyOffer { .. } | Message::KeyAck { .. });
-                    if announces_key && !self.in_sync {
-                        tracing::warn!(%peer, "kernel not in sync; key message held back");
-                        continue;
-                    }
-                    match &msg {
-                        Message::KeyOffer {
-                            generation, spi, ..
-                        } => tracing::info!(
-                            %peer,
-                            generation = generation & 0xffff_ffff,
-                            spi = format_args!("0x{spi:08x}"),
-                            "new inbound key installed; offering it"
-                        ),
-                        Message::KeyAck { generation, spi } => tracing::info!(
-                            %peer,
-                            generation = generation & 0xffff_ffff,
-                            spi = format_args!("0x{spi:08x}"),
-                            "switched to the peer's new key"
-                        ),
-                        _ => {}
-                    }
-                    self.send(&peer, msg);
+                if !self.installed.contains(&id) {
+                    tracing::debug!(%peer, spi = format_args!("0x{:08x}", id.spi), "key message for an SA the kernel does not hold (superseded); dropped");
+                    continue;
                 }
             }
+            match &msg {
+                Message::KeyOffer {
+                    generation, spi, ..
+                } => tracing::info!(
+                    %peer,
+                    generation = generation & 0xffff_ffff,
+                    spi = format_args!("0x{spi:08x}"),
+                    "new inbound key installed; offering it"
+                ),
+                Message::KeyAck { generation, spi } => tracing::info!(
+                    %peer,
+                    generation = generation & 0xffff_ffff,
+                    spi = format_args!("0x{spi:08x}"),
+                    "switched to the peer's new key"
+                ),
+                _ => {}
+            }
+            self.send(&peer, msg);
         }
     }
 
@@ -775,7 +824,7 @@ impl Agent {
             .collect();
         let actions = self.schedule.set_peers(&names, Instant::now());
         let result = self.reconcile().await;
-        self.perform(actions).await;
+        self.perform(actions);
         match result {
             Ok(plan) => {
                 let mut out = plan.to_string();
@@ -911,7 +960,7 @@ impl Agent {
             }
             let taken = self.taken_spis();
             let actions = self.schedule.rotate(&p, now, &taken);
-            self.perform(actions).await;
+            self.perform(actions);
             waiting.push(p);
         }
         self.rotations.push(PendingRotation {

@@ -16,10 +16,16 @@ use crate::control::{self, Message};
 use crate::identity::Identity;
 use crate::spec::{NodeName, PublicKey};
 
-/// First retry after a failed dial; doubles up to [`DIAL_BACKOFF_MAX`], with ±25% jitter
-/// so that a restarted cluster does not dial in lockstep.
+/// First retry after a failed dial; doubles up to a cap, with ±25% jitter so that a
+/// restarted cluster does not dial in lockstep.
 pub const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(200);
+/// The cap for a peer we had a session with within [`RECENTLY_CONNECTED`]: it is
+/// probably rebooting, and until we reconnect its traffic has no keys.
 pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The cap for a peer that has not answered for long, or never (a node in the spec that
+/// is not deployed yet): a thousand of them cost ~33 dials a second, not 200.
+pub const DIAL_BACKOFF_IDLE_MAX: Duration = Duration::from_secs(30);
+pub const RECENTLY_CONNECTED: Duration = Duration::from_secs(600);
 /// A TCP connect that takes longer than this is abandoned (the peer is down).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Outgoing messages queued per session before the agent's sends start failing.
@@ -107,6 +113,7 @@ pub fn spawn_dialer(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut backoff = DIAL_BACKOFF_MIN;
+        let mut last_session: Option<tokio::time::Instant> = None;
         loop {
             let attempt = async {
                 let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
@@ -123,18 +130,31 @@ pub fn spawn_dialer(
                     tracing::info!(%peer, %address, "control session established");
                     backoff = DIAL_BACKOFF_MIN;
                     run_session(peer.clone(), session, events.clone(), Role::Initiator).await;
+                    last_session = Some(tokio::time::Instant::now());
                     if events.is_closed() {
                         return;
                     }
                 }
                 Err(e) => {
                     tracing::debug!(%peer, %address, error = %e, "dial failed");
-                    backoff = (backoff * 2).min(DIAL_BACKOFF_MAX);
+                    let recent = last_session.is_some_and(|t| t.elapsed() < RECENTLY_CONNECTED);
+                    backoff = next_backoff(backoff, recent);
                 }
             }
             tokio::time::sleep(jitter(backoff)).await;
         }
     })
+}
+
+/// The wait after one more failed dial: doubled, up to [`DIAL_BACKOFF_MAX`] for a peer
+/// connected recently and [`DIAL_BACKOFF_IDLE_MAX`] otherwise.
+pub fn next_backoff(current: Duration, recently_connected: bool) -> Duration {
+    let cap = if recently_connected {
+        DIAL_BACKOFF_MAX
+    } else {
+        DIAL_BACKOFF_IDLE_MAX
+    };
+    current.saturating_mul(2).min(cap)
 }
 
 /// Which side of the Noise handshake this node played.
@@ -242,6 +262,28 @@ mod tests {
     use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 
     use super::*;
+
+    #[test]
+    fn dial_backoff_caps_depend_on_how_recently_the_peer_answered() {
+        let walk = |recent: bool| {
+            let mut b = DIAL_BACKOFF_MIN;
+            let mut waits = vec![];
+            for _ in 0..12 {
+                b = next_backoff(b, recent);
+                waits.push(b);
+            }
+            waits
+        };
+        let rebooting = walk(true);
+        let absent = walk(false);
+        assert_eq!(rebooting[0], Duration::from_millis(400));
+        assert_eq!(*rebooting.last().unwrap(), DIAL_BACKOFF_MAX);
+        assert!(rebooting.iter().all(|w| *w <= DIAL_BACKOFF_MAX));
+        assert_eq!(*absent.last().unwrap(), DIAL_BACKOFF_IDLE_MAX);
+        assert!(absent.windows(2).all(|w| w[0] <= w[1]));
+        // A peer that comes back into the recent window drops to the short cap at once.
+        assert_eq!(next_backoff(DIAL_BACKOFF_IDLE_MAX, true), DIAL_BACKOFF_MAX);
+    }
 
     /// A stream that keeps a copy of everything written to it.
     struct Recording {

@@ -140,8 +140,11 @@ pub enum Action {
     Send { peer: NodeName, msg: Message },
     /// Reconcile the kernel with [`Schedule::peer_keys`] now. The actions after it
     /// assume it succeeded: if it fails, stop the batch (an offer or ack is only ever
-    /// sent for an SA the kernel holds). Every `KeyOffer` and `KeyAck` comes after a
-    /// `KernelChanged` in its batch.
+    /// sent for an SA the kernel holds). Every `KeyOffer` and `KeyAck` of a key not
+    /// announced before comes after a `KernelChanged` in its batch; retransmissions
+    /// (an offer again, the ack of a repeated offer) come without one, as their SA was
+    /// installed for the first announcement: the agent still checks that the kernel
+    /// holds it, so a repeat costs a message, not a reconcile.
     KernelChanged,
 }
 
@@ -570,9 +573,9 @@ impl Schedule {
                 && let InState::Offered { last_sent, .. } = &mut offer.state
                 && *last_sent + OFFER_RETRY <= now
             {
+                // Its SA was installed before the first send; the agent checks the
+                // kernel still holds it.
                 *last_sent = now;
-                // Reconcile first: the offer goes out only if the kernel holds its SA.
-                kernel = true;
                 sends.push(Action::Send {
                     peer: name.clone(),
                     msg: Message::KeyOffer {
@@ -821,9 +824,13 @@ fn on_offer(
     match p.accepted {
         Some(accepted) if generation < accepted => Ok(vec![]), // stale or replayed
         Some(accepted) if generation == accepted => {
-            // A retransmission: our ack was lost or is on its way. Same SA, ack again.
+            // A retransmission: our ack was lost or is on its way. Same SA (installed
+            // for the first one), ack again.
             match p.outbound.as_slice() {
-                [current] if current.spi == spi && current.key == key => Ok(ack),
+                [current] if current.spi == spi && current.key == key => Ok(vec![Action::Send {
+                    peer: peer.clone(),
+                    msg: Message::KeyAck { generation, spi },
+                }]),
                 _ => Err(ScheduleError::ConflictingOffer {
                     peer: peer.clone(),
                     generation,
