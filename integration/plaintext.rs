@@ -380,7 +380,15 @@ fn i_logs_are_json_lines_or_plain_text_with_one_event_per_change() {
     // naming the change (which carries the network's devices and the peer).
     let out = c.ctl(
         "node-a",
-        &["apply", "-f", spec, "--log-level", "debug", "--log-format", "json"],
+        &[
+            "apply",
+            "-f",
+            spec,
+            "--log-level",
+            "debug",
+            "--log-format",
+            "json",
+        ],
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let plan = plan_lines(&stdout(&out));
@@ -406,5 +414,8 @@ fn i_logs_are_json_lines_or_plain_text_with_one_event_per_change() {
     assert!(out.status.success(), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(err.contains("kernel change"), "{err}");
-    assert!(!err.contains('\x1b'), "colour codes in logs to a pipe: {err:?}");
+    assert!(
+        !err.contains('\x1b'),
+        "colour codes in logs to a pipe: {err:?}"
+    );
 }
