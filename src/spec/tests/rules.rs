@@ -276,7 +276,7 @@ fn rejects_no_nodes_and_too_many() {
         &yaml,
         4 + MAX_NODES as u64,
         5,
-        "too many nodes: at most 1024",
+        "too many nodes: at most 4096",
     );
 }
 
