@@ -19,13 +19,16 @@ use crate::spec::{NodeName, PublicKey};
 /// First retry after a failed dial; doubles up to a cap, with ±25% jitter so that a
 /// restarted cluster does not dial in lockstep.
 pub const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(200);
-/// The cap for a peer we had a session with within [`RECENTLY_CONNECTED`]: it is
-/// probably rebooting, and until we reconnect its traffic has no keys.
+/// The cap while a peer is expected to answer soon: within [`RECENTLY_CONNECTED`] of our
+/// last session with it (it is probably rebooting, and until we reconnect its traffic
+/// has no keys), or, before any session, within [`STARTUP_GRACE`] of starting to dial
+/// it (a cluster coming up: its agents start within a minute or two of each other).
 pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The cap for a peer that has not answered for long, or never (a node in the spec that
 /// is not deployed yet): a thousand of them cost ~33 dials a second, not 200.
 pub const DIAL_BACKOFF_IDLE_MAX: Duration = Duration::from_secs(30);
 pub const RECENTLY_CONNECTED: Duration = Duration::from_secs(600);
+pub const STARTUP_GRACE: Duration = Duration::from_secs(120);
 /// A TCP connect that takes longer than this is abandoned (the peer is down).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Outgoing messages queued per session before the agent's sends start failing.
@@ -113,6 +116,7 @@ pub fn spawn_dialer(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut backoff = DIAL_BACKOFF_MIN;
+        let started = tokio::time::Instant::now();
         let mut last_session: Option<tokio::time::Instant> = None;
         loop {
             let attempt = async {
@@ -137,8 +141,11 @@ pub fn spawn_dialer(
                 }
                 Err(e) => {
                     tracing::debug!(%peer, %address, error = %e, "dial failed");
-                    let recent = last_session.is_some_and(|t| t.elapsed() < RECENTLY_CONNECTED);
-                    backoff = next_backoff(backoff, recent);
+                    let expected = match last_session {
+                        Some(t) => t.elapsed() < RECENTLY_CONNECTED,
+                        None => started.elapsed() < STARTUP_GRACE,
+                    };
+                    backoff = next_backoff(backoff, expected);
                 }
             }
             tokio::time::sleep(jitter(backoff)).await;
@@ -147,9 +154,9 @@ pub fn spawn_dialer(
 }
 
 /// The wait after one more failed dial: doubled, up to [`DIAL_BACKOFF_MAX`] for a peer
-/// connected recently and [`DIAL_BACKOFF_IDLE_MAX`] otherwise.
-pub fn next_backoff(current: Duration, recently_connected: bool) -> Duration {
-    let cap = if recently_connected {
+/// expected to answer soon and [`DIAL_BACKOFF_IDLE_MAX`] otherwise.
+pub fn next_backoff(current: Duration, expected: bool) -> Duration {
+    let cap = if expected {
         DIAL_BACKOFF_MAX
     } else {
         DIAL_BACKOFF_IDLE_MAX
