@@ -29,6 +29,7 @@ use netlink_packet_route::neighbour::{
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVxlan};
 
+pub(super) use dump::dump_on;
 pub use dump::{dump, local_addresses, underlay_for};
 pub(super) use exec::{Indexes, Step, is_link_change, prepare};
 

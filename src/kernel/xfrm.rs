@@ -68,6 +68,7 @@ use netlink_packet_core::{
 use netlink_packet_xfrm::{AF_INET, AF_INET6, Address, XfrmMessage};
 
 use super::KernelError;
+use super::batch::BatchSocket;
 use crate::state::{Policy, PolicyId, Sa, SaId, ownership};
 
 /// How long one request (or a whole dump) may take before we give up on the kernel's
@@ -81,17 +82,19 @@ const DUMP_ATTEMPTS: usize = 3;
 /// The reqid of the throwaway SA of [`check_esp`].
 pub const PROBE_REQID: u32 = ownership::REQID_MAX;
 
-/// Every policy and SA of ours in this namespace.
-pub async fn dump(
-    h: &xfrmnetlink::Handle,
+/// Every policy and SA of ours in this namespace, dumped on one of `Kernel`'s own
+/// sockets: the replies are parsed where they were received (`batch::dump`), not copied
+/// through netlink-proto, and state replies are zeroed there once read.
+pub(super) async fn dump(
+    socket: &mut BatchSocket,
 ) -> Result<(BTreeMap<PolicyId, Policy>, BTreeMap<SaId, Sa>), KernelError> {
-    let started = std::time::Instant::now();
-    let policies = policy::dump(h).await?;
-    let policies_done = started.elapsed();
-    let sas = sa::dump(h).await?;
+    let started = super::debug_clock();
+    let policies = policy::dump(socket).await?;
+    let policies_done = super::elapsed_us(started);
+    let sas = sa::dump(socket).await?;
     tracing::debug!(
-        policies_us = policies_done.as_micros() as u64,
-        total_us = started.elapsed().as_micros() as u64,
+        policies_us = policies_done,
+        total_us = super::elapsed_us(started),
         "xfrm dump"
     );
     Ok((policies, sas))

@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
-use netlink_packet_route::AddressFamily;
+use netlink_packet_core::Parseable;
 use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope,
 };
@@ -21,38 +21,21 @@ use netlink_packet_route::link::{
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage,
 };
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
 use super::refused;
+use crate::kernel::batch::{BatchSocket, DumpError, Reply, Secrets, dump_request};
 use crate::kernel::{KernelError, Underlay};
 use crate::state::{
     Address, FdbEntry, IfName, KernelState, Link, LinkKind, VxlanParams, ownership,
 };
 
 /// Everything the controller owns in links, addresses and FDB entries; XFRM policies
-/// and SAs are left empty (see `kernel::xfrm`).
+/// and SAs are left empty (see `kernel::xfrm`). Over `route`'s connection; `Kernel::dump`
+/// uses [`dump_on`], the same reading over its own socket.
 pub async fn dump(route: &rtnetlink::Handle) -> Result<KernelState, KernelError> {
-    let mut state = KernelState::default();
-    let mut bridges: HashMap<u32, IfName> = HashMap::new();
-    let mut vxlans: HashMap<u32, IfName> = HashMap::new();
-    for kl in all_links(route)
-        .await?
-        .into_iter()
-        .filter(KernelLink::is_owned)
-    {
-        let Some(link) = kl.to_link() else {
-            tracing::warn!(
-                link = kl.name,
-                "ignoring a link marked as ours that is neither a bridge nor a VXLAN device"
-            );
-            continue;
-        };
-        match link.kind {
-            LinkKind::Bridge => bridges.insert(kl.index, link.name.clone()),
-            LinkKind::Vxlan(_) => vxlans.insert(kl.index, link.name.clone()),
-        };
-        state.links.insert(link.name.clone(), link);
-    }
-    if !bridges.is_empty() {
+    let mut owned = OwnedLinks::new(all_links(route).await?);
+    if !owned.bridges.is_empty() {
         // Folded as the replies arrive: large dumps are never held whole.
         let mut addrs = route.address().get().execute();
         while let Some(msg) = addrs
@@ -60,18 +43,12 @@ pub async fn dump(route: &rtnetlink::Handle) -> Result<KernelState, KernelError>
             .await
             .map_err(|e| refused("dump addresses", e))?
         {
-            if !is_configured(&msg) {
-                continue;
-            }
-            if let (Some(link), Some(addr)) = (bridges.get(&msg.header.index), address_of(&msg)) {
-                state.addresses.insert(Address {
-                    link: link.clone(),
-                    addr,
-                });
+            if let Some(a) = owned.address(&msg) {
+                owned.state.addresses.insert(a);
             }
         }
     }
-    if !vxlans.is_empty() {
+    if !owned.vxlans.is_empty() {
         let mut entries = route
             .neighbours()
             .get()
@@ -82,23 +59,140 @@ pub async fn dump(route: &rtnetlink::Handle) -> Result<KernelState, KernelError>
             .await
             .map_err(|e| refused("dump the bridge FDB", e))?
         {
-            if let (Some(link), Some(remote)) =
-                (vxlans.get(&msg.header.ifindex), head_end_remote(&msg))
-            {
-                state.fdb.insert(FdbEntry {
-                    link: link.clone(),
-                    remote,
-                });
+            if let Some(e) = owned.fdb_entry(&msg) {
+                owned.state.fdb.insert(e);
             }
         }
     }
-    tracing::debug!(
-        links = state.links.len(),
-        addresses = state.addresses.len(),
-        fdb = state.fdb.len(),
-        "dumped owned links"
-    );
-    Ok(state)
+    Ok(owned.finish())
+}
+
+/// [`dump`] on one of `Kernel`'s own sockets: the replies are parsed where they were
+/// received (`batch::dump`), not copied through netlink-proto. Dumps the kernel marks
+/// as interrupted are started over.
+pub(in crate::kernel) async fn dump_on(
+    socket: &mut BatchSocket,
+) -> Result<KernelState, KernelError> {
+    let op = "dump links";
+    let request = dump_request(RouteNetlinkMessage::GetLink(LinkMessage::default()));
+    let msgs = socket
+        .dump(&request, Secrets::No, Vec::new, |out, reply| {
+            out.push(parse_reply::<LinkMessage>(
+                reply,
+                libc::RTM_NEWLINK,
+                "link",
+            )?);
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.into_kernel(op))?;
+    let mut owned = OwnedLinks::new(kernel_links(&msgs));
+    drop(msgs);
+    if !owned.bridges.is_empty() {
+        let op = "dump addresses";
+        let request = dump_request(RouteNetlinkMessage::GetAddress(AddressMessage::default()));
+        owned.state.addresses = socket
+            .dump(&request, Secrets::No, BTreeSet::new, |out, reply| {
+                let msg = parse_reply::<AddressMessage>(reply, libc::RTM_NEWADDR, "address")?;
+                out.extend(owned.address(&msg));
+                Ok(())
+            })
+            .await
+            .map_err(|e| e.into_kernel(op))?;
+    }
+    if !owned.vxlans.is_empty() {
+        let op = "dump the bridge FDB";
+        let mut query = NeighbourMessage::default();
+        query.header.family = AddressFamily::Bridge;
+        let request = dump_request(RouteNetlinkMessage::GetNeighbour(query));
+        owned.state.fdb = socket
+            .dump(&request, Secrets::No, BTreeSet::new, |out, reply| {
+                let msg = parse_reply::<NeighbourMessage>(reply, libc::RTM_NEWNEIGH, "neighbour")?;
+                out.extend(owned.fdb_entry(&msg));
+                Ok(())
+            })
+            .await
+            .map_err(|e| e.into_kernel(op))?;
+    }
+    Ok(owned.finish())
+}
+
+/// A dump reply of type `kind`, parsed.
+fn parse_reply<M: Parseable<[u8]>>(
+    reply: Reply<'_>,
+    kind: u16,
+    what: &str,
+) -> Result<M, DumpError> {
+    if reply.kind != kind {
+        return Err(DumpError::Unexpected(format!(
+            "message type {} in a {what} dump",
+            reply.kind
+        )));
+    }
+    M::parse(reply.payload)
+        .map_err(|e| DumpError::Unexpected(format!("an unreadable {what} message ({e})")))
+}
+
+/// Our links from a link dump, and what the address and FDB dumps need to find ours.
+struct OwnedLinks {
+    state: KernelState,
+    bridges: HashMap<u32, IfName>,
+    vxlans: HashMap<u32, IfName>,
+}
+
+impl OwnedLinks {
+    fn new(links: Vec<KernelLink>) -> OwnedLinks {
+        let mut owned = OwnedLinks {
+            state: KernelState::default(),
+            bridges: HashMap::new(),
+            vxlans: HashMap::new(),
+        };
+        for kl in links.into_iter().filter(KernelLink::is_owned) {
+            let Some(link) = kl.to_link() else {
+                tracing::warn!(
+                    link = kl.name,
+                    "ignoring a link marked as ours that is neither a bridge nor a VXLAN device"
+                );
+                continue;
+            };
+            match link.kind {
+                LinkKind::Bridge => owned.bridges.insert(kl.index, link.name.clone()),
+                LinkKind::Vxlan(_) => owned.vxlans.insert(kl.index, link.name.clone()),
+            };
+            owned.state.links.insert(link.name.clone(), link);
+        }
+        owned
+    }
+
+    /// A configured address on one of our bridges.
+    fn address(&self, msg: &AddressMessage) -> Option<Address> {
+        if !is_configured(msg) {
+            return None;
+        }
+        Some(Address {
+            link: self.bridges.get(&msg.header.index)?.clone(),
+            addr: address_of(msg)?,
+        })
+    }
+
+    /// A head-end replication entry of one of our VXLAN devices.
+    fn fdb_entry(&self, msg: &NeighbourMessage) -> Option<FdbEntry> {
+        Some(FdbEntry {
+            link: self.vxlans.get(&msg.header.ifindex)?.clone(),
+            remote: head_end_remote(msg)?,
+        })
+    }
+
+    fn finish(self) -> KernelState {
+        let state = self.state;
+        tracing::debug!(
+            links = state.links.len(),
+            addresses = state.addresses.len(),
+            fdb = state.fdb.len(),
+            "dumped owned links"
+        );
+        state
+    }
 }
 
 /// The local interface holding `addr` (as its local address), with its MTU.
@@ -203,11 +297,16 @@ pub(super) async fn all_links(route: &rtnetlink::Handle) -> Result<Vec<KernelLin
         .try_collect()
         .await
         .map_err(|e| refused("dump links", e))?;
+    Ok(kernel_links(&msgs))
+}
+
+/// The links of one link dump.
+fn kernel_links(msgs: &[LinkMessage]) -> Vec<KernelLink> {
     let names: HashMap<u32, &str> = msgs
         .iter()
         .filter_map(|m| Some((m.header.index, name_of(m)?)))
         .collect();
-    Ok(msgs.iter().filter_map(|m| parse_link(m, &names)).collect())
+    msgs.iter().filter_map(|m| parse_link(m, &names)).collect()
 }
 
 fn name_of(msg: &LinkMessage) -> Option<&str> {

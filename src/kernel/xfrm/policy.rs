@@ -10,23 +10,23 @@ use netlink_packet_xfrm::{
     XFRM_POLICY_TYPE_MAIN, XfrmAttrs, XfrmMessage,
 };
 
+use netlink_packet_core::Parseable;
+use netlink_packet_xfrm::{XFRM_MSG_NEWPOLICY, XFRM_USER_POLICY_INFO_LEN};
+
 use super::{NlError, Occupant, Owned, dump_fold, family_of, ip_of};
 use crate::kernel::KernelError;
+use crate::kernel::batch::{BatchSocket, DumpError, Reply, Secrets, dump_request};
 use crate::state::{Direction, Policy, PolicyAction, PolicyId, Selector, ownership};
 
 /// Every policy of ours.
 pub(super) async fn dump(
-    h: &xfrmnetlink::Handle,
+    socket: &mut BatchSocket,
 ) -> Result<BTreeMap<PolicyId, Policy>, KernelError> {
     let op = "dump xfrm policies";
-    dump_fold(
-        h,
-        || XfrmMessage::GetPolicy(DelGetMessage::default()),
-        BTreeMap::new,
-        |out, reply| {
-            let XfrmMessage::AddPolicy(m) = reply else {
-                return Err(NlError::Unexpected("message type in the policy dump"));
-            };
+    let request = dump_request(XfrmMessage::GetPolicy(DelGetMessage::default()));
+    socket
+        .dump(&request, Secrets::No, BTreeMap::new, |out, reply| {
+            let m = parse_reply(reply)?;
             match decode(&m) {
                 Owned::Foreign => {}
                 Owned::Ours(p) => {
@@ -40,10 +40,28 @@ pub(super) async fn dump(
                 }
             }
             Ok(())
-        },
-    )
-    .await
-    .map_err(|e| e.into_kernel(op))
+        })
+        .await
+        .map_err(|e| e.into_kernel(op))
+}
+
+/// A policy from a dump reply.
+fn parse_reply(reply: Reply<'_>) -> Result<ModifyMessage, DumpError> {
+    if reply.kind != XFRM_MSG_NEWPOLICY {
+        return Err(DumpError::Unexpected(format!(
+            "message type {} in the policy dump",
+            reply.kind
+        )));
+    }
+    // The parser slices its fixed part without checking the length.
+    if reply.payload.len() < XFRM_USER_POLICY_INFO_LEN {
+        return Err(DumpError::Unexpected(format!(
+            "a policy message of {} bytes",
+            reply.payload.len()
+        )));
+    }
+    ModifyMessage::parse(reply.payload)
+        .map_err(|e| DumpError::Unexpected(format!("an unreadable policy message ({e})")))
 }
 
 /// Who holds each policy slot one of our [`PolicyId`]s can address, from one dump.
@@ -309,4 +327,61 @@ pub(super) fn decode(m: &ModifyMessage) -> Owned<Policy> {
         action,
         reqid: if as_installed { reqid } else { 0 },
     })
+}
+
+#[cfg(test)]
+mod dump_tests {
+    use netlink_packet_core::Emitable;
+
+    use super::*;
+    use crate::state::Selector;
+
+    fn policy() -> Policy {
+        Policy {
+            id: PolicyId {
+                dir: Direction::Out,
+                selector: Selector {
+                    src: "192.0.2.1/32".parse().unwrap(),
+                    dst: "192.0.2.2/32".parse().unwrap(),
+                    dport: 4790,
+                },
+            },
+            priority: 1000,
+            action: PolicyAction::Esp {
+                src: Some("192.0.2.1".parse().unwrap()),
+                dst: Some("192.0.2.2".parse().unwrap()),
+            },
+            reqid: ownership::REQID_MIN,
+        }
+    }
+
+    #[test]
+    fn dump_replies_parse_as_the_kernel_lays_them_out() {
+        let p = policy();
+        let m = encode(&p).unwrap();
+        let mut bytes = vec![0; m.buffer_len()];
+        m.emit(&mut bytes);
+        let reply = Reply {
+            kind: XFRM_MSG_NEWPOLICY,
+            payload: &bytes,
+        };
+        let parsed = parse_reply(reply).unwrap();
+        assert_eq!(parsed, m);
+        assert!(matches!(decode(&parsed), Owned::Ours(q) if q == p));
+    }
+
+    #[test]
+    fn odd_dump_replies_are_errors_not_panics() {
+        let m = encode(&policy()).unwrap();
+        let mut bytes = vec![0; m.buffer_len()];
+        m.emit(&mut bytes);
+        for (kind, payload) in [
+            (XFRM_MSG_NEWPOLICY + 1, &bytes[..]),
+            (XFRM_MSG_NEWPOLICY, &bytes[..XFRM_USER_POLICY_INFO_LEN - 1]),
+            (XFRM_MSG_NEWPOLICY, &[][..]),
+        ] {
+            let reply = Reply { kind, payload };
+            assert!(matches!(parse_reply(reply), Err(DumpError::Unexpected(_))));
+        }
+    }
 }

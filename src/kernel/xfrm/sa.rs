@@ -11,22 +11,23 @@ use netlink_packet_xfrm::{
 use ring::rand::{SecureRandom as _, SystemRandom};
 use zeroize::Zeroize;
 
+use netlink_packet_core::Parseable;
+use netlink_packet_xfrm::{XFRM_MSG_NEWSA, XFRM_USER_SA_INFO_LEN};
+
 use super::{NlError, Owned, PROBE_REQID, ack, dump_fold, family_of, host_len, ip_of};
 use crate::kernel::KernelError;
+use crate::kernel::batch::{BatchSocket, DumpError, Reply, Secrets, dump_request};
 use crate::keys::{SA_AEAD_NAME, SA_ICV_BITS, SA_KEY_LEN, SaKey};
 use crate::state::{Lifetime, Sa, SaId, ownership};
 
-/// Every SA of ours.
-pub(super) async fn dump(h: &xfrmnetlink::Handle) -> Result<BTreeMap<SaId, Sa>, KernelError> {
+/// Every SA of ours. The replies carry keys: zeroed in our buffer once handled, and
+/// in the parsed copy right after decoding.
+pub(super) async fn dump(socket: &mut BatchSocket) -> Result<BTreeMap<SaId, Sa>, KernelError> {
     let op = "dump xfrm states";
-    dump_fold(
-        h,
-        || XfrmMessage::GetDumpSa(GetDumpMessage::default()),
-        BTreeMap::new,
-        |out, reply| {
-            let XfrmMessage::AddSa(mut m) = reply else {
-                return Err(NlError::Unexpected("message type in the state dump"));
-            };
+    let request = dump_request(XfrmMessage::GetDumpSa(GetDumpMessage::default()));
+    socket
+        .dump(&request, Secrets::Zeroize, BTreeMap::new, |out, reply| {
+            let mut m = parse_reply(reply)?;
             let decoded = decode(&m);
             scrub(&mut m);
             match decoded {
@@ -43,10 +44,28 @@ pub(super) async fn dump(h: &xfrmnetlink::Handle) -> Result<BTreeMap<SaId, Sa>, 
                 }
             }
             Ok(())
-        },
-    )
-    .await
-    .map_err(|e| e.into_kernel(op))
+        })
+        .await
+        .map_err(|e| e.into_kernel(op))
+}
+
+/// A state from a dump reply. Errors never quote the message: it holds a key.
+fn parse_reply(reply: Reply<'_>) -> Result<ModifyMessage, DumpError> {
+    if reply.kind != XFRM_MSG_NEWSA {
+        return Err(DumpError::Unexpected(format!(
+            "message type {} in the state dump",
+            reply.kind
+        )));
+    }
+    // The parser slices its fixed part without checking the length.
+    if reply.payload.len() < XFRM_USER_SA_INFO_LEN {
+        return Err(DumpError::Unexpected(format!(
+            "a state message of {} bytes",
+            reply.payload.len()
+        )));
+    }
+    ModifyMessage::parse(reply.payload)
+        .map_err(|_| DumpError::Unexpected("an unreadable state message".into()))
 }
 
 /// What the kernel holds at one (destination, SPI) of ESP: the slot DELSA addresses.
@@ -351,4 +370,75 @@ pub(super) fn decode(m: &ModifyMessage) -> Owned<Sa> {
         dport,
         lifetime,
     })
+}
+
+#[cfg(test)]
+mod dump_tests {
+    use netlink_packet_core::Emitable;
+
+    use super::*;
+
+    fn sa() -> Sa {
+        Sa {
+            id: SaId {
+                src: "192.0.2.1".parse().unwrap(),
+                dst: "192.0.2.2".parse().unwrap(),
+                spi: 0x1234,
+            },
+            reqid: ownership::REQID_MIN,
+            key: SaKey::from_bytes([0x5a; SA_KEY_LEN]),
+            replay_window: 1024,
+            dport: 4790,
+            lifetime: Lifetime::default(),
+        }
+    }
+
+    #[test]
+    fn dump_replies_parse_as_the_kernel_lays_them_out() {
+        let s = sa();
+        let mut m = encode(&s).unwrap();
+        let mut bytes = vec![0; m.buffer_len()];
+        m.emit(&mut bytes);
+        scrub(&mut m);
+        let reply = Reply {
+            kind: XFRM_MSG_NEWSA,
+            payload: &bytes,
+        };
+        let mut parsed = parse_reply(reply).unwrap();
+        assert!(matches!(decode(&parsed), Owned::Ours(t) if t == s));
+        scrub(&mut parsed);
+        assert_eq!(parsed, m);
+    }
+
+    #[test]
+    fn odd_dump_replies_are_errors_that_never_quote_the_key() {
+        let mut m = encode(&sa()).unwrap();
+        let mut bytes = vec![0; m.buffer_len()];
+        m.emit(&mut bytes);
+        scrub(&mut m);
+        // Cut inside the last attribute: refused or read without it, never a panic.
+        let cut = bytes.len() - 8;
+        for (kind, payload) in [
+            (XFRM_MSG_NEWSA + 1, &bytes[..]),
+            (XFRM_MSG_NEWSA, &bytes[..XFRM_USER_SA_INFO_LEN - 1]),
+            (XFRM_MSG_NEWSA, &bytes[..cut]),
+        ] {
+            let reply = Reply { kind, payload };
+            match parse_reply(reply) {
+                Err(DumpError::Unexpected(text)) => assert!(!text.contains("5a"), "{text}"),
+                Err(other) => panic!("{other:?}"),
+                Ok(mut parsed) => scrub(&mut parsed),
+            }
+        }
+        let wrong = Reply {
+            kind: XFRM_MSG_NEWSA + 1,
+            payload: &bytes,
+        };
+        assert!(parse_reply(wrong).is_err());
+        let short = Reply {
+            kind: XFRM_MSG_NEWSA,
+            payload: &bytes[..XFRM_USER_SA_INFO_LEN - 1],
+        };
+        assert!(parse_reply(short).is_err());
+    }
 }
