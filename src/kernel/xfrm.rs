@@ -261,6 +261,31 @@ async fn dump_fold<T>(
     Err(last)
 }
 
+/// The payload of a dump reply of type `kind`, checked to hold at least the `min_len`
+/// bytes of its fixed part: netlink-packet-xfrm's parsers slice that part without a
+/// check. Errors name `what` and the sizes, never the bytes (a state holds a key).
+fn checked_payload<'a>(
+    reply: crate::kernel::batch::Reply<'a>,
+    kind: u16,
+    min_len: usize,
+    what: &str,
+) -> Result<&'a [u8], crate::kernel::batch::DumpError> {
+    use crate::kernel::batch::DumpError;
+    if reply.kind != kind {
+        return Err(DumpError::Unexpected(format!(
+            "message type {} in the {what} dump",
+            reply.kind
+        )));
+    }
+    if reply.payload.len() < min_len {
+        return Err(DumpError::Unexpected(format!(
+            "a {what} message of {} bytes",
+            reply.payload.len()
+        )));
+    }
+    Ok(reply.payload)
+}
+
 /// The kernel's address family number for `addr`.
 fn family_of(addr: IpAddr) -> u16 {
     match addr {

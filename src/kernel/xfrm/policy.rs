@@ -13,7 +13,7 @@ use netlink_packet_xfrm::{
 use netlink_packet_core::Parseable;
 use netlink_packet_xfrm::{XFRM_MSG_NEWPOLICY, XFRM_USER_POLICY_INFO_LEN};
 
-use super::{NlError, Occupant, Owned, dump_fold, family_of, ip_of};
+use super::{NlError, Occupant, Owned, checked_payload, dump_fold, family_of, ip_of};
 use crate::kernel::KernelError;
 use crate::kernel::batch::{BatchSocket, DumpError, Reply, Secrets, dump_request};
 use crate::state::{Direction, Policy, PolicyAction, PolicyId, Selector, ownership};
@@ -47,20 +47,13 @@ pub(super) async fn dump(
 
 /// A policy from a dump reply.
 fn parse_reply(reply: Reply<'_>) -> Result<ModifyMessage, DumpError> {
-    if reply.kind != XFRM_MSG_NEWPOLICY {
-        return Err(DumpError::Unexpected(format!(
-            "message type {} in the policy dump",
-            reply.kind
-        )));
-    }
-    // The parser slices its fixed part without checking the length.
-    if reply.payload.len() < XFRM_USER_POLICY_INFO_LEN {
-        return Err(DumpError::Unexpected(format!(
-            "a policy message of {} bytes",
-            reply.payload.len()
-        )));
-    }
-    ModifyMessage::parse(reply.payload)
+    let payload = checked_payload(
+        reply,
+        XFRM_MSG_NEWPOLICY,
+        XFRM_USER_POLICY_INFO_LEN,
+        "policy",
+    )?;
+    ModifyMessage::parse(payload)
         .map_err(|e| DumpError::Unexpected(format!("an unreadable policy message ({e})")))
 }
 

@@ -14,7 +14,9 @@ use zeroize::Zeroize;
 use netlink_packet_core::Parseable;
 use netlink_packet_xfrm::{XFRM_MSG_NEWSA, XFRM_USER_SA_INFO_LEN};
 
-use super::{NlError, Owned, PROBE_REQID, ack, dump_fold, family_of, host_len, ip_of};
+use super::{
+    NlError, Owned, PROBE_REQID, ack, checked_payload, dump_fold, family_of, host_len, ip_of,
+};
 use crate::kernel::KernelError;
 use crate::kernel::batch::{BatchSocket, DumpError, Reply, Secrets, dump_request};
 use crate::keys::{SA_AEAD_NAME, SA_ICV_BITS, SA_KEY_LEN, SaKey};
@@ -51,20 +53,8 @@ pub(super) async fn dump(socket: &mut BatchSocket) -> Result<BTreeMap<SaId, Sa>,
 
 /// A state from a dump reply. Errors never quote the message: it holds a key.
 fn parse_reply(reply: Reply<'_>) -> Result<ModifyMessage, DumpError> {
-    if reply.kind != XFRM_MSG_NEWSA {
-        return Err(DumpError::Unexpected(format!(
-            "message type {} in the state dump",
-            reply.kind
-        )));
-    }
-    // The parser slices its fixed part without checking the length.
-    if reply.payload.len() < XFRM_USER_SA_INFO_LEN {
-        return Err(DumpError::Unexpected(format!(
-            "a state message of {} bytes",
-            reply.payload.len()
-        )));
-    }
-    ModifyMessage::parse(reply.payload)
+    let payload = checked_payload(reply, XFRM_MSG_NEWSA, XFRM_USER_SA_INFO_LEN, "state")?;
+    ModifyMessage::parse(payload)
         .map_err(|_| DumpError::Unexpected("an unreadable state message".into()))
 }
 
