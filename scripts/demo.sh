@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# A three-node demo cluster in network namespaces, driven by the real binary:
-# validate, plan (dry run), apply on every node, traffic across both plaintext
-# networks, a no-op second apply, status. The spec also has an encrypted network: on a
-# kernel without ESP it is refused (fail closed) with the reason; with ESP but no agent
-# it is refused with "start the agent" (agents and key agreement are the next milestone).
+# A three-node demo cluster in network namespaces, driven by the real binary: node keys
+# (keygen), validate, one agent per node (keys agreed over Noise sessions), plan (dry
+# run), apply on every node, traffic over the plaintext and the encrypted networks (the
+# underlay captured: only ESP for the encrypted one), a no-op second apply, a key
+# rotation as cron would run it, status and the kernel's view.
 # Runs inside user-mode-linux when the host kernel lacks ESP. Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
