@@ -138,6 +138,9 @@ fn random_u64() -> u64 {
 
 /// Nodes that share an encrypted network with `me`: the peers that need keys.
 pub(crate) fn encrypted_peers<'s>(spec: &'s Spec, me: &NodeName) -> BTreeMap<NodeName, &'s Node> {
+    // Indexed once: a lookup by name per member would be quadratic at 1000+ peers.
+    let by_name: std::collections::HashMap<&NodeName, &'s Node> =
+        spec.nodes.iter().map(|n| (&n.name, n)).collect();
     let mut peers = BTreeMap::new();
     for net in spec
         .networks
@@ -145,8 +148,8 @@ pub(crate) fn encrypted_peers<'s>(spec: &'s Spec, me: &NodeName) -> BTreeMap<Nod
         .filter(|n| n.encrypted && n.has_member(me))
     {
         for name in net.nodes.iter().filter(|n| *n != me) {
-            if let Some(node) = spec.node(name) {
-                peers.insert(name.clone(), node);
+            if let Some(node) = by_name.get(name) {
+                peers.insert(name.clone(), *node);
             }
         }
     }
@@ -380,7 +383,7 @@ impl Agent {
                 );
                 let taken = self.taken_spis();
                 let actions = self.schedule.on_connected(&peer, now, &taken);
-                self.perform(actions);
+                self.queue_actions(actions);
             }
             Event::Disconnected { peer, session } => {
                 if self.sessions.get(&peer).is_some_and(|s| s.id == session) {
@@ -394,7 +397,7 @@ impl Agent {
                 }
                 let taken = self.taken_spis();
                 match self.schedule.on_message(&peer, msg, now, &taken) {
-                    Ok(actions) => self.perform(actions),
+                    Ok(actions) => self.queue_actions(actions),
                     Err(e) => tracing::warn!(%peer, error = %e, "control message refused"),
                 }
             }
@@ -428,7 +431,7 @@ impl Agent {
         let now = Instant::now();
         let taken = self.taken_spis();
         let actions = self.schedule.poll(now, &taken);
-        self.perform(actions);
+        self.queue_actions(actions);
         let periodic = now >= self.next_periodic;
         if periodic || self.reconcile_due.is_some_and(|d| now >= d) {
             self.reconcile_due = None;
@@ -457,7 +460,7 @@ impl Agent {
             if let Some(peer) = peer_of(e.src) {
                 tracing::info!(%peer, spi = format_args!("0x{:08x}", e.spi), hard = e.hard, "inbound SA reached its lifetime; rekeying");
                 let actions = self.schedule.rekey_inbound(&peer, now, &taken);
-                self.perform(actions);
+                self.queue_actions(actions);
             }
         } else if e.src == me
             && let Some(peer) = peer_of(e.dst)
@@ -490,7 +493,7 @@ impl Agent {
 
     /// Queues the schedule's actions; the run loop performs them after the events at
     /// hand ([`Agent::flush_actions`]).
-    fn perform(&mut self, actions: Vec<Action>) {
+    fn queue_actions(&mut self, actions: Vec<Action>) {
         self.queued.extend(actions);
     }
 
@@ -824,7 +827,7 @@ impl Agent {
             .collect();
         let actions = self.schedule.set_peers(&names, Instant::now());
         let result = self.reconcile().await;
-        self.perform(actions);
+        self.queue_actions(actions);
         match result {
             Ok(plan) => {
                 let mut out = plan.to_string();
@@ -960,7 +963,7 @@ impl Agent {
             }
             let taken = self.taken_spis();
             let actions = self.schedule.rotate(&p, now, &taken);
-            self.perform(actions);
+            self.queue_actions(actions);
             waiting.push(p);
         }
         self.rotations.push(PendingRotation {
