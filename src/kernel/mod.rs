@@ -199,9 +199,9 @@ impl Kernel {
         }
         let report = |done: usize| self.report_progress(done, changes.len());
         report(0);
-        let mut ownership = xfrm::Ownership::load(&self.xfrm, changes).await?;
-        let mut indexes = links::Indexes::load(&self.route, changes).await?;
         let mut xfrm_socket = self.xfrm_batch.lock().await;
+        let mut ownership = xfrm::Ownership::load(&mut xfrm_socket, changes).await?;
+        let mut indexes = links::Indexes::load(&self.route, changes).await?;
         let mut route_socket = self.route_batch.lock().await;
         let mut xfrm_batch = xfrm_socket.batch();
         let mut route_batch = route_socket.batch();
@@ -220,7 +220,7 @@ impl Kernel {
             }
             tracing::debug!(%change, "kernel change");
             if !links::is_link_change(change) {
-                match ownership.prepare(&self.xfrm, change, i).await {
+                match ownership.prepare(change, i) {
                     Ok(Some(request)) => xfrm_batch.push(request).await.map_err(failed)?,
                     Ok(None) => {}
                     Err(e) => {

@@ -62,22 +62,16 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use futures::StreamExt;
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
-};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_xfrm::{AF_INET, AF_INET6, Address, XfrmMessage};
 
 use super::KernelError;
 use super::batch::BatchSocket;
 use crate::state::{Policy, PolicyId, Sa, SaId, ownership};
 
-/// How long one request (or a whole dump) may take before we give up on the kernel's
-/// answer. Generous: a dump of thousands of objects inside UML takes seconds; a lost
+/// How long one request may take before we give up on the kernel's answer: a lost
 /// reply (netlink-proto drops datagrams it cannot decode) must not hang the agent.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A dump that the kernel marks as interrupted (NLM_F_DUMP_INTR) is retried this often.
-const DUMP_ATTEMPTS: usize = 3;
 
 /// The reqid of the throwaway SA of [`check_esp`].
 pub const PROBE_REQID: u32 = ownership::REQID_MAX;
@@ -137,7 +131,6 @@ enum NlError {
     Errno(i32),
     Closed,
     Timeout,
-    Interrupted,
     Unexpected(&'static str),
 }
 
@@ -157,10 +150,6 @@ impl NlError {
                 operation,
                 message: format!("no complete answer within {} s", REQUEST_TIMEOUT.as_secs()),
             },
-            NlError::Interrupted => KernelError::Netlink {
-                operation,
-                message: format!("the dump was interrupted {DUMP_ATTEMPTS} times in a row"),
-            },
             NlError::Unexpected(what) => KernelError::Unexpected {
                 what: "netlink reply",
                 detail: format!("{what} to {operation}"),
@@ -169,96 +158,34 @@ impl NlError {
     }
 }
 
-/// Sends one request and collects the replies (dump parts, a GET answer), waiting for
-/// the ACK when `flags` asks for one.
-///
-/// The replies are returned, never logged: state replies carry keys, and the caller
-/// zeroes them ([`sa::scrub`]).
-async fn exchange(
-    h: &xfrmnetlink::Handle,
-    message: XfrmMessage,
-    flags: u16,
-) -> Result<Vec<XfrmMessage>, NlError> {
-    let mut out = Vec::new();
-    exchange_each(h, message, flags, |m| {
-        out.push(m);
-        Ok(())
-    })
-    .await?;
-    Ok(out)
-}
-
-/// [`exchange`], handing each reply to `each` as it arrives instead of collecting them:
-/// a dump of thousands of objects is never held whole (fresh memory, and its page
-/// faults, were most of a large dump's cost), and state replies are scrubbed by `each`
-/// one by one. An error from `each` ends the exchange.
-async fn exchange_each(
-    h: &xfrmnetlink::Handle,
-    message: XfrmMessage,
-    flags: u16,
-    mut each: impl FnMut(XfrmMessage) -> Result<(), NlError>,
-) -> Result<(), NlError> {
+/// A request that expects only an ACK (the ESP probe's add and delete). Replies are
+/// never logged: a request may carry a key, and errors name only the errno.
+async fn ack(h: &xfrmnetlink::Handle, message: XfrmMessage) -> Result<(), NlError> {
     let mut req = NetlinkMessage::from(message);
-    req.header.flags = flags;
+    req.header.flags = NLM_F_REQUEST | NLM_F_ACK;
     let mut h = h.clone();
     let mut replies = h.request(req).map_err(|_| NlError::Closed)?;
-    let collect = async {
-        let mut interrupted = false;
+    let wait = async {
         while let Some(msg) = replies.next().await {
-            interrupted |= msg.header.flags & NLM_F_DUMP_INTR != 0;
             match msg.payload {
-                NetlinkPayload::InnerMessage(m) => each(m)?,
                 NetlinkPayload::Error(e) => {
                     // No code: the ACK.
                     if let Some(code) = e.code {
                         return Err(NlError::Errno(code.get().saturating_abs()));
                     }
                 }
-                NetlinkPayload::Done(_) | NetlinkPayload::Noop => {}
+                NetlinkPayload::InnerMessage(_)
+                | NetlinkPayload::Done(_)
+                | NetlinkPayload::Noop => {}
                 NetlinkPayload::Overrun(_) => return Err(NlError::Unexpected("overrun")),
                 _ => return Err(NlError::Unexpected("unknown netlink message")),
             }
         }
-        if interrupted {
-            Err(NlError::Interrupted)
-        } else {
-            Ok(())
-        }
+        Ok(())
     };
-    tokio::time::timeout(REQUEST_TIMEOUT, collect)
+    tokio::time::timeout(REQUEST_TIMEOUT, wait)
         .await
         .map_err(|_| NlError::Timeout)?
-}
-
-/// A request that expects only an ACK.
-async fn ack(h: &xfrmnetlink::Handle, message: XfrmMessage) -> Result<(), NlError> {
-    exchange(h, message, NLM_F_REQUEST | NLM_F_ACK)
-        .await
-        .map(drop)
-}
-
-/// A dump folded into a `T` one reply at a time ([`exchange_each`]), started over from
-/// `start()` while the kernel reports it as interrupted.
-async fn dump_fold<T>(
-    h: &xfrmnetlink::Handle,
-    request: impl Fn() -> XfrmMessage,
-    start: impl Fn() -> T,
-    mut each: impl FnMut(&mut T, XfrmMessage) -> Result<(), NlError>,
-) -> Result<T, NlError> {
-    let mut last = NlError::Interrupted;
-    for _ in 0..DUMP_ATTEMPTS {
-        let mut acc = start();
-        match exchange_each(h, request(), NLM_F_REQUEST | NLM_F_DUMP, |m| {
-            each(&mut acc, m)
-        })
-        .await
-        {
-            Ok(()) => return Ok(acc),
-            Err(NlError::Interrupted) => last = NlError::Interrupted,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(last)
 }
 
 /// The payload of a dump reply of type `kind`, checked to hold at least the `min_len`

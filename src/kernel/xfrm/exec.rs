@@ -26,7 +26,7 @@ use netlink_packet_xfrm::XfrmMessage;
 use super::sa::SaOccupant;
 use super::{Occupant, policy, sa};
 use crate::kernel::KernelError;
-use crate::kernel::batch::{self, Request};
+use crate::kernel::batch::{self, BatchSocket, Request};
 use crate::plan::Change;
 use crate::state::{PolicyId, ownership};
 
@@ -43,7 +43,7 @@ impl Ownership {
     /// Dumps what the ownership checks of `changes` need: policies when there is a
     /// policy change, states when an SA is deleted; nothing for a plan without either.
     pub async fn load(
-        h: &xfrmnetlink::Handle,
+        socket: &mut BatchSocket,
         changes: &[Change],
     ) -> Result<Ownership, KernelError> {
         let policy_change = changes
@@ -52,11 +52,11 @@ impl Ownership {
         let sa_delete = changes.iter().any(|c| matches!(c, Change::DeleteSa(_)));
         Ok(Ownership {
             policies: match policy_change {
-                true => Some(policy::occupants(h).await?),
+                true => Some(policy::occupants(socket).await?),
                 false => None,
             },
             sas: match sa_delete {
-                true => Some(sa::occupants(h).await?),
+                true => Some(sa::occupants(socket).await?),
                 false => None,
             },
         })
@@ -75,22 +75,19 @@ impl Ownership {
     }
 
     /// The request for one XFRM change (`None`: nothing to do), or why it must not run.
-    /// `tag` identifies the change in batch errors. A change of a kind [`Self::load`]
-    /// was not told about gets its dump now.
-    pub async fn prepare(
-        &mut self,
-        h: &xfrmnetlink::Handle,
-        change: &Change,
-        tag: usize,
-    ) -> Result<Option<Request>, KernelError> {
-        match change {
-            Change::PutPolicy { .. } | Change::DeletePolicy(_) if self.policies.is_none() => {
-                self.policies = Some(policy::occupants(h).await?);
-            }
-            Change::DeleteSa(_) if self.sas.is_none() => {
-                self.sas = Some(sa::occupants(h).await?);
-            }
-            _ => {}
+    /// `tag` identifies the change in batch errors. [`Self::load`] must have been given
+    /// the change (its dumps cannot run while a batch holds the socket).
+    pub fn prepare(&mut self, change: &Change, tag: usize) -> Result<Option<Request>, KernelError> {
+        let loaded = match change {
+            Change::PutPolicy { .. } | Change::DeletePolicy(_) => self.policies.is_some(),
+            Change::DeleteSa(_) => self.sas.is_some(),
+            _ => true,
+        };
+        if !loaded {
+            return Err(KernelError::Invalid {
+                operation: change.to_string(),
+                reason: "no ownership view was loaded for this change (a bug)".into(),
+            });
         }
         let op = || change.to_string();
         let invalid = |reason: String| KernelError::Invalid {

@@ -13,7 +13,7 @@ use netlink_packet_xfrm::{
 use netlink_packet_core::Parseable;
 use netlink_packet_xfrm::{XFRM_MSG_NEWPOLICY, XFRM_USER_POLICY_INFO_LEN};
 
-use super::{NlError, Occupant, Owned, checked_payload, dump_fold, family_of, ip_of};
+use super::{Occupant, Owned, checked_payload, family_of, ip_of};
 use crate::kernel::KernelError;
 use crate::kernel::batch::{BatchSocket, DumpError, Reply, Secrets, dump_request};
 use crate::state::{Direction, Policy, PolicyAction, PolicyId, Selector, ownership};
@@ -64,25 +64,19 @@ fn parse_reply(reply: Reply<'_>) -> Result<ModifyMessage, DumpError> {
 /// so only policies of that shape can sit in a slot of ours (and only those with a plain
 /// UDP selector can have a selector equal to ours).
 pub(super) async fn occupants(
-    h: &xfrmnetlink::Handle,
+    socket: &mut BatchSocket,
 ) -> Result<HashMap<PolicyId, Occupant>, KernelError> {
     let op = "dump xfrm policies";
-    dump_fold(
-        h,
-        || XfrmMessage::GetPolicy(DelGetMessage::default()),
-        HashMap::new,
-        |out, reply| {
-            let XfrmMessage::AddPolicy(m) = reply else {
-                return Err(NlError::Unexpected("message type in the policy dump"));
-            };
-            if let Some((id, occupant)) = occupant(&m) {
+    let request = dump_request(XfrmMessage::GetPolicy(DelGetMessage::default()));
+    socket
+        .dump(&request, Secrets::No, HashMap::new, |out, reply| {
+            if let Some((id, occupant)) = occupant(&parse_reply(reply)?) {
                 out.insert(id, occupant);
             }
             Ok(())
-        },
-    )
-    .await
-    .map_err(|e| e.into_kernel(op))
+        })
+        .await
+        .map_err(|e| e.into_kernel(op))
 }
 
 fn occupant(m: &ModifyMessage) -> Option<(PolicyId, Occupant)> {

@@ -14,9 +14,7 @@ use zeroize::Zeroize;
 use netlink_packet_core::Parseable;
 use netlink_packet_xfrm::{XFRM_MSG_NEWSA, XFRM_USER_SA_INFO_LEN};
 
-use super::{
-    NlError, Owned, PROBE_REQID, ack, checked_payload, dump_fold, family_of, host_len, ip_of,
-};
+use super::{NlError, Owned, PROBE_REQID, ack, checked_payload, family_of, host_len, ip_of};
 use crate::kernel::KernelError;
 use crate::kernel::batch::{BatchSocket, DumpError, Reply, Secrets, dump_request};
 use crate::keys::{SA_AEAD_NAME, SA_ICV_BITS, SA_KEY_LEN, SaKey};
@@ -68,17 +66,13 @@ pub(super) struct SaOccupant {
 /// Who holds each (destination, SPI) of ESP, from one dump (keys zeroed as read).
 /// Marked states are left out: a DELSA without a mark does not reach them.
 pub(super) async fn occupants(
-    h: &xfrmnetlink::Handle,
+    socket: &mut BatchSocket,
 ) -> Result<HashMap<(IpAddr, u32), SaOccupant>, KernelError> {
     let op = "dump xfrm states";
-    dump_fold(
-        h,
-        || XfrmMessage::GetDumpSa(GetDumpMessage::default()),
-        HashMap::new,
-        |out, reply| {
-            let XfrmMessage::AddSa(mut m) = reply else {
-                return Err(NlError::Unexpected("message type in the state dump"));
-            };
+    let request = dump_request(XfrmMessage::GetDumpSa(GetDumpMessage::default()));
+    socket
+        .dump(&request, Secrets::Zeroize, HashMap::new, |out, reply| {
+            let mut m = parse_reply(reply)?;
             let info = &m.user_sa_info;
             let marked = m
                 .nlas
@@ -96,10 +90,9 @@ pub(super) async fn occupants(
             }
             scrub(&mut m);
             Ok(())
-        },
-    )
-    .await
-    .map_err(|e| e.into_kernel(op))
+        })
+        .await
+        .map_err(|e| e.into_kernel(op))
 }
 
 /// NEWSA: the kernel refuses it with EEXIST when the destination and SPI are taken, by
