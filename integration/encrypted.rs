@@ -507,13 +507,7 @@ fn apply_without_agent_refuses_encrypted_networks() {
             "/nonexistent/agent.sock",
         ],
     );
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}{}",
-        stdout(&out),
-        stderr(&out)
-    );
+    assert_exit(&out, 1);
     assert!(
         stderr(&out).contains("start `ovl-controller agent`"),
         "{}",

@@ -32,13 +32,7 @@ fn e_encrypted_network_fails_closed_without_esp() {
     let cap = Capture::start(&c, "noesp", "udp port 4790");
     for n in ["node-a", "node-b"] {
         let out = c.ctl(n, &["apply", "-f", spec.to_str().unwrap()]);
-        assert_eq!(
-            out.status.code(),
-            Some(1),
-            "{}{}",
-            stdout(&out),
-            stderr(&out)
-        );
+        assert_exit(&out, 1);
         let err = stderr(&out);
         assert!(
             err.contains("encrypted networks sec were not brought up"),

@@ -146,13 +146,7 @@ fn b_rotation_with_a_peer_down_names_it_and_keeps_its_traffic() {
     ];
     std::thread::sleep(Duration::from_millis(500));
     let out = c.ctl_agent("node-a", &["rotate", "--timeout", "20"]);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}{}",
-        stdout(&out),
-        stderr(&out)
-    );
+    assert_exit(&out, 1);
     let err = stderr(&out);
     assert!(
         err.contains("node-c") && !err.contains("node-b:"),

@@ -289,6 +289,11 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Asserts a command's exit code, showing its stdout and stderr when it differs.
+pub fn assert_exit(o: &Output, code: i32) {
+    assert_eq!(o.status.code(), Some(code), "{}{}", stdout(o), stderr(o));
+}
+
 /// The change lines of a printed plan (lines starting with +, ~ or -), sorted.
 pub fn plan_lines(plan: &str) -> Vec<String> {
     let mut v: Vec<String> = plan
