@@ -1,6 +1,6 @@
 //! Links, bridges, VXLAN devices, addresses and FDB entries over rtnetlink.
 //!
-//! - [`dump`]: what the controller owns, from one link dump, one address dump and one
+//! - `dump_on`: what the controller owns, from one link dump, one address dump and one
 //!   bridge FDB dump (never one request per link);
 //! - [`execute`]: one [`Change`] of a plan (`Kernel::execute` runs whole plans, many
 //!   requests per `send()`, with the same requests: `exec`);
@@ -30,7 +30,7 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVxlan};
 
 pub(super) use dump::dump_on;
-pub use dump::{dump, local_addresses, underlay_for};
+pub use dump::{local_addresses, underlay_for};
 pub(super) use exec::{Indexes, Step, is_link_change, prepare};
 
 use super::KernelError;

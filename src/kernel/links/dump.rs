@@ -30,46 +30,10 @@ use crate::state::{
     Address, FdbEntry, IfName, KernelState, Link, LinkKind, VxlanParams, ownership,
 };
 
-/// Everything the controller owns in links, addresses and FDB entries; XFRM policies
-/// and SAs are left empty (see `kernel::xfrm`). Over `route`'s connection; `Kernel::dump`
-/// uses [`dump_on`], the same reading over its own socket.
-pub async fn dump(route: &rtnetlink::Handle) -> Result<KernelState, KernelError> {
-    let mut owned = OwnedLinks::new(all_links(route).await?);
-    if !owned.bridges.is_empty() {
-        // Folded as the replies arrive: large dumps are never held whole.
-        let mut addrs = route.address().get().execute();
-        while let Some(msg) = addrs
-            .try_next()
-            .await
-            .map_err(|e| refused("dump addresses", e))?
-        {
-            if let Some(a) = owned.address(&msg) {
-                owned.state.addresses.insert(a);
-            }
-        }
-    }
-    if !owned.vxlans.is_empty() {
-        let mut entries = route
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Bridge)
-            .execute();
-        while let Some(msg) = entries
-            .try_next()
-            .await
-            .map_err(|e| refused("dump the bridge FDB", e))?
-        {
-            if let Some(e) = owned.fdb_entry(&msg) {
-                owned.state.fdb.insert(e);
-            }
-        }
-    }
-    Ok(owned.finish())
-}
-
-/// [`dump`] on one of `Kernel`'s own sockets: the replies are parsed where they were
-/// received (`batch::dump`), not copied through netlink-proto. Dumps the kernel marks
-/// as interrupted are started over.
+/// Everything the controller owns in links, addresses and FDB entries (XFRM policies
+/// and SAs are left empty, see `kernel::xfrm`), on one of `Kernel`'s own sockets: the
+/// replies are parsed where they were received (`batch::dump`), not copied through
+/// netlink-proto. Dumps the kernel marks as interrupted are started over.
 pub(in crate::kernel) async fn dump_on(
     socket: &mut BatchSocket,
 ) -> Result<KernelState, KernelError> {
