@@ -170,6 +170,8 @@ pub fn build(
     let mut state = KernelState::default();
     let mut encrypted_peers = BTreeSet::new();
     let mut any_encrypted = false;
+    // Thousands of entries: built in one sorted bulk load (`collect`), not by inserts.
+    let mut fdb = Vec::new();
     for net in member_networks(spec, me) {
         if net.encrypted {
             any_encrypted = true;
@@ -177,13 +179,14 @@ pub fn build(
                 continue;
             }
         }
-        add_network(spec, &index, net, local, &mut state)?;
+        add_network(spec, &index, net, local, &mut state, &mut fdb)?;
         if net.encrypted {
             encrypted_peers.extend(peers(&index, net, me).map(|n| n.address));
         }
     }
     // Enforcement stays in place whenever the node has an encrypted network in the spec,
     // even one that is not brought up: nothing on the encrypted port leaves in plaintext.
+    state.fdb = fdb.into_iter().collect();
     if any_encrypted {
         add_enforcement(spec, local, &encrypted_peers, keys, &mut state);
     }
@@ -209,6 +212,7 @@ fn add_network(
     net: &Network,
     local: &LocalNode<'_>,
     state: &mut KernelState,
+    fdb: &mut Vec<FdbEntry>,
 ) -> Result<(), DesiredError> {
     let mtu = network_mtu(net, local)?;
     let alias = Link::alias_for(spec.cluster.name.as_str(), net.name.as_str());
@@ -252,12 +256,10 @@ fn add_network(
             addr: *addr,
         });
     }
-    for peer in peers(index, net, &local.node.name) {
-        state.fdb.insert(FdbEntry {
-            link: vxlan.clone(),
-            remote: peer.address,
-        });
-    }
+    fdb.extend(peers(index, net, &local.node.name).map(|peer| FdbEntry {
+        link: vxlan.clone(),
+        remote: peer.address,
+    }));
     Ok(())
 }
 
@@ -281,29 +283,32 @@ fn add_enforcement(
 ) {
     let me = local.node.address;
     let dport = spec.cluster.encrypted_data_port;
-    let mut put = |dir, src, dst, priority, action| {
+    // Thousands of objects at scale: gathered per kind in key order (peers come
+    // sorted), then bulk-loaded (`collect` sorts, which is a linear check on sorted
+    // runs), which costs far less than a tree insert each.
+    let (mut outs, mut ins) = (Vec::with_capacity(1 + peers.len()), Vec::new());
+    let (mut inbound, mut outbound) = (Vec::with_capacity(peers.len()), Vec::new());
+    let policy = |dir, src, dst, priority, action| {
         let id = PolicyId {
             dir,
             selector: Selector { src, dst, dport },
         };
-        state.policies.insert(
+        let policy = Policy {
             id,
-            Policy {
-                id,
-                priority,
-                action,
-                reqid: OVERLAY_REQID,
-            },
-        );
+            priority,
+            action,
+            reqid: OVERLAY_REQID,
+        };
+        (id, policy)
     };
-    put(
+    outs.push(policy(
         Direction::Out,
         any_net(me),
         any_net(me),
         CATCHALL_POLICY_PRIORITY,
         PolicyAction::Block,
-    );
-    put(
+    ));
+    ins.push(policy(
         Direction::In,
         any_net(me),
         host_net(me),
@@ -312,9 +317,26 @@ fn add_enforcement(
             src: None,
             dst: None,
         },
-    );
+    ));
+    let lifetime = sa_lifetime(&spec.cluster);
+    let sa = |src, dst, k: &DirectionKey| {
+        let id = SaId {
+            src,
+            dst,
+            spi: k.spi,
+        };
+        let sa = Sa {
+            id,
+            reqid: OVERLAY_REQID,
+            key: k.key.clone(),
+            replay_window: REPLAY_WINDOW,
+            dport,
+            lifetime,
+        };
+        (id, sa)
+    };
     for &peer in peers {
-        put(
+        outs.push(policy(
             Direction::Out,
             host_net(me),
             host_net(peer),
@@ -323,8 +345,8 @@ fn add_enforcement(
                 src: Some(me),
                 dst: Some(peer),
             },
-        );
-        put(
+        ));
+        ins.push(policy(
             Direction::In,
             host_net(peer),
             host_net(me),
@@ -333,34 +355,14 @@ fn add_enforcement(
                 src: Some(peer),
                 dst: Some(me),
             },
-        );
-        let Some(peer_keys) = keys.get(&peer) else {
-            continue;
-        };
-        let sas = peer_keys
-            .inbound
-            .iter()
-            .map(|k| (peer, me, k))
-            .chain(peer_keys.outbound.iter().map(|k| (me, peer, k)));
-        for (src, dst, k) in sas {
-            let id = SaId {
-                src,
-                dst,
-                spi: k.spi,
-            };
-            state.sas.insert(
-                id,
-                Sa {
-                    id,
-                    reqid: OVERLAY_REQID,
-                    key: k.key.clone(),
-                    replay_window: REPLAY_WINDOW,
-                    dport,
-                    lifetime: sa_lifetime(&spec.cluster),
-                },
-            );
+        ));
+        if let Some(peer_keys) = keys.get(&peer) {
+            inbound.extend(peer_keys.inbound.iter().map(|k| sa(peer, me, k)));
+            outbound.extend(peer_keys.outbound.iter().map(|k| sa(me, peer, k)));
         }
     }
+    state.policies = ins.into_iter().chain(outs).collect();
+    state.sas = inbound.into_iter().chain(outbound).collect();
 }
 
 #[cfg(test)]

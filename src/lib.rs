@@ -14,6 +14,7 @@ pub mod identity;
 pub mod kernel;
 pub mod keys;
 pub mod logging;
+pub mod memory;
 pub mod plan;
 pub mod progress;
 pub mod reconcile;

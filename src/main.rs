@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 fn main() -> ExitCode {
+    ovl::memory::keep_freed_memory();
     let cli = cli::Cli::parse();
     let format = match cli.common.log_format {
         cli::LogFormat::Text => ovl::logging::Format::Text,

@@ -41,19 +41,64 @@ pub mod ownership {
 }
 
 /// A Linux interface name: 1..=15 bytes, no '/', no whitespace, not "." or "..".
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct IfName(String);
+///
+/// Stored inline (no heap allocation): thousands of FDB entries and addresses name
+/// their link, and each clone or comparison of a `String` cost an allocation or a
+/// pointer chase. Ordered as the string is.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct IfName {
+    len: u8,
+    /// The name's bytes, zero after `len` (so that derived equality is the string's).
+    bytes: [u8; IfName::MAX_LEN],
+}
 
 impl IfName {
     pub const MAX_LEN: usize = 15;
     pub fn as_str(&self) -> &str {
-        &self.0
+        // Only ever built from a `&str` of at most MAX_LEN bytes: always valid UTF-8.
+        std::str::from_utf8(self.name_bytes()).unwrap_or_default()
+    }
+    fn name_bytes(&self) -> &[u8] {
+        self.bytes.get(..usize::from(self.len)).unwrap_or_default()
     }
     pub fn bridge_for(vni: crate::spec::Vni) -> IfName {
-        IfName(format!("{}{}", ownership::BRIDGE_PREFIX, vni))
+        IfName::with_prefix(ownership::BRIDGE_PREFIX, vni)
     }
     pub fn vxlan_for(vni: crate::spec::Vni) -> IfName {
-        IfName(format!("{}{}", ownership::VXLAN_PREFIX, vni))
+        IfName::with_prefix(ownership::VXLAN_PREFIX, vni)
+    }
+    /// `prefix` + the VNI: at most 5 + 8 bytes (VNIs are 24-bit), always a valid name.
+    fn with_prefix(prefix: &str, vni: crate::spec::Vni) -> IfName {
+        IfName::from_valid(&format!("{prefix}{vni}"))
+    }
+    /// `s` already checked (or known) to be a valid name.
+    fn from_valid(s: &str) -> IfName {
+        let mut bytes = [0u8; IfName::MAX_LEN];
+        let len = s.len().min(IfName::MAX_LEN);
+        bytes[..len].copy_from_slice(&s.as_bytes()[..len]);
+        IfName {
+            len: len as u8,
+            bytes,
+        }
+    }
+}
+
+impl Ord for IfName {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // Byte order is `str` order; no UTF-8 check on this hot path.
+        self.name_bytes().cmp(other.name_bytes())
+    }
+}
+
+impl PartialOrd for IfName {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl fmt::Debug for IfName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("IfName").field(&self.as_str()).finish()
     }
 }
 
@@ -72,7 +117,7 @@ impl FromStr for IfName {
                 .bytes()
                 .any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace());
         if ok {
-            Ok(IfName(s.to_owned()))
+            Ok(IfName::from_valid(s))
         } else {
             Err(BadIfName(s.to_owned()))
         }
@@ -81,7 +126,7 @@ impl FromStr for IfName {
 
 impl fmt::Display for IfName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 

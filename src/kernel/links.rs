@@ -4,7 +4,7 @@
 //!   bridge FDB dump (never one request per link);
 //! - [`execute`]: one [`Change`] of a plan (`Kernel::execute` runs whole plans, many
 //!   requests per `send()`, with the same requests: `exec`);
-//! - [`underlay_for`] / [`local_addresses`]: which local interface holds an address.
+//! - `underlay_on` / [`local_addresses`]: which local interface holds an address.
 //!
 //! Ownership follows [`crate::state::ownership`]: a link is ours when its name has one
 //! of our prefixes *and* its alias starts with `ovl-controller`.
@@ -29,8 +29,8 @@ use netlink_packet_route::neighbour::{
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVxlan};
 
-pub(super) use dump::dump_on;
-pub use dump::{local_addresses, underlay_for};
+pub use dump::local_addresses;
+pub(super) use dump::{dump_on, underlay_on};
 pub(super) use exec::{Indexes, Step, is_link_change, prepare};
 
 use super::KernelError;

@@ -279,7 +279,7 @@ impl Kernel {
 
     /// The local interface holding `addr`, if any.
     pub async fn underlay_for(&self, addr: IpAddr) -> Result<Option<Underlay>, KernelError> {
-        links::underlay_for(&self.route, addr).await
+        links::underlay_on(&mut *self.route_batch.lock().await, addr).await
     }
 
     /// Every address configured on a local interface (for "which node am I").

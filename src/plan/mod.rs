@@ -17,7 +17,7 @@
 mod change;
 mod model;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -102,38 +102,40 @@ pub fn plan(desired: &KernelState, observed: &KernelState) -> Plan {
     let mut out = Vec::new();
 
     // 1. Enforcement: policies, then new SAs (inbound before outbound).
-    let mut puts: Vec<&Policy> = desired
-        .policies
-        .values()
-        .filter(|p| observed.policies.get(&p.id) != Some(*p))
-        .collect();
-    puts.sort_by_key(|p| policy_rank(p));
-    for p in puts {
-        out.push(Change::PutPolicy {
-            policy: p.clone(),
-            replaces: observed.policies.get(&p.id).cloned(),
-        });
-    }
-    let changed_sas: Vec<&Sa> = desired
-        .sas
-        .values()
-        .filter(|sa| {
-            observed
-                .sas
-                .get(&sa.id)
-                .is_some_and(|o| !o.same_install(sa))
+    let mut puts: Vec<(&Policy, Option<&Policy>)> = join(&desired.policies, &observed.policies)
+        .filter_map(|(want, have)| match want {
+            Some(want) if have != Some(want) => Some((want, have)),
+            _ => None,
         })
         .collect();
-    for sa in &changed_sas {
-        // Same SPI but other content: the old one must go before the new one can exist.
-        out.push(Change::DeleteSa(sa.id));
+    puts.sort_by_key(|(p, _)| policy_rank(p));
+    for (p, have) in puts {
+        out.push(Change::PutPolicy {
+            policy: p.clone(),
+            replaces: have.cloned(),
+        });
     }
-    let mut new_sas: Vec<&Sa> = desired
-        .sas
-        .values()
-        .filter(|sa| !observed.sas.get(&sa.id).is_some_and(|o| o.same_install(sa)))
-        .collect();
-    let outbound = outbound_pairs(desired, observed);
+    let (mut new_sas, mut old_sas) = (Vec::new(), Vec::new());
+    for (want, have) in join(&desired.sas, &observed.sas) {
+        match (want, have) {
+            (Some(want), Some(have)) if have.same_install(want) => {}
+            (Some(want), Some(_)) => {
+                // Same SPI but other content: the old one must go before the new one
+                // can exist.
+                out.push(Change::DeleteSa(want.id));
+                new_sas.push(want);
+            }
+            (Some(want), None) => new_sas.push(want),
+            (None, Some(have)) => old_sas.push(have),
+            (None, None) => {}
+        }
+    }
+    // Only a plan that adds or deletes SAs needs to tell their directions apart.
+    let outbound = if new_sas.is_empty() && old_sas.is_empty() {
+        BTreeSet::new()
+    } else {
+        outbound_pairs(desired, observed)
+    };
     let is_outbound = |sa: &Sa| outbound.contains(&(sa.id.src, sa.id.dst));
     new_sas.sort_by_key(|sa| is_outbound(sa));
     out.extend(new_sas.into_iter().map(|sa| Change::AddSa(sa.clone())));
@@ -209,8 +211,8 @@ pub fn plan(desired: &KernelState, observed: &KernelState) -> Plan {
             out.push(Change::DeleteAddress(a.clone()));
         }
     }
-    for a in &desired.addresses {
-        if gone.contains(&a.link) || !observed.addresses.contains(a) {
+    for (a, present) in with_presence(&desired.addresses, &observed.addresses) {
+        if gone.contains(&a.link) || !present {
             out.push(Change::AddAddress(a.clone()));
         }
     }
@@ -219,8 +221,8 @@ pub fn plan(desired: &KernelState, observed: &KernelState) -> Plan {
             out.push(Change::DeleteFdb(e.clone()));
         }
     }
-    for e in &desired.fdb {
-        if gone.contains(&e.link) || !observed.fdb.contains(e) {
+    for (e, present) in with_presence(&desired.fdb, &observed.fdb) {
+        if gone.contains(&e.link) || !present {
             out.push(Change::AddFdb(e.clone()));
         }
     }
@@ -245,22 +247,50 @@ pub fn plan(desired: &KernelState, observed: &KernelState) -> Plan {
 
     // 6. Old SAs (outbound first, so nothing is sent on an SA about to lose its inbound
     //    peer), then policies no longer wanted (pair policies before catch-alls).
-    let mut old_sas: Vec<&Sa> = observed
-        .sas
-        .values()
-        .filter(|sa| !desired.sas.contains_key(&sa.id))
-        .collect();
     old_sas.sort_by_key(|sa| !is_outbound(sa));
     out.extend(old_sas.into_iter().map(|sa| Change::DeleteSa(sa.id)));
-    let mut old_policies: Vec<&Policy> = observed
-        .policies
-        .values()
-        .filter(|p| !desired.policies.contains_key(&p.id))
+    let mut old_policies: Vec<&Policy> = join(&desired.policies, &observed.policies)
+        .filter_map(|(want, have)| if want.is_none() { have } else { None })
         .collect();
     old_policies.sort_by_key(|p| std::cmp::Reverse(policy_rank(p)));
     out.extend(old_policies.into_iter().map(|p| Change::DeletePolicy(p.id)));
 
     Plan { changes: out }
+}
+
+/// Walks two maps together in key order (a merge, linear in their sizes): each key of
+/// either once, with its value on each side. Large plans stay linear; a lookup per
+/// object would cost a tree search each.
+fn join<'a, K: Ord, V>(
+    left: &'a BTreeMap<K, V>,
+    right: &'a BTreeMap<K, V>,
+) -> impl Iterator<Item = (Option<&'a V>, Option<&'a V>)> {
+    let (mut l, mut r) = (left.iter().peekable(), right.iter().peekable());
+    std::iter::from_fn(move || match (l.peek(), r.peek()) {
+        (None, None) => None,
+        (Some(_), None) => l.next().map(|(_, v)| (Some(v), None)),
+        (None, Some(_)) => r.next().map(|(_, v)| (None, Some(v))),
+        (Some((a, _)), Some((b, _))) => match a.cmp(b) {
+            std::cmp::Ordering::Less => l.next().map(|(_, v)| (Some(v), None)),
+            std::cmp::Ordering::Greater => r.next().map(|(_, v)| (None, Some(v))),
+            std::cmp::Ordering::Equal => {
+                let (left, right) = (l.next().map(|(_, v)| v), r.next().map(|(_, v)| v));
+                Some((left, right))
+            }
+        },
+    })
+}
+
+/// Each item of `items` in order, with whether `other` holds it too (a merge, linear).
+fn with_presence<'a, T: Ord>(
+    items: &'a BTreeSet<T>,
+    other: &'a BTreeSet<T>,
+) -> impl Iterator<Item = (&'a T, bool)> {
+    let mut rest = other.iter().peekable();
+    items.iter().map(move |item| {
+        while rest.next_if(|o| *o < item).is_some() {}
+        (item, rest.next_if(|o| *o == item).is_some())
+    })
 }
 
 #[cfg(test)]

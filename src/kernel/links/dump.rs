@@ -11,16 +11,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
-use netlink_packet_core::Parseable;
+use netlink_packet_core::{NLA_TYPE_MASK, NlasIterator, Parseable};
 use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope,
 };
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
-use netlink_packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage,
-};
+use netlink_packet_route::neighbour::NeighbourMessage;
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
 use super::refused;
@@ -69,14 +67,22 @@ pub(in crate::kernel) async fn dump_on(
         let mut query = NeighbourMessage::default();
         query.header.family = AddressFamily::Bridge;
         let request = dump_request(RouteNetlinkMessage::GetNeighbour(query));
-        owned.state.fdb = socket
-            .dump(&request, Secrets::No, BTreeSet::new, |out, reply| {
-                let msg = parse_reply::<NeighbourMessage>(reply, libc::RTM_NEWNEIGH, "neighbour")?;
-                out.extend(owned.fdb_entry(&msg));
+        let mut entries = socket
+            .dump(&request, Secrets::No, Vec::new, |out, reply| {
+                if reply.kind != libc::RTM_NEWNEIGH {
+                    return Err(DumpError::Unexpected(format!(
+                        "message type {} in a neighbour dump",
+                        reply.kind
+                    )));
+                }
+                out.extend(owned.fdb_entry(reply.payload)?);
                 Ok(())
             })
             .await
             .map_err(|e| e.into_kernel(op))?;
+        // One sorted bulk load instead of thousands of tree inserts.
+        entries.sort_unstable();
+        owned.state.fdb = entries.into_iter().collect();
     }
     Ok(owned.finish())
 }
@@ -139,12 +145,16 @@ impl OwnedLinks {
         })
     }
 
-    /// A head-end replication entry of one of our VXLAN devices.
-    fn fdb_entry(&self, msg: &NeighbourMessage) -> Option<FdbEntry> {
-        Some(FdbEntry {
-            link: self.vxlans.get(&msg.header.ifindex)?.clone(),
-            remote: head_end_remote(msg)?,
-        })
+    /// A head-end replication entry of one of our VXLAN devices, from a neighbour
+    /// reply's bytes (see [`head_end_remote`]).
+    fn fdb_entry(&self, payload: &[u8]) -> Result<Option<FdbEntry>, DumpError> {
+        let Some((index, remote)) = head_end_remote(payload)? else {
+            return Ok(None);
+        };
+        Ok(self.vxlans.get(&index).map(|link| FdbEntry {
+            link: link.clone(),
+            remote,
+        }))
     }
 
     fn finish(self) -> KernelState {
@@ -159,28 +169,60 @@ impl OwnedLinks {
     }
 }
 
-/// The local interface holding `addr` (as its local address), with its MTU.
-pub async fn underlay_for(
-    route: &rtnetlink::Handle,
+/// The local interface holding `addr` (as its local address), with its MTU: one
+/// address dump and one link dump on one of `Kernel`'s own sockets (parsed in place;
+/// of the link dump, only the one link's message is decoded).
+pub(in crate::kernel) async fn underlay_on(
+    socket: &mut BatchSocket,
     addr: IpAddr,
 ) -> Result<Option<Underlay>, KernelError> {
     let op = format!("find the interface holding {addr}");
-    let addrs: Vec<AddressMessage> = route
-        .address()
-        .get()
-        .execute()
-        .try_collect()
+    let request = dump_request(RouteNetlinkMessage::GetAddress(AddressMessage::default()));
+    let index = socket
+        .dump(
+            &request,
+            Secrets::No,
+            || None,
+            |found, reply| {
+                let msg = parse_reply::<AddressMessage>(reply, libc::RTM_NEWADDR, "address")?;
+                if found.is_none() && local_of(&msg) == Some(addr) {
+                    *found = Some(msg.header.index);
+                }
+                Ok(())
+            },
+        )
         .await
-        .map_err(|e| refused(&op, e))?;
-    let Some(index) = addrs
-        .iter()
-        .find(|m| local_of(m) == Some(addr))
-        .map(|m| m.header.index)
-    else {
+        .map_err(|e| e.into_kernel(&op))?;
+    let Some(index) = index else {
         return Ok(None);
     };
-    let mut links = route.link().get().match_index(index).execute();
-    let Some(msg) = links.try_next().await.map_err(|e| refused(&op, e))? else {
+    let request = dump_request(RouteNetlinkMessage::GetLink(LinkMessage::default()));
+    let link = socket
+        .dump(
+            &request,
+            Secrets::No,
+            || None,
+            |found, reply| {
+                // struct ifinfomsg: family (1), pad (1), type (2), then the index.
+                let this = reply
+                    .payload
+                    .get(4..8)
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                    .map(u32::from_ne_bytes);
+                if this == Some(index) {
+                    *found = Some(parse_reply::<LinkMessage>(
+                        reply,
+                        libc::RTM_NEWLINK,
+                        "link",
+                    )?);
+                }
+                Ok(())
+            },
+        )
+        .await
+        .map_err(|e| e.into_kernel(&op))?;
+    // Gone between the two dumps: as if the address were not there.
+    let Some(msg) = link else {
         return Ok(None);
     };
     let Some(name) = name_of(&msg) else {
@@ -400,37 +442,174 @@ fn is_ipv6_link_local(a: &Ipv6Addr) -> bool {
     a.segments()[0] & 0xffc0 == 0xfe80
 }
 
-/// The remote of a head-end replication entry: an all-zero MAC with a destination, in
-/// the device's own FDB (NTF_SELF).
-fn head_end_remote(msg: &NeighbourMessage) -> Option<IpAddr> {
-    if msg.header.family != AddressFamily::Bridge || !msg.header.flags.contains(NeighbourFlags::Own)
-    {
-        return None;
+/// The device index and remote of a head-end replication entry (an all-zero MAC with a
+/// destination, in the device's own FDB: NTF_SELF), read straight from a neighbour
+/// reply's bytes. An FDB dump at scale is thousands of entries, most of them ours:
+/// building a `NeighbourMessage` (a vector of attributes) for each was most of the
+/// link half of a dump. `Ok(None)` for any other entry; an error for a malformed one.
+fn head_end_remote(payload: &[u8]) -> Result<Option<(u32, IpAddr)>, DumpError> {
+    // struct ndmsg: family (1), pad (3), ifindex (4), state (2), flags (1), type (1).
+    const NDMSG_LEN: usize = 12;
+    const NTF_SELF: u8 = 0x02;
+    const NDA_DST: u16 = 1;
+    const NDA_LLADDR: u16 = 2;
+    let malformed = || DumpError::Unexpected("an unreadable neighbour message".into());
+    let header = payload.get(..NDMSG_LEN).ok_or_else(malformed)?;
+    let family = header.first().copied().unwrap_or_default();
+    let flags = header.get(10).copied().unwrap_or_default();
+    if i32::from(family) != libc::AF_BRIDGE || flags & NTF_SELF == 0 {
+        return Ok(None);
     }
-    let zero_mac = msg.attributes.iter().any(|a| matches!(a, NeighbourAttribute::LinkLayerAddress(m) if m.len() == 6 && m.iter().all(|b| *b == 0)));
-    if !zero_mac {
-        return None;
+    let index = header
+        .get(4..8)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_ne_bytes)
+        .ok_or_else(malformed)?;
+    let (mut zero_mac, mut remote) = (false, None);
+    for nla in NlasIterator::new(payload.get(NDMSG_LEN..).unwrap_or_default()) {
+        let nla = nla.map_err(|_| malformed())?;
+        match nla.kind() & NLA_TYPE_MASK {
+            NDA_LLADDR => zero_mac = nla.value().len() == 6 && nla.value().iter().all(|b| *b == 0),
+            NDA_DST => remote = ip_from_bytes(nla.value()),
+            _ => {}
+        }
     }
-    msg.attributes.iter().find_map(|a| match a {
-        NeighbourAttribute::Destination(d) => ip_of(d),
-        _ => None,
-    })
+    Ok(remote.filter(|_| zero_mac).map(|r| (index, r)))
 }
 
 /// In bridge-family messages the destination is raw bytes: 4 for IPv4, 16 for IPv6.
-fn ip_of(d: &NeighbourAddress) -> Option<IpAddr> {
-    match d {
-        NeighbourAddress::Inet(a) => Some(IpAddr::V4(*a)),
-        NeighbourAddress::Inet6(a) => Some(IpAddr::V6(*a)),
-        NeighbourAddress::Other(b) => match b.len() {
-            4 => <[u8; 4]>::try_from(b.as_slice())
-                .ok()
-                .map(|o| IpAddr::V4(Ipv4Addr::from(o))),
-            16 => <[u8; 16]>::try_from(b.as_slice())
-                .ok()
-                .map(|o| IpAddr::V6(Ipv6Addr::from(o))),
+fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
+    if let Ok(o) = <[u8; 4]>::try_from(b) {
+        Some(IpAddr::V4(Ipv4Addr::from(o)))
+    } else if let Ok(o) = <[u8; 16]>::try_from(b) {
+        Some(IpAddr::V6(Ipv6Addr::from(o)))
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use netlink_packet_core::Emitable;
+    use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags};
+
+    use super::*;
+
+    /// What the entry means through netlink-packet-route's own parse (the reference
+    /// for [`head_end_remote`], which reads the bytes itself).
+    fn reference(payload: &[u8]) -> Option<(u32, IpAddr)> {
+        let msg = NeighbourMessage::parse(payload).ok()?;
+        if msg.header.family != AddressFamily::Bridge
+            || !msg.header.flags.contains(NeighbourFlags::Own)
+        {
+            return None;
+        }
+        let zero_mac = msg.attributes.iter().any(|a| {
+            matches!(a, NeighbourAttribute::LinkLayerAddress(m) if m.len() == 6 && m.iter().all(|b| *b == 0))
+        });
+        let remote = msg.attributes.iter().find_map(|a| match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+            NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => ip_from_bytes(b),
             _ => None,
-        },
-        _ => None,
+        })?;
+        zero_mac.then_some((msg.header.ifindex, remote))
+    }
+
+    fn entry(
+        family: AddressFamily,
+        flags: NeighbourFlags,
+        attrs: Vec<NeighbourAttribute>,
+    ) -> Vec<u8> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = family;
+        msg.header.ifindex = 7;
+        msg.header.flags = flags;
+        msg.attributes = attrs;
+        let mut bytes = vec![0; msg.buffer_len()];
+        msg.emit(&mut bytes);
+        bytes
+    }
+
+    #[test]
+    fn head_end_entries_read_from_bytes_as_the_parsed_message_says() {
+        use NeighbourAttribute::{Destination, LinkLayerAddress};
+        let v4 = || Destination(NeighbourAddress::Inet(Ipv4Addr::new(198, 18, 0, 2)));
+        let v6 = || {
+            Destination(NeighbourAddress::Inet6(
+                "2001:db8::2".parse().unwrap_or(Ipv6Addr::UNSPECIFIED),
+            ))
+        };
+        let zero = || LinkLayerAddress(vec![0; 6]);
+        let cases = [
+            (
+                entry(
+                    AddressFamily::Bridge,
+                    NeighbourFlags::Own,
+                    vec![zero(), v4()],
+                ),
+                Some((7, IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)))),
+            ),
+            (
+                entry(
+                    AddressFamily::Bridge,
+                    NeighbourFlags::Own,
+                    vec![v6(), zero()],
+                ),
+                Some((
+                    7,
+                    "2001:db8::2"
+                        .parse()
+                        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+                )),
+            ),
+            // Not head-end replication: a MAC, no destination, not the device's own FDB,
+            // another family.
+            (
+                entry(
+                    AddressFamily::Bridge,
+                    NeighbourFlags::Own,
+                    vec![LinkLayerAddress(vec![2, 0, 0, 0, 0, 1]), v4()],
+                ),
+                None,
+            ),
+            (
+                entry(AddressFamily::Bridge, NeighbourFlags::Own, vec![zero()]),
+                None,
+            ),
+            (
+                entry(
+                    AddressFamily::Bridge,
+                    NeighbourFlags::Controller,
+                    vec![zero(), v4()],
+                ),
+                None,
+            ),
+            (
+                entry(AddressFamily::Inet, NeighbourFlags::Own, vec![zero(), v4()]),
+                None,
+            ),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(reference(&bytes), want);
+            assert_eq!(head_end_remote(&bytes).ok().flatten(), want);
+        }
+    }
+
+    #[test]
+    fn malformed_neighbour_replies_are_errors_not_panics() {
+        let bytes = entry(
+            AddressFamily::Bridge,
+            NeighbourFlags::Own,
+            vec![NeighbourAttribute::LinkLayerAddress(vec![0; 6])],
+        );
+        assert!(head_end_remote(&bytes[..5]).is_err());
+        // An attribute header that claims more than there is.
+        let mut cut = bytes.clone();
+        cut.truncate(cut.len() - 4);
+        assert!(head_end_remote(&cut).is_err());
+        for len in 0..bytes.len() {
+            let _ = head_end_remote(&bytes[..len]);
+        }
     }
 }
