@@ -50,7 +50,10 @@
 //! addresses, never keys.
 
 mod exec;
+#[cfg(test)]
+mod legacy;
 mod policy;
+mod reply;
 mod sa;
 #[cfg(test)]
 mod tests;
@@ -105,6 +108,7 @@ pub async fn check_esp(h: &xfrmnetlink::Handle, local: IpAddr) -> Result<(), Ker
 
 /// What a dumped kernel object is to us.
 #[derive(Debug)]
+#[cfg_attr(test, derive(PartialEq))]
 enum Owned<T> {
     /// Not ours: never reported, never touched.
     Foreign,
@@ -116,6 +120,7 @@ enum Owned<T> {
 
 /// Who holds a policy slot that one of our [`PolicyId`]s addresses.
 #[derive(Debug)]
+#[cfg_attr(test, derive(PartialEq))]
 enum Occupant {
     Ours,
     /// Someone else's: never replaced or deleted.
@@ -186,31 +191,6 @@ async fn ack(h: &xfrmnetlink::Handle, message: XfrmMessage) -> Result<(), NlErro
     tokio::time::timeout(REQUEST_TIMEOUT, wait)
         .await
         .map_err(|_| NlError::Timeout)?
-}
-
-/// The payload of a dump reply of type `kind`, checked to hold at least the `min_len`
-/// bytes of its fixed part: netlink-packet-xfrm's parsers slice that part without a
-/// check. Errors name `what` and the sizes, never the bytes (a state holds a key).
-fn checked_payload<'a>(
-    reply: crate::kernel::batch::Reply<'a>,
-    kind: u16,
-    min_len: usize,
-    what: &str,
-) -> Result<&'a [u8], crate::kernel::batch::DumpError> {
-    use crate::kernel::batch::DumpError;
-    if reply.kind != kind {
-        return Err(DumpError::Unexpected(format!(
-            "message type {} in the {what} dump",
-            reply.kind
-        )));
-    }
-    if reply.payload.len() < min_len {
-        return Err(DumpError::Unexpected(format!(
-            "a {what} message of {} bytes",
-            reply.payload.len()
-        )));
-    }
-    Ok(reply.payload)
 }
 
 /// The kernel's address family number for `addr`.

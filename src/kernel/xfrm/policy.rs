@@ -3,19 +3,20 @@
 use std::collections::{BTreeMap, HashMap};
 
 use ipnet::IpNet;
+use netlink_packet_core::parse_u32;
 use netlink_packet_xfrm::policy::{DelGetMessage, ModifyMessage};
 use netlink_packet_xfrm::{
-    Address, IPPROTO_ESP, IPPROTO_UDP, Id, LifetimeConfig, Selector as NlSelector, UserTemplate,
-    XFRM_MODE_TRANSPORT, XFRM_POLICY_ALLOW, XFRM_POLICY_BLOCK, XFRM_POLICY_IN, XFRM_POLICY_OUT,
-    XFRM_POLICY_TYPE_MAIN, XfrmAttrs, XfrmMessage,
+    Address, IPPROTO_ESP, IPPROTO_UDP, Id, LifetimeConfig, Mark, Selector as NlSelector,
+    UserPolicyInfo, UserPolicyType, UserTemplate, XFRM_MODE_TRANSPORT, XFRM_MSG_NEWPOLICY,
+    XFRM_POLICY_ALLOW, XFRM_POLICY_BLOCK, XFRM_POLICY_IN, XFRM_POLICY_OUT, XFRM_POLICY_TYPE_MAIN,
+    XFRM_SEC_CTX_HEADER_LEN, XFRM_USER_POLICY_INFO_LEN, XFRM_USER_TEMPLATE_LEN, XFRMA_IF_ID,
+    XFRMA_MARK, XFRMA_POLICY_TYPE, XFRMA_SEC_CTX, XFRMA_TMPL, XfrmAttrs, XfrmMessage,
 };
 
-use netlink_packet_core::Parseable;
-use netlink_packet_xfrm::{XFRM_MSG_NEWPOLICY, XFRM_USER_POLICY_INFO_LEN};
-
-use super::{Occupant, Owned, checked_payload, family_of, ip_of};
+use super::reply::{self, ReplyError};
+use super::{Occupant, Owned, family_of, ip_of};
 use crate::kernel::KernelError;
-use crate::kernel::batch::{BatchSocket, DumpError, Reply, Secrets, dump_request};
+use crate::kernel::batch::{BatchSocket, Reply, Secrets, dump_request};
 use crate::state::{Direction, Policy, PolicyAction, PolicyId, Selector, ownership};
 
 /// Every policy of ours.
@@ -26,8 +27,8 @@ pub(super) async fn dump(
     let request = dump_request(XfrmMessage::GetPolicy(DelGetMessage::default()));
     socket
         .dump(&request, Secrets::No, BTreeMap::new, |out, reply| {
-            let m = parse_reply(reply)?;
-            match decode(&m) {
+            let read = PolicyReply::parse(reply)?;
+            match decode(&read) {
                 Owned::Foreign => {}
                 Owned::Ours(p) => {
                     if p.reqid == 0 {
@@ -36,7 +37,7 @@ pub(super) async fn dump(
                     out.insert(p.id, p);
                 }
                 Owned::Unaddressable { reason } => {
-                    tracing::warn!(%reason, index = m.user_policy_info.index, "ignoring an XFRM policy with our reqid that we cannot address");
+                    tracing::warn!(%reason, index = read.info.index, "ignoring an XFRM policy with our reqid that we cannot address");
                 }
             }
             Ok(())
@@ -45,16 +46,89 @@ pub(super) async fn dump(
         .map_err(|e| e.into_kernel(op))
 }
 
-/// A policy from a dump reply.
-fn parse_reply(reply: Reply<'_>) -> Result<ModifyMessage, DumpError> {
-    let payload = checked_payload(
-        reply,
-        XFRM_MSG_NEWPOLICY,
-        XFRM_USER_POLICY_INFO_LEN,
-        "policy",
-    )?;
-    ModifyMessage::parse(payload)
-        .map_err(|e| DumpError::Unexpected(format!("an unreadable policy message ({e})")))
+const WHAT: &str = "policy";
+
+/// A policy from a dump reply, read in place: the fixed header copied out, and of the
+/// attributes only what [`decode`] and [`occupant`] look at, borrowed from the reply.
+pub(super) struct PolicyReply<'a> {
+    info: UserPolicyInfo,
+    /// The value of the first template attribute: `xfrm_user_tmpl`s (a trailing partial
+    /// one is ignored, as netlink-packet-xfrm ignored it).
+    templates: Option<&'a [u8]>,
+    /// Why no [`PolicyId`] can address it: the first sub-policy type, mark, interface id
+    /// or security context met.
+    unaddressable: Option<&'static str>,
+}
+
+impl<'a> PolicyReply<'a> {
+    pub(super) fn parse(reply: Reply<'a>) -> Result<PolicyReply<'a>, ReplyError> {
+        let payload = reply::payload(reply, XFRM_MSG_NEWPOLICY, XFRM_USER_POLICY_INFO_LEN, WHAT)?;
+        PolicyReply::read(payload)
+    }
+
+    /// Reads a policy message (`xfrm_userpolicy_info` and attributes).
+    pub(super) fn read(payload: &'a [u8]) -> Result<PolicyReply<'a>, ReplyError> {
+        let short = || ReplyError::Short {
+            what: WHAT,
+            len: payload.len(),
+        };
+        let info = UserPolicyInfo::parse(payload).map_err(|_| short())?;
+        let attrs = payload.get(XFRM_USER_POLICY_INFO_LEN..).ok_or_else(short)?;
+        let mut p = PolicyReply {
+            info,
+            templates: None,
+            unaddressable: None,
+        };
+        for attr in reply::attributes(attrs, WHAT) {
+            let attr = attr?;
+            let value = attr.value;
+            let malformed = || attr.malformed(WHAT);
+            // The length rules are netlink-packet-xfrm's, so what it refused stays refused.
+            let odd = match attr.kind {
+                XFRMA_TMPL => {
+                    p.templates.get_or_insert(value);
+                    None
+                }
+                XFRMA_POLICY_TYPE => {
+                    let t = UserPolicyType::parse(value).map_err(|_| malformed())?;
+                    (t.ptype != XFRM_POLICY_TYPE_MAIN).then_some("sub policy")
+                }
+                XFRMA_MARK => {
+                    let mark = Mark::parse(value).map_err(|_| malformed())?;
+                    (mark.value != 0 || mark.mask != 0).then_some("marked")
+                }
+                XFRMA_IF_ID => {
+                    let id = parse_u32(value).map_err(|_| malformed())?;
+                    (id != 0).then_some("has an interface id")
+                }
+                XFRMA_SEC_CTX => {
+                    if value.len() < XFRM_SEC_CTX_HEADER_LEN {
+                        return Err(malformed());
+                    }
+                    Some("has a security context")
+                }
+                _ => None,
+            };
+            if p.unaddressable.is_none() {
+                p.unaddressable = odd;
+            }
+        }
+        Ok(p)
+    }
+
+    fn templates(&self) -> impl Iterator<Item = UserTemplate> + '_ {
+        self.templates
+            .unwrap_or_default()
+            .chunks_exact(XFRM_USER_TEMPLATE_LEN)
+            // Cannot fail on a whole template.
+            .filter_map(|t| UserTemplate::parse(t).ok())
+    }
+
+    fn owned_reqid(&self) -> Option<u32> {
+        self.templates()
+            .map(|t| t.reqid)
+            .find(|r| ownership::is_owned_reqid(*r))
+    }
 }
 
 /// Who holds each policy slot one of our [`PolicyId`]s can address, from one dump.
@@ -70,7 +144,7 @@ pub(super) async fn occupants(
     let request = dump_request(XfrmMessage::GetPolicy(DelGetMessage::default()));
     socket
         .dump(&request, Secrets::No, HashMap::new, |out, reply| {
-            if let Some((id, occupant)) = occupant(&parse_reply(reply)?) {
+            if let Some((id, occupant)) = occupant(&PolicyReply::parse(reply)?) {
                 out.insert(id, occupant);
             }
             Ok(())
@@ -79,27 +153,22 @@ pub(super) async fn occupants(
         .map_err(|e| e.into_kernel(op))
 }
 
-fn occupant(m: &ModifyMessage) -> Option<(PolicyId, Occupant)> {
-    for attr in &m.nlas {
-        match attr {
-            XfrmAttrs::PolicyType(t) if t.ptype != XFRM_POLICY_TYPE_MAIN => return None,
-            XfrmAttrs::Mark(mark) if mark.value != 0 || mark.mask != 0 => return None,
-            XfrmAttrs::IfId(id) if *id != 0 => return None,
-            XfrmAttrs::SecurityContext(_) => return None,
-            _ => {}
-        }
+/// The slot a policy holds and who holds it; `None` when none of our ids can name it.
+pub(super) fn occupant(p: &PolicyReply<'_>) -> Option<(PolicyId, Occupant)> {
+    if p.unaddressable.is_some() {
+        return None;
     }
-    let info = &m.user_policy_info;
+    let info = &p.info;
     let dir = match info.direction {
         XFRM_POLICY_IN => Direction::In,
         XFRM_POLICY_OUT => Direction::Out,
         _ => return None,
     };
     let selector = decode_selector(&info.selector)?;
-    let occupant = if owned_reqid(m).is_some() {
+    let occupant = if p.owned_reqid().is_some() {
         Occupant::Ours
     } else {
-        let reqids: Vec<String> = templates(m).iter().map(|t| t.reqid.to_string()).collect();
+        let reqids: Vec<String> = p.templates().map(|t| t.reqid.to_string()).collect();
         Occupant::Foreign {
             detail: if reqids.is_empty() {
                 "it has no template".to_owned()
@@ -235,44 +304,17 @@ pub(super) fn encode(p: &Policy) -> Result<ModifyMessage, String> {
     Ok(m)
 }
 
-fn templates(m: &ModifyMessage) -> &[UserTemplate] {
-    m.nlas
-        .iter()
-        .find_map(|a| match a {
-            XfrmAttrs::Template(t) => Some(t.as_slice()),
-            _ => None,
-        })
-        .unwrap_or(&[])
-}
-
-fn owned_reqid(m: &ModifyMessage) -> Option<u32> {
-    templates(m)
-        .iter()
-        .map(|t| t.reqid)
-        .find(|r| ownership::is_owned_reqid(*r))
-}
-
-/// Reads a policy from a dump or GET reply.
-pub(super) fn decode(m: &ModifyMessage) -> Owned<Policy> {
-    let Some(reqid) = owned_reqid(m) else {
+/// Reads a policy from a dump reply.
+pub(super) fn decode(p: &PolicyReply<'_>) -> Owned<Policy> {
+    let Some(reqid) = p.owned_reqid() else {
         return Owned::Foreign;
     };
-    let info = &m.user_policy_info;
+    let info = &p.info;
     let unaddressable = |reason: &str| Owned::Unaddressable {
         reason: format!("reqid {reqid}: {reason}"),
     };
-    for attr in &m.nlas {
-        match attr {
-            XfrmAttrs::PolicyType(t) if t.ptype != XFRM_POLICY_TYPE_MAIN => {
-                return unaddressable("sub policy");
-            }
-            XfrmAttrs::Mark(mark) if mark.value != 0 || mark.mask != 0 => {
-                return unaddressable("marked");
-            }
-            XfrmAttrs::IfId(id) if *id != 0 => return unaddressable("has an interface id"),
-            XfrmAttrs::SecurityContext(_) => return unaddressable("has a security context"),
-            _ => {}
-        }
+    if let Some(reason) = p.unaddressable {
+        return unaddressable(reason);
     }
     let dir = match info.direction {
         XFRM_POLICY_IN => Direction::In,
@@ -283,19 +325,14 @@ pub(super) fn decode(m: &ModifyMessage) -> Owned<Policy> {
         return unaddressable("selector is not UDP to one destination port");
     };
 
-    let ts = templates(m);
-    let t = ts
-        .iter()
-        .find(|t| t.reqid == reqid)
-        .copied()
-        .unwrap_or_default();
+    let t = p.templates().find(|t| t.reqid == reqid).unwrap_or_default();
     let addr = |a: &Address| ip_of(info.selector.family, a).filter(|ip| !ip.is_unspecified());
     let (src, dst) = (addr(&t.saddr), addr(&t.id.daddr));
     let action = match info.action {
         XFRM_POLICY_BLOCK => PolicyAction::Block,
         _ => PolicyAction::Esp { src, dst },
     };
-    let as_installed = ts.len() == 1
+    let as_installed = p.templates().count() == 1
         && t.id.proto == IPPROTO_ESP
         && t.id.spi == 0
         && t.mode == XFRM_MODE_TRANSPORT
@@ -343,7 +380,7 @@ mod dump_tests {
     }
 
     #[test]
-    fn dump_replies_parse_as_the_kernel_lays_them_out() {
+    fn dump_replies_read_as_the_kernel_lays_them_out() {
         let p = policy();
         let m = encode(&p).unwrap();
         let mut bytes = vec![0; m.buffer_len()];
@@ -352,9 +389,10 @@ mod dump_tests {
             kind: XFRM_MSG_NEWPOLICY,
             payload: &bytes,
         };
-        let parsed = parse_reply(reply).unwrap();
-        assert_eq!(parsed, m);
-        assert!(matches!(decode(&parsed), Owned::Ours(q) if q == p));
+        let read = PolicyReply::parse(reply).unwrap();
+        assert_eq!(read.info, m.user_policy_info);
+        assert!(matches!(decode(&read), Owned::Ours(q) if q == p));
+        assert!(matches!(occupant(&read), Some((id, Occupant::Ours)) if id == p.id));
     }
 
     #[test]
@@ -366,9 +404,10 @@ mod dump_tests {
             (XFRM_MSG_NEWPOLICY + 1, &bytes[..]),
             (XFRM_MSG_NEWPOLICY, &bytes[..XFRM_USER_POLICY_INFO_LEN - 1]),
             (XFRM_MSG_NEWPOLICY, &[][..]),
+            (XFRM_MSG_NEWPOLICY, &bytes[..bytes.len() - 1]),
         ] {
             let reply = Reply { kind, payload };
-            assert!(matches!(parse_reply(reply), Err(DumpError::Unexpected(_))));
+            assert!(PolicyReply::parse(reply).is_err(), "{}", payload.len());
         }
     }
 }

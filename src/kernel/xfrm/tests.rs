@@ -1,6 +1,8 @@
 //! Encoding and decoding without a kernel. What the kernel itself makes of these
 //! messages is tested under UML by `integration/kernel_xfrm.rs`.
 
+mod dump_parse;
+
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -9,11 +11,13 @@ use netlink_packet_xfrm::{
     XFRM_POLICY_ALLOW, XFRM_POLICY_BLOCK, XFRM_POLICY_FWD, XFRM_STATE_ESN, XfrmAttrs,
 };
 
-use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST};
+use netlink_packet_core::{Emitable, NLM_F_ACK, NLM_F_REQUEST};
+use netlink_packet_xfrm::policy::ModifyMessage as PolicyMessage;
+use netlink_packet_xfrm::state::ModifyMessage as StateMessage;
 
 use super::exec::Ownership;
 use super::sa::SaOccupant;
-use super::{Owned, policy, sa};
+use super::{Owned, legacy, policy, sa};
 use crate::kernel::KernelError;
 use crate::keys::{SA_KEY_LEN, SaKey};
 use crate::plan::Change;
@@ -102,6 +106,35 @@ fn policies() -> Vec<Policy> {
     ]
 }
 
+/// Emits `m` as the kernel sends it in a dump.
+fn emitted(m: &impl Emitable) -> Vec<u8> {
+    let mut bytes = vec![0; m.buffer_len()];
+    m.emit(&mut bytes);
+    bytes
+}
+
+/// Decodes `m` as a policy dump reply, read in place; checks that the decoding of
+/// whole `ModifyMessage`s it replaced agrees.
+fn decode_policy(m: &PolicyMessage) -> Owned<Policy> {
+    let bytes = emitted(m);
+    let read = policy::PolicyReply::read(&bytes).unwrap();
+    let decoded = policy::decode(&read);
+    assert_eq!(decoded, legacy::policy::decode(m));
+    assert_eq!(policy::occupant(&read), legacy::policy::occupant(m));
+    decoded
+}
+
+/// Decodes `m` as a state dump reply, read in place; checks that the decoding of whole
+/// `ModifyMessage`s it replaced agrees.
+fn decode_sa(m: &StateMessage) -> Owned<Sa> {
+    let bytes = emitted(m);
+    let read = sa::StateReply::read(&bytes).unwrap();
+    let decoded = sa::decode(&read);
+    assert_eq!(decoded, legacy::sa::decode(m));
+    assert_eq!(sa::occupant(&read), legacy::sa::occupant(m));
+    decoded
+}
+
 fn ours<T: std::fmt::Debug>(o: Owned<T>) -> T {
     match o {
         Owned::Ours(t) => t,
@@ -113,7 +146,7 @@ fn ours<T: std::fmt::Debug>(o: Owned<T>) -> T {
 fn policies_round_trip() {
     for p in policies() {
         let m = policy::encode(&p).unwrap();
-        assert_eq!(ours(policy::decode(&m)), p);
+        assert_eq!(ours(decode_policy(&m)), p);
     }
 }
 
@@ -168,10 +201,10 @@ fn foreign_and_odd_policies() {
     if let XfrmAttrs::Template(t) = &mut m.nlas[0] {
         t[0].reqid = 1;
     }
-    assert!(matches!(policy::decode(&m), Owned::Foreign));
+    assert!(matches!(decode_policy(&m), Owned::Foreign));
     m.nlas.clear();
     assert!(
-        matches!(policy::decode(&m), Owned::Foreign),
+        matches!(decode_policy(&m), Owned::Foreign),
         "no template, no owner"
     );
 
@@ -180,7 +213,7 @@ fn foreign_and_odd_policies() {
     if let XfrmAttrs::Template(t) = &mut m.nlas[0] {
         t[0].optional = 1;
     }
-    let got = ours(policy::decode(&m));
+    let got = ours(decode_policy(&m));
     assert_eq!(got.reqid, 0);
     assert_eq!(Policy { reqid: R, ..got }, *p);
 
@@ -188,22 +221,22 @@ fn foreign_and_odd_policies() {
     if let XfrmAttrs::Template(t) = &mut m.nlas[0] {
         t[0].mode = XFRM_MODE_TUNNEL;
     }
-    assert_eq!(ours(policy::decode(&m)).reqid, 0);
+    assert_eq!(ours(decode_policy(&m)).reqid, 0);
 
     let mut m = policy::encode(p).unwrap();
     m.nlas.push(XfrmAttrs::Mark(Mark {
         value: 1,
         mask: 0xff,
     }));
-    assert!(matches!(policy::decode(&m), Owned::Unaddressable { .. }));
+    assert!(matches!(decode_policy(&m), Owned::Unaddressable { .. }));
 
     let mut m = policy::encode(p).unwrap();
     m.user_policy_info.direction = XFRM_POLICY_FWD;
-    assert!(matches!(policy::decode(&m), Owned::Unaddressable { .. }));
+    assert!(matches!(decode_policy(&m), Owned::Unaddressable { .. }));
 
     let mut m = policy::encode(p).unwrap();
     m.user_policy_info.selector.sport_mask = 0xffff;
-    assert!(matches!(policy::decode(&m), Owned::Unaddressable { .. }));
+    assert!(matches!(decode_policy(&m), Owned::Unaddressable { .. }));
 }
 
 #[test]
@@ -253,7 +286,7 @@ fn sas_round_trip() {
         an_sa("2001:db8::1", "2001:db8::2", limits),
     ] {
         let m = sa::encode(&s).unwrap();
-        assert_eq!(ours(sa::decode(&m)), s);
+        assert_eq!(ours(decode_sa(&m)), s);
     }
 }
 
@@ -315,26 +348,26 @@ fn odd_and_foreign_sas() {
     let s = an_sa("192.0.2.1", "192.0.2.2", Lifetime::default());
     let mut m = sa::encode(&s).unwrap();
     m.user_sa_info.reqid = 1;
-    assert!(matches!(sa::decode(&m), Owned::Foreign));
+    assert!(matches!(decode_sa(&m), Owned::Foreign));
 
     // A larval state (after ALLOCSPI) has no key yet.
     let mut m = sa::encode(&s).unwrap();
     m.nlas
         .retain(|a| !matches!(a, XfrmAttrs::EncryptionAlgAead(_)));
-    let got = ours(sa::decode(&m));
+    let got = ours(decode_sa(&m));
     assert_eq!((got.id, got.reqid), (s.id, 0));
     assert_eq!(got.key.expose(), &[0; SA_KEY_LEN]);
 
     let mut m = sa::encode(&s).unwrap();
     m.user_sa_info.flags = 0;
-    assert_eq!(ours(sa::decode(&m)).reqid, 0);
+    assert_eq!(ours(decode_sa(&m)).reqid, 0);
 
     let mut m = sa::encode(&s).unwrap();
     m.nlas.push(XfrmAttrs::Mark(Mark {
         value: 5,
         mask: 0xff,
     }));
-    assert!(matches!(sa::decode(&m), Owned::Unaddressable { .. }));
+    assert!(matches!(decode_sa(&m), Owned::Unaddressable { .. }));
 
     let mut bad = s.clone();
     bad.reqid = 0;
