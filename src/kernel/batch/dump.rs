@@ -270,9 +270,20 @@ impl Part<'_> {
 impl Drop for Part<'_> {
     fn drop(&mut self) {
         if self.secrets == Secrets::Zeroize {
-            self.bytes.zeroize();
+            zeroize_fast(self.bytes);
         }
     }
+}
+
+/// `bytes.zeroize()`, a word at a time: `zeroize` writes a `[u8]` one volatile byte
+/// at a time, and a state dump at 1000 peers is ~1 MB of replies to scrub.
+fn zeroize_fast(bytes: &mut [u8]) {
+    // SAFETY: every bit pattern is a valid u64, and `align_to_mut` only hands out the
+    // aligned middle as u64s; the unaligned ends stay bytes.
+    let (head, words, tail) = unsafe { bytes.align_to_mut::<u64>() };
+    head.zeroize();
+    words.zeroize();
+    tail.zeroize();
 }
 
 /// Hands the replies to our request (`seq`) in one datagram to `each`; `Ok(true)` once
@@ -445,5 +456,14 @@ mod tests {
             secrets: Secrets::No,
         });
         assert!(buf[32..].iter().all(|b| *b == 7));
+        // Any alignment and length: every byte zeroed, none beyond.
+        for start in 0..9 {
+            for end in start..40 {
+                let mut buf = [7u8; 48];
+                zeroize_fast(&mut buf[start..end]);
+                assert!(buf[start..end].iter().all(|b| *b == 0));
+                assert!(buf[..start].iter().chain(&buf[end..]).all(|b| *b == 7));
+            }
+        }
     }
 }
