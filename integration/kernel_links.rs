@@ -658,3 +658,77 @@ fn underlay_and_local_addresses() {
         );
     });
 }
+
+/// A watched `Kernel` (as the agent has) answers a read from its last full read only
+/// while the kernel announces no change: each kind of change made by hand (a link's
+/// MTU, an address, an FDB entry, an XFRM policy, a link that is not even ours) makes
+/// the next read a full one that shows it, and the read after that is reused again.
+#[test]
+fn watched_view_is_reused_only_while_the_kernel_is_quiet() {
+    in_netns("watch", |ctx| async move {
+        add_underlay(&ctx.ns, &V4);
+        let (changes, _) = network(&V4);
+        ctx.apply(&changes).await;
+        let watched = Kernel::connect_watched().unwrap_or_else(|e| panic!("{e}"));
+        let read = async || watched.dump().await.unwrap_or_else(|e| panic!("{e}"));
+        let full_read = async || ctx.kernel.dump().await.unwrap_or_else(|e| panic!("{e}"));
+        let stats = || watched.watch_stats().unwrap_or_else(|| panic!("no watch"));
+
+        let first = read().await;
+        assert_eq!((stats().full, stats().reused), (1, 0));
+        assert_eq!(read().await, first);
+        assert_eq!(read().await, first);
+        assert_eq!(
+            (stats().full, stats().reused),
+            (1, 2),
+            "a quiet kernel is not read again"
+        );
+        assert_eq!(
+            ctx.kernel.watch_stats(),
+            None,
+            "Kernel::connect keeps no view"
+        );
+
+        // (command, whether the change shows in our model: an XFRM policy in a form we
+        // never install, or a link of someone else's, must still cause a full read).
+        let by_hand = [
+            ("ip link set ovbr-4097 mtu 1300", true),
+            ("ip addr add 10.77.0.1/24 dev ovbr-4097", true),
+            (
+                "bridge fdb append 00:00:00:00:00:00 dev ovvx-4097 dst 192.0.2.77",
+                true,
+            ),
+            (
+                "ip xfrm policy add src 192.0.2.1/32 dst 192.0.2.77/32 dir out priority 5",
+                false,
+            ),
+            ("ip link add ext7 type bridge", false),
+        ];
+        let mut before = first;
+        for (i, (command, visible)) in by_hand.into_iter().enumerate() {
+            let (tool, args) = command
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("{command}"));
+            match tool {
+                "ip" => ctx.ns.ip(args),
+                _ => ctx.ns.bridge(args),
+            };
+            let after = read().await;
+            let full = 2 + i as u64;
+            assert_eq!(stats().full, full, "{command}: must be read again");
+            assert_eq!(
+                after,
+                full_read().await,
+                "{command}: the read is the kernel's"
+            );
+            assert_eq!(
+                after != before,
+                visible,
+                "{command}: seen in the model or not"
+            );
+            assert_eq!(read().await, after);
+            assert_eq!(stats().full, full, "{command}: then quiet again");
+            before = after;
+        }
+    });
+}

@@ -648,3 +648,52 @@ fn check_esp_agrees_with_ip_xfrm() {
     }
     assert_eq!(ns.ip("xfrm state"), "", "no state left");
 }
+
+/// A watched `Kernel` (as the agent has) sees every SA change, its own or made by hand
+/// (deleted, added in a form we never install, flushed), and answers from its kept
+/// view only while nothing changed.
+#[test]
+fn esp_watched_view_sees_every_sa_change() {
+    let ns = netns();
+    ns.require_esp();
+    let good = sa(A, B, 0x5101, 128, Lifetime::default());
+    let key = hex(&good.key);
+    let ns = &ns;
+    ns.block_on(move || async move {
+        let k = ovl::kernel::Kernel::connect_watched().expect("connect_watched");
+        let read = async || k.dump().await.expect("dump");
+        let full = || k.watch_stats().expect("watch").full;
+        assert!(read().await.sas.is_empty());
+        k.execute(&[Change::AddSa(good.clone())])
+            .await
+            .expect("execute");
+        let one = read().await;
+        assert_eq!(
+            one.sas,
+            by_id_s(std::slice::from_ref(&good)),
+            "our own write is seen"
+        );
+        assert_eq!(read().await, one);
+        assert_eq!(full(), 2, "a quiet kernel is not read again");
+
+        ns.ip(&format!(
+            "xfrm state delete src {A} dst {B} proto esp spi 0x5101"
+        ));
+        assert!(read().await.sas.is_empty(), "a deletion by hand is seen");
+        ns.ip(&format!(
+            "xfrm state add src {A} dst {B} proto esp spi 0x5102 reqid {R} mode transport flag esn \
+             replay-window 128 aead 'rfc4106(gcm(aes))' 0x{key} 64 sel src {A}/32 dst {B}/32"
+        ));
+        let odd = read().await;
+        assert_eq!(
+            odd.sas.values().map(|s| s.reqid).collect::<Vec<_>>(),
+            [0],
+            "{odd:?}"
+        );
+        ns.ip("xfrm state flush");
+        assert!(read().await.sas.is_empty(), "a flush is seen");
+        assert_eq!(full(), 5);
+        assert!(read().await.sas.is_empty());
+        assert_eq!(full(), 5);
+    });
+}

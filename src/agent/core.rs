@@ -159,7 +159,7 @@ pub(crate) fn encrypted_peers<'s>(spec: &'s Spec, me: &NodeName) -> BTreeMap<Nod
 impl Agent {
     pub(crate) async fn start(config: AgentConfig) -> Result<Agent, AgentError> {
         let identity = Arc::new(Identity::load(&config.key)?);
-        let kernel = Kernel::connect()?;
+        let kernel = Kernel::connect_watched()?;
         let spec = config.spec;
         let node = reconcile::identify_node(&spec, config.node.as_deref(), &kernel)
             .await?

@@ -10,7 +10,10 @@ mod batch;
 pub mod counters;
 pub mod links;
 pub mod monitor;
+mod watch;
 pub mod xfrm;
+
+pub use watch::WatchStats;
 
 use std::net::IpAddr;
 
@@ -105,6 +108,9 @@ pub struct Kernel {
     esp_ok: std::sync::Mutex<std::collections::BTreeSet<bool>>,
     /// Where [`Kernel::execute`] reports how far it got (see [`Kernel::set_progress`]).
     progress: std::sync::Mutex<Option<crate::progress::Sink>>,
+    /// The last full read, kept while the kernel announces no change (see `watch`);
+    /// only for a long-lived `Kernel` ([`Kernel::connect_watched`]).
+    watch: Option<std::sync::Mutex<watch::Watch>>,
 }
 
 impl Kernel {
@@ -126,7 +132,25 @@ impl Kernel {
             xfrm_batch: tokio::sync::Mutex::new(xfrm_batch),
             esp_ok: Default::default(),
             progress: Default::default(),
+            watch: None,
         })
+    }
+
+    /// [`Kernel::connect`], and [`Kernel::dump`] answers from its last full read while
+    /// the kernel's change notifications say that nothing changed since (see `watch`).
+    /// For the agent, which reads the kernel on every pass.
+    pub fn connect_watched() -> Result<Kernel, KernelError> {
+        let mut kernel = Kernel::connect()?;
+        let watch = watch::Watch::open().map_err(KernelError::Connect)?;
+        kernel.watch = Some(std::sync::Mutex::new(watch));
+        Ok(kernel)
+    }
+
+    /// How often [`Kernel::dump`] reused its kept view and read in full (`None`
+    /// without a watch).
+    pub fn watch_stats(&self) -> Option<WatchStats> {
+        let watch = self.watch.as_ref()?.lock().ok()?;
+        Some(watch.stats())
     }
 
     /// Usage counters of our SAs (a separate dump: counters never enter a plan).
@@ -137,8 +161,28 @@ impl Kernel {
         counters::sa_counters(&self.xfrm).await
     }
 
-    /// Everything the controller owns in this namespace.
+    /// Everything the controller owns in this namespace. With a watch
+    /// ([`Kernel::connect_watched`]), the last full read when the kernel has announced
+    /// no change since it started.
     pub async fn dump(&self) -> Result<KernelState, KernelError> {
+        let Some(watch) = &self.watch else {
+            return self.dump_full().await;
+        };
+        let started = std::time::Instant::now();
+        // Drains the notifications either way: a change from now on invalidates the
+        // read below.
+        if let Some(state) = watch.lock().ok().and_then(|mut w| w.reuse()) {
+            return Ok(state);
+        }
+        let state = self.dump_full().await?;
+        if let Ok(mut w) = watch.lock() {
+            w.keep(&state, started);
+        }
+        Ok(state)
+    }
+
+    /// Every object we own, read from the kernel.
+    async fn dump_full(&self) -> Result<KernelState, KernelError> {
         let started = debug_clock();
         // On the batch sockets: parsed in place, no copy per message (see `batch::dump`).
         let mut state = links::dump_on(&mut *self.route_batch.lock().await).await?;
