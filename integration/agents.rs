@@ -134,6 +134,18 @@ fn a_four_agents_agree_keys_and_every_pair_pings() {
             && metrics.contains("ovl_peer_connected{peer=\"node-b\"} 1"),
         "{metrics}"
     );
+    // The agent reads the kernel in full at least once (then reuses its view while the
+    // kernel stays quiet).
+    let reads = |kind: &str| -> u64 {
+        let prefix = format!("ovl_kernel_reads_total{{kind=\"{kind}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {kind} kernel reads in:\n{metrics}"))
+    };
+    assert!(reads("full") >= 1, "{metrics}");
+    let _ = reads("reused");
     let kernel = ok(&format!("ip -n {} -s xfrm state", c.node("node-a").ns));
     let mut checked = 0;
     for block in format!("\n{kernel}")

@@ -409,6 +409,7 @@ impl Agent {
                         self.reconciles,
                         self.reconcile_failures,
                         self.kernel_changes,
+                        self.kernel.watch_stats().unwrap_or_default(),
                     ),
                     Err(e) => format!("# status unavailable: {e}\novl_agent_up 1\n"),
                 };

@@ -71,6 +71,7 @@ pub fn render(
     reconciles: u64,
     reconcile_failures: u64,
     kernel_changes: u64,
+    kernel_reads: crate::kernel::WatchStats,
 ) -> String {
     let mut out = String::new();
     let mut metric = |name: &str, help: &str, kind: &str| {
@@ -91,6 +92,12 @@ pub fn render(
     metric(
         "ovl_kernel_changes_total",
         "Kernel changes applied by reconcile passes.",
+        "counter",
+    );
+    metric(
+        "ovl_kernel_reads_total",
+        "Reads of the kernel's objects: full, or answered from the kept view while the kernel \
+         announced no change.",
         "counter",
     );
     metric(
@@ -138,6 +145,16 @@ pub fn render(
     let _ = writeln!(out, "ovl_reconciles_total {reconciles}");
     let _ = writeln!(out, "ovl_reconcile_failures_total {reconcile_failures}");
     let _ = writeln!(out, "ovl_kernel_changes_total {kernel_changes}");
+    let _ = writeln!(
+        out,
+        "ovl_kernel_reads_total{{kind=\"full\"}} {}",
+        kernel_reads.full
+    );
+    let _ = writeln!(
+        out,
+        "ovl_kernel_reads_total{{kind=\"reused\"}} {}",
+        kernel_reads.reused
+    );
     let _ = writeln!(out, "ovl_networks {}", status.networks.len());
     for p in agent.map(|a| a.peers.as_slice()).unwrap_or_default() {
         let peer = label(&p.name);
