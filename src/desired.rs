@@ -184,9 +184,9 @@ pub fn build(
             encrypted_peers.extend(peers(&index, net, me).map(|n| n.address));
         }
     }
+    state.fdb = fdb.into_iter().collect();
     // Enforcement stays in place whenever the node has an encrypted network in the spec,
     // even one that is not brought up: nothing on the encrypted port leaves in plaintext.
-    state.fdb = fdb.into_iter().collect();
     if any_encrypted {
         add_enforcement(spec, local, &encrypted_peers, keys, &mut state);
     }

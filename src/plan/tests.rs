@@ -375,3 +375,26 @@ fn inbound_sa_is_added_before_outbound_and_removed_after() {
     );
     assert!(del_out < del_in && del_in < del_block, "{back}");
 }
+
+proptest! {
+    /// The merges the plan is built on agree with lookups: `join` yields every key of
+    /// either map once, in order, with its value on each side; `with_presence` says for
+    /// each item whether the other set holds it.
+    #[test]
+    fn merges_agree_with_lookups(
+        left in proptest::collection::btree_map(0u16..64, any::<u8>(), 0..40),
+        right in proptest::collection::btree_map(0u16..64, any::<u8>(), 0..40),
+    ) {
+        let joined: Vec<(Option<&u8>, Option<&u8>)> = join(&left, &right).collect();
+        let keys: BTreeSet<&u16> = left.keys().chain(right.keys()).collect();
+        let expected: Vec<(Option<&u8>, Option<&u8>)> =
+            keys.iter().map(|k| (left.get(*k), right.get(*k))).collect();
+        prop_assert_eq!(joined, expected);
+
+        let items: BTreeSet<u16> = left.keys().copied().collect();
+        let other: BTreeSet<u16> = right.keys().copied().collect();
+        let presence: Vec<(&u16, bool)> = with_presence(&items, &other).collect();
+        let expected: Vec<(&u16, bool)> = items.iter().map(|i| (i, other.contains(i))).collect();
+        prop_assert_eq!(presence, expected);
+    }
+}
