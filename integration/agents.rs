@@ -122,13 +122,16 @@ fn a_four_agents_agree_keys_and_every_pair_pings() {
         "{table}"
     );
 
-    // Prometheus metrics on loopback match the kernel's own counters (the SAs are idle
-    // now: control traffic does not use them).
+    // Prometheus metrics on loopback match the kernel's own counters: each SA's packet
+    // count in the scrape lies between the kernel's count just before and just after it
+    // (the SAs are nearly idle, but a late packet of the overlay may still pass).
     std::thread::sleep(Duration::from_millis(500));
+    let ns_a = c.node("node-a").ns.clone();
+    let before = sa_packets(&ok(&format!("ip -n {ns_a} -s xfrm state")));
     let metrics = ok(&format!(
-        "ip netns exec {} python3 -c 'import urllib.request;print(urllib.request.urlopen(\"http://127.0.0.1:9477/metrics\").read().decode())'",
-        c.node("node-a").ns
+        "ip netns exec {ns_a} python3 -c 'import urllib.request;print(urllib.request.urlopen(\"http://127.0.0.1:9477/metrics\").read().decode())'"
     ));
+    let after = sa_packets(&ok(&format!("ip -n {ns_a} -s xfrm state")));
     assert!(
         metrics.contains("ovl_agent_up 1")
             && metrics.contains("ovl_peer_connected{peer=\"node-b\"} 1"),
@@ -146,8 +149,26 @@ fn a_four_agents_agree_keys_and_every_pair_pings() {
     };
     assert!(reads("full") >= 1, "{metrics}");
     let _ = reads("reused");
-    let kernel = ok(&format!("ip -n {} -s xfrm state", c.node("node-a").ns));
-    let mut checked = 0;
+    assert_eq!(before.len(), 6, "{before:?}");
+    for (labels, low) in &before {
+        let prefix = format!("ovl_sa_packets{{{labels}}} ");
+        let shown: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("metrics should have {prefix}:\n{metrics}"));
+        let high = after.get(labels).copied().unwrap_or_default();
+        assert!(
+            (*low..=high).contains(&shown),
+            "{prefix}{shown}: the kernel said {low} before the scrape and {high} after:\n{metrics}"
+        );
+    }
+}
+
+/// Packets per ESP SA in `ip -s xfrm state` output, keyed by the metrics' labels
+/// (`src="..",dst="..",spi=".."`).
+fn sa_packets(kernel: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
     for block in format!("\n{kernel}")
         .split("\nsrc ")
         .filter(|b| b.contains("proto esp"))
@@ -169,14 +190,12 @@ fn a_four_agents_agree_keys_and_every_pair_pings() {
             .and_then(|t| t.split("(packets)").next())
             .map(|t| t.trim().parse().unwrap())
             .unwrap();
-        let line = format!("ovl_sa_packets{{src=\"{src}\",dst=\"{dst}\",spi=\"{spi}\"}} {packets}");
-        assert!(
-            metrics.contains(&line),
-            "metrics should say {line}:\n{metrics}"
+        out.insert(
+            format!("src=\"{src}\",dst=\"{dst}\",spi=\"{spi}\""),
+            packets,
         );
-        checked += 1;
     }
-    assert_eq!(checked, 6);
+    out
 }
 
 #[test]
