@@ -357,18 +357,19 @@ fn aligned(len: usize) -> usize {
     len.div_ceil(4) * 4
 }
 
+/// The native-endian u32 at `at` of a netlink message, if `bytes` reaches that far.
+pub(in crate::kernel) fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
+    let b: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
+    Some(u32::from_ne_bytes(b))
+}
+
 /// The (sequence number, errno) of every `NLMSG_ERROR` in a datagram; other messages and
 /// anything malformed are skipped.
 fn acks(datagram: &[u8]) -> Vec<(u32, i32)> {
     let mut out = Vec::new();
     let mut rest = datagram;
     while rest.len() >= NLMSG_HDRLEN {
-        let u32_at = |at: usize| {
-            rest.get(at..at + 4)
-                .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                .map(u32::from_ne_bytes)
-        };
-        let (Some(len), Some(seq)) = (u32_at(0), u32_at(8)) else {
+        let (Some(len), Some(seq)) = (u32_at(rest, 0), u32_at(rest, 8)) else {
             break;
         };
         let len = len as usize;
@@ -380,7 +381,7 @@ fn acks(datagram: &[u8]) -> Vec<(u32, i32)> {
             .and_then(|b| <[u8; 2]>::try_from(b).ok())
             .map(u16::from_ne_bytes);
         if kind == Some(NLMSG_ERROR)
-            && let Some(code) = u32_at(NLMSG_HDRLEN)
+            && let Some(code) = u32_at(rest, NLMSG_HDRLEN)
         {
             // The kernel sends -errno; 0 is the ACK.
             out.push((seq, (code as i32).saturating_abs()));
@@ -441,6 +442,14 @@ fn get_int(fd: i32, option: libc::c_int) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn u32_at_is_bounds_checked() {
+        let bytes = 7u32.to_ne_bytes();
+        assert_eq!(u32_at(&bytes, 0), Some(7));
+        assert_eq!(u32_at(&bytes, 1), None);
+        assert_eq!(u32_at(&bytes, usize::MAX), None);
+    }
 
     fn message(kind: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
         let mut m = Vec::new();

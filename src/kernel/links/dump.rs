@@ -22,7 +22,7 @@ use netlink_packet_route::neighbour::NeighbourMessage;
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
 use super::refused;
-use crate::kernel::batch::{BatchSocket, DumpError, Reply, Secrets, dump_request};
+use crate::kernel::batch::{BatchSocket, DumpError, Reply, Secrets, dump_request, u32_at};
 use crate::kernel::{KernelError, Underlay};
 use crate::state::{
     Address, FdbEntry, IfName, KernelState, Link, LinkKind, VxlanParams, ownership,
@@ -204,12 +204,7 @@ pub(in crate::kernel) async fn underlay_on(
             || None,
             |found, reply| {
                 // struct ifinfomsg: family (1), pad (1), type (2), then the index.
-                let this = reply
-                    .payload
-                    .get(4..8)
-                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                    .map(u32::from_ne_bytes);
-                if this == Some(index) {
+                if u32_at(reply.payload, 4) == Some(index) {
                     *found = Some(parse_reply::<LinkMessage>(
                         reply,
                         libc::RTM_NEWLINK,
@@ -460,11 +455,7 @@ fn head_end_remote(payload: &[u8]) -> Result<Option<(u32, IpAddr)>, DumpError> {
     if i32::from(family) != libc::AF_BRIDGE || flags & NTF_SELF == 0 {
         return Ok(None);
     }
-    let index = header
-        .get(4..8)
-        .and_then(|b| <[u8; 4]>::try_from(b).ok())
-        .map(u32::from_ne_bytes)
-        .ok_or_else(malformed)?;
+    let index = u32_at(header, 4).ok_or_else(malformed)?;
     let (mut zero_mac, mut remote) = (false, None);
     for nla in NlasIterator::new(payload.get(NDMSG_LEN..).unwrap_or_default()) {
         let nla = nla.map_err(|_| malformed())?;

@@ -104,12 +104,6 @@ pub(super) fn attributes<'a>(
         })
 }
 
-/// The native-endian u32 at `at`, if `bytes` reaches that far.
-pub(super) fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
-    let b: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
-    Some(u32::from_ne_bytes(b))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,13 +123,5 @@ mod tests {
             assert!(matches!(last, Err(ReplyError::Header { .. })), "{bad:?}");
         }
         assert_eq!(attributes(&[], "test").count(), 0);
-    }
-
-    #[test]
-    fn u32_at_is_bounds_checked() {
-        let bytes = 7u32.to_ne_bytes();
-        assert_eq!(u32_at(&bytes, 0), Some(7));
-        assert_eq!(u32_at(&bytes, 1), None);
-        assert_eq!(u32_at(&bytes, usize::MAX), None);
     }
 }

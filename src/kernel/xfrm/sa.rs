@@ -17,9 +17,10 @@ use netlink_packet_xfrm::{
 use ring::rand::{SecureRandom as _, SystemRandom};
 use zeroize::Zeroize;
 
-use super::reply::{self, ReplyError, u32_at};
+use super::reply::{self, ReplyError};
 use super::{NlError, Owned, PROBE_REQID, ack, family_of, host_len, ip_of};
 use crate::kernel::KernelError;
+use crate::kernel::batch::u32_at;
 use crate::kernel::batch::{BatchSocket, Reply, Secrets, dump_request};
 use crate::keys::{SA_AEAD_NAME, SA_ICV_BITS, SA_KEY_LEN, SaKey};
 use crate::state::{Lifetime, Sa, SaId, ownership};
