@@ -396,6 +396,26 @@ fn d_node_reboot_rekeys_and_removes_stale_sas_with_distinct_keys() {
         .insert("node-d".into(), c.start_agent("node-d", &spec, "info"));
     c.apply_via_agent("node-d", &spec);
     wait_full_mesh(&c, Duration::from_secs(120));
+    // node-d sorts last, so it is dialled by all: at each of its starts it told every
+    // peer that it is up, and they dialled it at once instead of waiting out a backoff.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in &NAMES[..3] {
+        loop {
+            let told = c
+                .agent_log(n)
+                .lines()
+                .filter(|l| l.contains("peer says it is up; dialing it") && l.contains("node-d"))
+                .count();
+            if told >= 2 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{n} was told {told} times, not twice, that node-d is up"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
     // Peers converge to exactly one SA per direction with node-d, none of the old ones.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

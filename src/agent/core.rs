@@ -95,6 +95,14 @@ struct Session {
     since: Instant,
 }
 
+/// The task that keeps a session to a peer we dial, and how to cut its wait short.
+struct Dialer {
+    task: tokio::task::JoinHandle<()>,
+    wake: Arc<tokio::sync::Notify>,
+    /// Where it dials, with which key: a spec change of either restarts it.
+    reach: (SocketAddr, PublicKey),
+}
+
 pub(crate) struct Agent {
     spec: Spec,
     me: NodeName,
@@ -102,7 +110,10 @@ pub(crate) struct Agent {
     kernel: Kernel,
     schedule: Schedule,
     sessions: BTreeMap<NodeName, Session>,
-    dialers: BTreeMap<NodeName, tokio::task::JoinHandle<()>>,
+    dialers: BTreeMap<NodeName, Dialer>,
+    /// Peers that dial us and were told we are up (once per agent start, and again when
+    /// the spec changes their address or key), with the address and key used.
+    told_up: BTreeMap<NodeName, (SocketAddr, PublicKey)>,
     allowed: Allowed,
     events_tx: mpsc::UnboundedSender<Event>,
     events: mpsc::UnboundedReceiver<Event>,
@@ -247,6 +258,7 @@ impl Agent {
             schedule,
             sessions: BTreeMap::new(),
             dialers: BTreeMap::new(),
+            told_up: BTreeMap::new(),
             allowed,
             events_tx,
             events,
@@ -322,8 +334,9 @@ impl Agent {
         self.spec.node(&self.me)
     }
 
-    /// Starts dialers for new peers (we dial peers whose name sorts after ours), stops
-    /// those of peers that left, and updates who may connect.
+    /// Starts dialers for new peers (we dial peers whose name sorts after ours), tells
+    /// new peers that dial us that we are up, stops the dialers of peers that left, and
+    /// updates who may connect.
     fn update_peers(&mut self) {
         let peers = encrypted_peers(&self.spec, &self.me);
         if let Ok(mut allowed) = self.allowed.write() {
@@ -334,29 +347,52 @@ impl Agent {
                 }
             }
         }
-        self.dialers.retain(|name, task| {
-            let keep = peers.contains_key(name);
+        let reach = |node: &Node| {
+            let address = SocketAddr::new(node.address, self.spec.cluster.control_port);
+            node.public_key.map(|key| (address, key))
+        };
+        self.dialers.retain(|name, dialer| {
+            let keep = peers.get(name).and_then(|n| reach(n)) == Some(dialer.reach);
             if !keep {
-                task.abort();
+                dialer.task.abort();
             }
             keep
         });
         self.sessions.retain(|name, _| peers.contains_key(name));
+        self.told_up
+            .retain(|name, told| peers.get(name).and_then(|n| reach(n)) == Some(*told));
         for (name, node) in &peers {
-            if *name <= self.me || self.dialers.contains_key(name) {
+            if *name == self.me
+                || self.dialers.contains_key(name)
+                || self.told_up.contains_key(name)
+            {
                 continue;
             }
-            let Some(key) = node.public_key else { continue };
-            let address = SocketAddr::new(node.address, self.spec.cluster.control_port);
-            let task = net::spawn_dialer(
-                name.clone(),
+            let Some((address, key)) = reach(node) else {
+                continue;
+            };
+            let contact = net::PeerContact {
+                peer: name.clone(),
                 address,
                 key,
-                self.identity.clone(),
-                self.spec.cluster.name.to_string(),
-                self.events_tx.clone(),
-            );
-            self.dialers.insert(name.clone(), task);
+                identity: self.identity.clone(),
+                cluster: self.spec.cluster.name.to_string(),
+            };
+            if *name < self.me {
+                net::spawn_dial_me(contact);
+                self.told_up.insert(name.clone(), (address, key));
+            } else {
+                let wake = Arc::new(tokio::sync::Notify::new());
+                let task = net::spawn_dialer(
+                    contact,
+                    net::DialBackoff::DEFAULT,
+                    wake.clone(),
+                    self.events_tx.clone(),
+                );
+                let reach = (address, key);
+                self.dialers
+                    .insert(name.clone(), Dialer { task, wake, reach });
+            }
         }
     }
 
@@ -415,6 +451,13 @@ impl Agent {
                 };
                 let _ = reply.send(text);
             }
+            Event::DialMe { peer } => match self.dialers.get(&peer) {
+                Some(dialer) => {
+                    tracing::info!(%peer, "peer says it is up; dialing it");
+                    dialer.wake.notify_one();
+                }
+                None => tracing::debug!(%peer, "a peer we do not dial asked to be dialed"),
+            },
             Event::Api {
                 request,
                 reply,

@@ -49,6 +49,10 @@ pub(crate) enum Event {
         session: u64,
         msg: Message,
     },
+    /// `peer` opened a session only to say it is up ([`Message::DialMe`]).
+    DialMe {
+        peer: NodeName,
+    },
     Api {
         request: api::Request,
         reply: oneshot::Sender<api::Response>,

@@ -1,7 +1,10 @@
 //! Control-plane connections: one TCP connection per pair of nodes, dialled by the node
 //! whose name sorts first and accepted by the other; a Noise IK session on top. Each
 //! session gets a reader task (messages -> the agent's event queue) and a writer task
-//! (the agent's outbox -> the wire, with keepalives).
+//! (the agent's outbox -> the wire, with keepalives). The node whose name sorts later
+//! never dials a session, but when it starts it tells each of its dialers "dial me now"
+//! ([`Message::DialMe`] on a session of its own that ends right after), so a dialer may
+//! back off a long-silent peer far without delaying it once it comes up.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -9,24 +12,50 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use super::Event;
 use crate::control::{self, Message};
 use crate::identity::Identity;
 use crate::spec::{NodeName, PublicKey};
 
-/// First retry after a failed dial; doubles up to a cap, with ±25% jitter so that a
-/// restarted cluster does not dial in lockstep.
-pub const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(200);
-/// The cap while a peer is expected to answer soon: within [`RECENTLY_CONNECTED`] of our
-/// last session with it (it is probably rebooting, and until we reconnect its traffic
-/// has no keys), or, before any session, within [`STARTUP_GRACE`] of starting to dial
-/// it (a cluster coming up: its agents start within a minute or two of each other).
-pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// The cap for a peer that has not answered for long, or never (a node in the spec that
-/// is not deployed yet): a thousand of them cost ~33 dials a second, not 200.
-pub const DIAL_BACKOFF_IDLE_MAX: Duration = Duration::from_secs(30);
+/// How long a dialer waits after a failed dial: from `min`, doubling, with ±25% jitter
+/// so that a restarted cluster does not dial in lockstep, up to `expected_max` while
+/// the peer is expected to answer soon and `idle_max` otherwise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DialBackoff {
+    pub min: Duration,
+    /// The cap while a peer is expected to answer soon: within [`RECENTLY_CONNECTED`]
+    /// of our last session with it (it is probably rebooting, and until we reconnect its
+    /// traffic has no keys), or within [`STARTUP_GRACE`] of starting to dial it or of
+    /// its "dial me" (a cluster coming up: its agents start within a minute or two of
+    /// each other).
+    pub expected_max: Duration,
+    /// The cap for a peer that has not answered for long, or never (a node in the spec
+    /// that is not deployed yet): a thousand of them cost ~8 dials a second. A peer that
+    /// comes up says so at once, so this only bounds how soon a healed partition is
+    /// noticed.
+    pub idle_max: Duration,
+}
+
+impl DialBackoff {
+    pub const DEFAULT: DialBackoff = DialBackoff {
+        min: Duration::from_millis(200),
+        expected_max: Duration::from_secs(5),
+        idle_max: Duration::from_secs(120),
+    };
+
+    /// The wait after one more failed dial: doubled, up to the cap that applies.
+    pub fn next(&self, current: Duration, expected: bool) -> Duration {
+        let cap = if expected {
+            self.expected_max
+        } else {
+            self.idle_max
+        };
+        current.saturating_mul(2).clamp(self.min, cap)
+    }
+}
+
 pub const RECENTLY_CONNECTED: Duration = Duration::from_secs(600);
 pub const STARTUP_GRACE: Duration = Duration::from_secs(120);
 /// A TCP connect that takes longer than this is abandoned (the peer is down).
@@ -104,35 +133,50 @@ pub fn spawn_listener(
     })
 }
 
-/// Keeps a session to `peer` up: dial, run, and after any failure dial again with a
-/// jittered exponential backoff.
+/// Where and how to reach one peer over the control plane.
+#[derive(Clone)]
+pub struct PeerContact {
+    pub peer: NodeName,
+    pub address: SocketAddr,
+    pub key: PublicKey,
+    pub identity: Arc<Identity>,
+    pub cluster: String,
+}
+
+impl PeerContact {
+    /// TCP connect (bounded by [`CONNECT_TIMEOUT`]) and the Noise handshake as initiator.
+    async fn open(&self) -> Result<control::session::Session<TcpStream>, String> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.address))
+            .await
+            .map_err(|_| "connect timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let _ = stream.set_nodelay(true);
+        control::session::connect(stream, &self.identity, &self.key, &self.cluster)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Keeps a session to a peer up: dial, run, and after any failure dial again with a
+/// jittered exponential backoff. `wake` cuts a wait short (the peer said it is up).
 pub fn spawn_dialer(
-    peer: NodeName,
-    address: SocketAddr,
-    peer_key: PublicKey,
-    identity: Arc<Identity>,
-    cluster: String,
+    contact: PeerContact,
+    policy: DialBackoff,
+    wake: Arc<Notify>,
     events: mpsc::UnboundedSender<Event>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut backoff = DIAL_BACKOFF_MIN;
-        let started = tokio::time::Instant::now();
+        let (peer, address) = (&contact.peer, contact.address);
+        let mut backoff = policy.min;
+        // Since when the peer is expected to answer without a session behind it: when
+        // we started dialing it, or when it last said it is up.
+        let mut expected_since = tokio::time::Instant::now();
         let mut last_session: Option<tokio::time::Instant> = None;
         loop {
-            let attempt = async {
-                let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
-                    .await
-                    .map_err(|_| "connect timed out".to_owned())?
-                    .map_err(|e| e.to_string())?;
-                let _ = stream.set_nodelay(true);
-                control::session::connect(stream, &identity, &peer_key, &cluster)
-                    .await
-                    .map_err(|e| e.to_string())
-            };
-            match attempt.await {
+            match contact.open().await {
                 Ok(session) => {
                     tracing::info!(%peer, %address, "control session established");
-                    backoff = DIAL_BACKOFF_MIN;
+                    backoff = policy.min;
                     run_session(peer.clone(), session, events.clone(), Role::Initiator).await;
                     last_session = Some(tokio::time::Instant::now());
                     if events.is_closed() {
@@ -141,27 +185,43 @@ pub fn spawn_dialer(
                 }
                 Err(e) => {
                     tracing::debug!(%peer, %address, error = %e, "dial failed");
-                    let expected = match last_session {
-                        Some(t) => t.elapsed() < RECENTLY_CONNECTED,
-                        None => started.elapsed() < STARTUP_GRACE,
-                    };
-                    backoff = next_backoff(backoff, expected);
+                    let expected = last_session.is_some_and(|t| t.elapsed() < RECENTLY_CONNECTED)
+                        || expected_since.elapsed() < STARTUP_GRACE;
+                    backoff = policy.next(backoff, expected);
                 }
             }
-            tokio::time::sleep(jitter(backoff)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(jitter(backoff)) => {}
+                _ = wake.notified() => {
+                    tracing::debug!(%peer, "peer says it is up; dialing now");
+                    expected_since = tokio::time::Instant::now();
+                    backoff = policy.min;
+                }
+            }
         }
     })
 }
 
-/// The wait after one more failed dial: doubled, up to [`DIAL_BACKOFF_MAX`] for a peer
-/// expected to answer soon and [`DIAL_BACKOFF_IDLE_MAX`] otherwise.
-pub fn next_backoff(current: Duration, expected: bool) -> Duration {
-    let cap = if expected {
-        DIAL_BACKOFF_MAX
-    } else {
-        DIAL_BACKOFF_IDLE_MAX
-    };
-    current.saturating_mul(2).min(cap)
+/// Tells a peer that dials us that we are up: one session carrying one
+/// [`Message::DialMe`]. One attempt: if the peer is down, it dials us when it starts.
+pub fn spawn_dial_me(contact: PeerContact) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let (peer, address) = (&contact.peer, contact.address);
+        let sent = match contact.open().await {
+            Ok(session) => {
+                let (_reader, mut writer) = session.split();
+                writer
+                    .send(&Message::DialMe)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e),
+        };
+        match sent {
+            Ok(()) => tracing::debug!(%peer, %address, "told peer we are up"),
+            Err(e) => tracing::debug!(%peer, %address, error = %e, "could not tell peer we are up"),
+        }
+    })
 }
 
 /// Which side of the Noise handshake this node played.
@@ -191,6 +251,11 @@ async fn run_session(
         Role::Initiator => None,
         Role::Responder => {
             match tokio::time::timeout(control::session::HANDSHAKE_TIMEOUT, reader.recv()).await {
+                Ok(Ok(Message::DialMe)) => {
+                    // Not a session: the peer only says it is up, so we dial it.
+                    let _ = events.send(Event::DialMe { peer });
+                    return;
+                }
                 Ok(Ok(msg)) => Some(msg),
                 Ok(Err(e)) => {
                     tracing::info!(%peer, error = %e, "accepted session ended before its first message");
@@ -272,11 +337,12 @@ mod tests {
 
     #[test]
     fn dial_backoff_caps_depend_on_how_recently_the_peer_answered() {
+        let policy = DialBackoff::DEFAULT;
         let walk = |recent: bool| {
-            let mut b = DIAL_BACKOFF_MIN;
+            let mut b = policy.min;
             let mut waits = vec![];
             for _ in 0..12 {
-                b = next_backoff(b, recent);
+                b = policy.next(b, recent);
                 waits.push(b);
             }
             waits
@@ -284,12 +350,90 @@ mod tests {
         let rebooting = walk(true);
         let absent = walk(false);
         assert_eq!(rebooting[0], Duration::from_millis(400));
-        assert_eq!(*rebooting.last().unwrap(), DIAL_BACKOFF_MAX);
-        assert!(rebooting.iter().all(|w| *w <= DIAL_BACKOFF_MAX));
-        assert_eq!(*absent.last().unwrap(), DIAL_BACKOFF_IDLE_MAX);
+        assert_eq!(*rebooting.last().unwrap(), policy.expected_max);
+        assert!(rebooting.iter().all(|w| *w <= policy.expected_max));
+        assert_eq!(*absent.last().unwrap(), policy.idle_max);
         assert!(absent.windows(2).all(|w| w[0] <= w[1]));
         // A peer that comes back into the recent window drops to the short cap at once.
-        assert_eq!(next_backoff(DIAL_BACKOFF_IDLE_MAX, true), DIAL_BACKOFF_MAX);
+        assert_eq!(policy.next(policy.idle_max, true), policy.expected_max);
+    }
+
+    fn contact(identity: Identity, to: &Identity, peer: &str, address: SocketAddr) -> PeerContact {
+        PeerContact {
+            peer: NodeName::new(peer).unwrap(),
+            address,
+            key: to.public,
+            identity: Arc::new(identity),
+            cluster: "t".into(),
+        }
+    }
+
+    /// "Dial me" is authenticated like any session, becomes one `DialMe` event for the
+    /// agent, and never a session.
+    #[tokio::test]
+    async fn dial_me_reaches_the_agent_as_an_event_and_not_as_a_session() {
+        let dialer = Arc::new(Identity::generate().unwrap());
+        let later = Identity::generate().unwrap();
+        let stranger = Identity::generate().unwrap();
+        let allowed: Allowed = Arc::new(RwLock::new(BTreeMap::new()));
+        let later_name = NodeName::new("node-z").unwrap();
+        allowed
+            .write()
+            .unwrap()
+            .insert(later.public.0, later_name.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        spawn_listener(listener, dialer.clone(), "t".into(), allowed, tx);
+
+        // A key not in the spec gets nothing through.
+        spawn_dial_me(contact(stranger, &dialer, "node-a", addr))
+            .await
+            .unwrap();
+        spawn_dial_me(contact(later, &dialer, "node-a", addr))
+            .await
+            .unwrap();
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+            Ok(Some(Event::DialMe { peer })) => assert_eq!(peer, later_name),
+            Ok(Some(_)) => panic!("a dial-me became something else than a DialMe event"),
+            other => panic!("no DialMe event: {:?}", other.map(|e| e.is_some())),
+        }
+        // Nothing else follows: no session was announced.
+        let more = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await;
+        assert!(more.is_err(), "more events after a dial-me");
+    }
+
+    /// A dialer that backed off far dials at once when woken, not before.
+    #[tokio::test]
+    async fn a_woken_dialer_dials_at_once() {
+        let me = Identity::generate().unwrap();
+        let peer = Identity::generate().unwrap();
+        // A port nobody listens on yet: the first dial is refused.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let long = Duration::from_secs(60);
+        let policy = DialBackoff {
+            min: long,
+            expected_max: long,
+            idle_max: long,
+        };
+        let wake = Arc::new(Notify::new());
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let task = spawn_dialer(contact(me, &peer, "node-z", addr), policy, wake.clone(), tx);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let early = tokio::time::timeout(Duration::from_secs(1), listener.accept()).await;
+        assert!(early.is_err(), "the dialer did not back off");
+        wake.notify_one();
+        let woken = tokio::time::timeout(Duration::from_secs(5), listener.accept()).await;
+        assert!(
+            matches!(woken, Ok(Ok(_))),
+            "the woken dialer did not dial within 5 s (its backoff is 45-75 s)"
+        );
+        task.abort();
     }
 
     /// A stream that keeps a copy of everything written to it.

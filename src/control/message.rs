@@ -15,6 +15,7 @@
 //! | 3    | `KeyAck`       | u64 generation, u32 spi                           |
 //! | 4    | `RekeyRequest` | empty                                             |
 //! | 5    | `Keepalive`    | empty                                             |
+//! | 6    | `DialMe`       | empty                                             |
 //!
 //! ```
 //! use ovl::control::message::{decode, encode, Message};
@@ -48,6 +49,10 @@ pub enum Message {
     RekeyRequest,
     /// Liveness; answered by nothing.
     Keepalive,
+    /// The only message of a session that the node whose name sorts later opens to its
+    /// dialer: "I am up, dial me now". Sent when an agent starts (or a peer joins the
+    /// spec), so that a dialer that backed off a long-silent peer reaches it at once.
+    DialMe,
 }
 
 /// Bytes before the body: version, type, sequence number.
@@ -59,6 +64,7 @@ const TYPE_KEY_OFFER: u8 = 2;
 const TYPE_KEY_ACK: u8 = 3;
 const TYPE_REKEY_REQUEST: u8 = 4;
 const TYPE_KEEPALIVE: u8 = 5;
+const TYPE_DIAL_ME: u8 = 6;
 
 /// Why bytes are not a valid message. Carries only lengths and codes, never body bytes
 /// (a body may hold key material).
@@ -86,6 +92,7 @@ impl Message {
             Message::KeyAck { .. } => TYPE_KEY_ACK,
             Message::RekeyRequest => TYPE_REKEY_REQUEST,
             Message::Keepalive => TYPE_KEEPALIVE,
+            Message::DialMe => TYPE_DIAL_ME,
         }
     }
 }
@@ -98,6 +105,7 @@ fn body_layout(kind: u8) -> Option<(usize, &'static str)> {
         TYPE_KEY_ACK => Some((8 + 4, "KeyAck")),
         TYPE_REKEY_REQUEST => Some((0, "RekeyRequest")),
         TYPE_KEEPALIVE => Some((0, "Keepalive")),
+        TYPE_DIAL_ME => Some((0, "DialMe")),
         _ => None,
     }
 }
@@ -126,7 +134,7 @@ pub fn encode(seq: u64, msg: &Message) -> Vec<u8> {
             out.extend_from_slice(&generation.to_be_bytes());
             out.extend_from_slice(&spi.to_be_bytes());
         }
-        Message::RekeyRequest | Message::Keepalive => {}
+        Message::RekeyRequest | Message::Keepalive | Message::DialMe => {}
     }
     out
 }
@@ -172,6 +180,7 @@ pub fn decode(bytes: &[u8]) -> Result<(u64, Message), DecodeError> {
         },
         TYPE_REKEY_REQUEST => Message::RekeyRequest,
         TYPE_KEEPALIVE => Message::Keepalive,
+        TYPE_DIAL_ME => Message::DialMe,
         _ => return Err(DecodeError::UnknownType { kind }),
     };
     Ok((seq, msg))
@@ -250,6 +259,7 @@ mod tests {
             },
             Message::RekeyRequest,
             Message::Keepalive,
+            Message::DialMe,
         ];
         for (seq, msg) in (1..).zip(messages) {
             assert_eq!(decode(&encode(seq, &msg)), Ok((seq, msg)));
@@ -351,6 +361,7 @@ mod tests {
                 .prop_map(|(generation, spi)| Message::KeyAck { generation, spi }),
             Just(Message::RekeyRequest),
             Just(Message::Keepalive),
+            Just(Message::DialMe),
         ]
     }
 

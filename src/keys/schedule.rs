@@ -498,7 +498,9 @@ impl Schedule {
             } => on_offer(p, peer, generation, spi, key, now),
             Message::KeyAck { generation, spi } => on_ack(p, peer, generation, spi, now),
             Message::RekeyRequest => Ok(self.fresh_offer(peer, now, taken_spis)),
-            Message::Keepalive => Ok(vec![]),
+            // A DialMe means something only as the first message of a session (the
+            // agent's listener handles it there); inside a running session it is moot.
+            Message::Keepalive | Message::DialMe => Ok(vec![]),
         }
     }
 

@@ -63,6 +63,7 @@ fn all_messages() -> Vec<Message> {
         },
         Message::RekeyRequest,
         Message::Keepalive,
+        Message::DialMe,
     ]
 }
 
