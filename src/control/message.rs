@@ -285,7 +285,7 @@ mod tests {
             Err(DecodeError::UnknownVersion { version: 2 })
         );
 
-        for kind in [0u8, 6, 255] {
+        for kind in [0u8, 7, 255] {
             let mut unknown = good.clone();
             unknown[1] = kind;
             assert_eq!(decode(&unknown), Err(DecodeError::UnknownType { kind }));
