@@ -288,6 +288,39 @@ fn b_unknown_keys_and_garbage_are_refused_while_peers_keep_working() {
         "{st}"
     );
     assert!(c.ping("node-b", "10.3.0.3"));
+
+    // The spec now gives node-b another key (the rogue's): node-a closes its session
+    // with node-b at once (no key may go to the old holder) and cannot open a new one.
+    let rekeyed = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace(&c.keys.lock().unwrap()["node-b"], &rogue_key);
+    let rekeyed_path = c.dir.path().join("rekeyed.yaml");
+    std::fs::write(&rekeyed_path, rekeyed).unwrap();
+    c.apply_via_agent("node-a", &rekeyed_path);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = c.agent_status("node-a");
+        let b = st["agent"]["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "node-b")
+            .cloned()
+            .unwrap_or_else(|| panic!("node-b missing from node-a's status: {st}"));
+        if b["connected"] == false {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node-a kept its session with node-b after node-b's key changed: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        c.agent_log("node-a")
+            .contains("the peer's address or key changed; its session is closed"),
+        "node-a should say why it closed the session"
+    );
 }
 
 /// Random bytes, oversized frames, truncated handshakes, slow clients.

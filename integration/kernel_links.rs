@@ -730,5 +730,18 @@ fn watched_view_is_reused_only_while_the_kernel_is_quiet() {
             assert_eq!(stats().full, full, "{command}: then quiet again");
             before = after;
         }
+
+        // ARP entries on the underlay are not modelled: their churn (every dial of an
+        // absent peer) leaves the view in use.
+        let (full, reused) = (stats().full, stats().reused);
+        ctx.ns
+            .ip("neigh add 192.0.2.88 lladdr 02:00:00:00:00:88 dev ul0 nud permanent");
+        ctx.ns.ip("neigh del 192.0.2.88 dev ul0");
+        assert_eq!(read().await, before);
+        assert_eq!(
+            (stats().full, stats().reused),
+            (full, reused + 1),
+            "an ARP entry forced a full read"
+        );
     });
 }

@@ -8,9 +8,10 @@
 # before the boot; their private keys are thrown away) and addresses in 10.200.0.0/16
 # that nobody holds, and one encrypted network over all of them. n0000's name sorts
 # first, so it is the dialing side for every peer: the worst case. The agent keeps
-# dialing every peer with its backoff (capped at 5 s for the first 2 minutes, 30 s after). Measured from /proc/PID: VmHWM
-# and VmRSS `settle` seconds after start, and CPU (utime+stime) over the next `window`
-# seconds. Three cases, each with a fresh agent and state:
+# dialing every peer with its backoff (capped at 5 s for the first 2 minutes, 120 s
+# after: the steady state starts ~6.5 minutes in, so measure it with --settle 400).
+# Measured from /proc/PID: VmHWM and VmRSS `settle` seconds after start, and CPU
+# (utime+stime) over the next `window` seconds. Three cases, each with a fresh agent and state:
 #   no route      no route to 10.200/16: every dial fails at once (ENETUNREACH);
 #   on-link       10.200/16 on-link on the underlay: ARP never answers, so each dial
 #                 hangs until ARP gives up or the 3 s connect timeout;
@@ -54,7 +55,7 @@ if [[ -z $inside ]]; then
     done
     printf 'networks:\n  - name: sec\n    vni: 300\n    encrypted: true\n' >>"$spec"
     "$BIN" validate -f "$spec" >/dev/null || bench_die "the generated spec is invalid"
-    bench_host_boot "$mem" 1200 "$here/bench-agent-rss.sh" --peers "$peers" --settle "$settle" --window "$window"
+    bench_host_boot "$mem" $((3 * (settle + window) + 900)) "$here/bench-agent-rss.sh" --peers "$peers" --settle "$settle" --window "$window"
     exit
 fi
 

@@ -93,6 +93,17 @@ struct Session {
     id: u64,
     outbox: mpsc::Sender<Message>,
     since: Instant,
+    /// The peer's address and key in the spec when the session came up: a spec change
+    /// of either closes the session (its keys must not go to the old holder).
+    reach: Option<Reach>,
+}
+
+/// Where a peer's control plane listens and the key it must prove.
+type Reach = (SocketAddr, PublicKey);
+
+fn reach_of(node: &Node, control_port: u16) -> Option<Reach> {
+    let address = SocketAddr::new(node.address, control_port);
+    node.public_key.map(|key| (address, key))
 }
 
 /// The task that keeps a session to a peer we dial, and how to cut its wait short.
@@ -100,7 +111,7 @@ struct Dialer {
     task: tokio::task::JoinHandle<()>,
     wake: Arc<tokio::sync::Notify>,
     /// Where it dials, with which key: a spec change of either restarts it.
-    reach: (SocketAddr, PublicKey),
+    reach: Reach,
 }
 
 pub(crate) struct Agent {
@@ -113,7 +124,10 @@ pub(crate) struct Agent {
     dialers: BTreeMap<NodeName, Dialer>,
     /// Peers that dial us and were told we are up (once per agent start, and again when
     /// the spec changes their address or key), with the address and key used.
-    told_up: BTreeMap<NodeName, (SocketAddr, PublicKey)>,
+    told_up: BTreeMap<NodeName, Reach>,
+    /// Bounds the "dial me" sessions in flight (a node that sorts late in a large
+    /// cluster has one for almost every peer when it starts).
+    dial_me_slots: Arc<tokio::sync::Semaphore>,
     allowed: Allowed,
     events_tx: mpsc::UnboundedSender<Event>,
     events: mpsc::UnboundedReceiver<Event>,
@@ -259,6 +273,7 @@ impl Agent {
             sessions: BTreeMap::new(),
             dialers: BTreeMap::new(),
             told_up: BTreeMap::new(),
+            dial_me_slots: Arc::new(tokio::sync::Semaphore::new(net::DIAL_ME_IN_FLIGHT)),
             allowed,
             events_tx,
             events,
@@ -347,28 +362,36 @@ impl Agent {
                 }
             }
         }
-        let reach = |node: &Node| {
-            let address = SocketAddr::new(node.address, self.spec.cluster.control_port);
-            node.public_key.map(|key| (address, key))
-        };
+        let port = self.spec.cluster.control_port;
+        let reach = |name: &NodeName| peers.get(name).and_then(|n| reach_of(n, port));
         self.dialers.retain(|name, dialer| {
-            let keep = peers.get(name).and_then(|n| reach(n)) == Some(dialer.reach);
+            let keep = reach(name) == Some(dialer.reach);
             if !keep {
                 dialer.task.abort();
             }
             keep
         });
-        self.sessions.retain(|name, _| peers.contains_key(name));
-        self.told_up
-            .retain(|name, told| peers.get(name).and_then(|n| reach(n)) == Some(*told));
-        for (name, node) in &peers {
+        let mut moved = Vec::new();
+        self.sessions.retain(|name, session| {
+            let keep = reach(name) == session.reach;
+            if !keep && peers.contains_key(name) {
+                moved.push(name.clone());
+            }
+            keep
+        });
+        for name in moved {
+            tracing::info!(peer = %name, "the peer's address or key changed; its session is closed");
+            self.schedule.on_disconnected(&name, Instant::now());
+        }
+        self.told_up.retain(|name, told| reach(name) == Some(*told));
+        for name in peers.keys() {
             if *name == self.me
                 || self.dialers.contains_key(name)
                 || self.told_up.contains_key(name)
             {
                 continue;
             }
-            let Some((address, key)) = reach(node) else {
+            let Some((address, key)) = reach(name) else {
                 continue;
             };
             let contact = net::PeerContact {
@@ -379,7 +402,7 @@ impl Agent {
                 cluster: self.spec.cluster.name.to_string(),
             };
             if *name < self.me {
-                net::spawn_dial_me(contact);
+                net::spawn_dial_me(contact, self.dial_me_slots.clone());
                 self.told_up.insert(name.clone(), (address, key));
             } else {
                 let wake = Arc::new(tokio::sync::Notify::new());
@@ -409,12 +432,17 @@ impl Agent {
                 session,
                 outbox,
             } => {
+                let reach = self
+                    .spec
+                    .node(&peer)
+                    .and_then(|n| reach_of(n, self.spec.cluster.control_port));
                 self.sessions.insert(
                     peer.clone(),
                     Session {
                         id: session,
                         outbox,
                         since: now,
+                        reach,
                     },
                 );
                 let taken = self.taken_spis();

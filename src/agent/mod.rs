@@ -67,5 +67,37 @@ pub(crate) enum Event {
 /// Runs the agent until SIGTERM or SIGINT. The kernel state is left in place when it
 /// stops: the data path does not depend on the agent.
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
+    raise_open_file_limit();
     self::core::Agent::start(config).await?.run().await
+}
+
+/// Lifts the soft limit on open files to the hard one: the agent holds a socket per
+/// peer, and the usual soft limit (1024, also systemd's default for services) is below
+/// what a cluster of a thousand nodes needs.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => {
+                tracing::warn!(error = %e, limit = soft, "could not raise the open-file limit")
+            }
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not read the open-file limit"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_limit() {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        // One below: other tests run beside this one and need their descriptors.
+        let low = hard - 1;
+        setrlimit(Resource::RLIMIT_NOFILE, low, hard).unwrap();
+        super::raise_open_file_limit();
+        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (hard, hard));
+    }
 }

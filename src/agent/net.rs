@@ -52,7 +52,7 @@ impl DialBackoff {
         } else {
             self.idle_max
         };
-        current.saturating_mul(2).clamp(self.min, cap)
+        current.saturating_mul(2).max(self.min).min(cap)
     }
 }
 
@@ -60,6 +60,12 @@ pub const RECENTLY_CONNECTED: Duration = Duration::from_secs(600);
 pub const STARTUP_GRACE: Duration = Duration::from_secs(120);
 /// A TCP connect that takes longer than this is abandoned (the peer is down).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Tries to deliver one "dial me" (waits of 1, 2, 4 s between them, jittered): a
+/// transient failure (routes not up yet, the peer's handshake slots full during a mass
+/// power-up) does not leave the peer at its long backoff.
+const DIAL_ME_ATTEMPTS: u32 = 4;
+/// "Dial me" sessions in flight at once, per agent.
+pub const DIAL_ME_IN_FLIGHT: usize = 32;
 /// Outgoing messages queued per session before the agent's sends start failing.
 const OUTBOX_DEPTH: usize = 256;
 /// Handshakes in progress at once on the listener: a flood of half-open connections
@@ -203,23 +209,44 @@ pub fn spawn_dialer(
 }
 
 /// Tells a peer that dials us that we are up: one session carrying one
-/// [`Message::DialMe`]. One attempt: if the peer is down, it dials us when it starts.
-pub fn spawn_dial_me(contact: PeerContact) -> tokio::task::JoinHandle<()> {
+/// [`Message::DialMe`], tried [`DIAL_ME_ATTEMPTS`] times; `slots` bounds how many run at
+/// once. If the peer is down for longer, it dials us itself when it starts.
+pub fn spawn_dial_me(
+    contact: PeerContact,
+    slots: Arc<tokio::sync::Semaphore>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let (peer, address) = (&contact.peer, contact.address);
-        let sent = match contact.open().await {
-            Ok(session) => {
-                let (_reader, mut writer) = session.split();
-                writer
-                    .send(&Message::DialMe)
-                    .await
-                    .map_err(|e| e.to_string())
+        let mut wait = Duration::from_secs(1);
+        for attempt in 1..=DIAL_ME_ATTEMPTS {
+            let sent = {
+                let Ok(_slot) = slots.acquire().await else {
+                    return;
+                };
+                match contact.open().await {
+                    Ok(session) => {
+                        let (_reader, mut writer) = session.split();
+                        writer
+                            .send(&Message::DialMe)
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
+                    Err(e) => Err(e),
+                }
+            };
+            match sent {
+                Ok(()) => {
+                    tracing::debug!(%peer, %address, "told peer we are up");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, %address, attempt, error = %e, "could not tell peer we are up")
+                }
             }
-            Err(e) => Err(e),
-        };
-        match sent {
-            Ok(()) => tracing::debug!(%peer, %address, "told peer we are up"),
-            Err(e) => tracing::debug!(%peer, %address, error = %e, "could not tell peer we are up"),
+            if attempt < DIAL_ME_ATTEMPTS {
+                tokio::time::sleep(jitter(wait)).await;
+                wait *= 2;
+            }
         }
     })
 }
@@ -229,6 +256,16 @@ pub fn spawn_dial_me(contact: PeerContact) -> tokio::task::JoinHandle<()> {
 enum Role {
     Initiator,
     Responder,
+}
+
+/// Aborts a task when dropped: a session's writer must not outlive its session, even
+/// when the session's own task is aborted (its dialer restarted).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 static SESSION_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -291,7 +328,7 @@ async fn run_session(
         return;
     }
     let writer_peer = peer.clone();
-    let mut writer_task = tokio::spawn(async move {
+    let mut writer_task = AbortOnDrop(tokio::spawn(async move {
         let mut keepalive = tokio::time::interval(control::session::KEEPALIVE_INTERVAL);
         keepalive.tick().await;
         loop {
@@ -304,10 +341,10 @@ async fn run_session(
                 return;
             }
         }
-    });
+    }));
     let reason = loop {
         tokio::select! {
-            _ = &mut writer_task => break "writer ended".to_owned(),
+            _ = &mut writer_task.0 => break "writer ended".to_owned(),
             read = tokio::time::timeout(control::session::IDLE_TIMEOUT, reader.recv()) => match read {
                 Err(_) => break "idle timeout".to_owned(),
                 Ok(Err(e)) => break e.to_string(),
@@ -320,7 +357,7 @@ async fn run_session(
             }
         }
     };
-    writer_task.abort();
+    drop(writer_task);
     tracing::info!(%peer, %reason, "control session ended");
     let _ = events.send(Event::Disconnected { peer, session: id });
 }
@@ -386,11 +423,10 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         spawn_listener(listener, dialer.clone(), "t".into(), allowed, tx);
 
-        // A key not in the spec gets nothing through.
-        spawn_dial_me(contact(stranger, &dialer, "node-a", addr))
-            .await
-            .unwrap();
-        spawn_dial_me(contact(later, &dialer, "node-a", addr))
+        let slots = Arc::new(tokio::sync::Semaphore::new(DIAL_ME_IN_FLIGHT));
+        // A key not in the spec gets nothing through (it keeps trying in the background).
+        let _stranger = spawn_dial_me(contact(stranger, &dialer, "node-a", addr), slots.clone());
+        spawn_dial_me(contact(later, &dialer, "node-a", addr), slots)
             .await
             .unwrap();
         match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
@@ -408,12 +444,9 @@ mod tests {
     async fn a_woken_dialer_dials_at_once() {
         let me = Identity::generate().unwrap();
         let peer = Identity::generate().unwrap();
-        // A port nobody listens on yet: the first dial is refused.
-        let addr = TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        // One listener throughout; it drops every connection, so each dial fails.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
         let long = Duration::from_secs(60);
         let policy = DialBackoff {
             min: long,
@@ -423,8 +456,9 @@ mod tests {
         let wake = Arc::new(Notify::new());
         let (tx, _rx) = mpsc::unbounded_channel();
         let task = spawn_dialer(contact(me, &peer, "node-z", addr), policy, wake.clone(), tx);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let listener = TcpListener::bind(addr).await.unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), listener.accept()).await;
+        assert!(matches!(first, Ok(Ok(_))), "the dialer did not dial first");
+        drop(first);
         let early = tokio::time::timeout(Duration::from_secs(1), listener.accept()).await;
         assert!(early.is_err(), "the dialer did not back off");
         wake.notify_one();

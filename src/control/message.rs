@@ -51,7 +51,8 @@ pub enum Message {
     Keepalive,
     /// The only message of a session that the node whose name sorts later opens to its
     /// dialer: "I am up, dial me now". Sent when an agent starts (or a peer joins the
-    /// spec), so that a dialer that backed off a long-silent peer reaches it at once.
+    /// spec, or its address or key changes), so that a dialer that backed off a
+    /// long-silent peer reaches it at once.
     DialMe,
 }
 

@@ -14,6 +14,11 @@
 //! Ordering: the sockets are drained *before* a full read starts, so a change made
 //! while the read runs is still waiting in a socket afterwards and invalidates what
 //! was read.
+//!
+//! One kind of notification is let pass: neighbour entries of IPv4/IPv6 (ARP and
+//! neighbour discovery). They share the group with the bridge FDB entries we model,
+//! and an underlay neighbour changes state at every dial of an absent peer, so each
+//! would otherwise force a full read of thousands of objects.
 
 use std::io;
 use std::os::fd::AsRawFd as _;
@@ -85,8 +90,8 @@ impl Watch {
     /// that starts now misses no change made after it starts.
     pub fn reuse(&mut self) -> Option<KernelState> {
         // Both sockets drained, whatever the first one says.
-        let route_quiet = drain(&self.route);
-        let xfrm_quiet = drain(&self.xfrm);
+        let route_quiet = drain(&self.route, models_route_change);
+        let xfrm_quiet = drain(&self.xfrm, |_| true);
         let fresh = self
             .kept
             .as_ref()
@@ -110,27 +115,42 @@ impl Watch {
     }
 }
 
-/// Reads every pending datagram of `socket`; true when there was none and no error
-/// (an overrun, `ENOBUFS`, means notifications were lost: not quiet).
-fn drain(socket: &Socket) -> bool {
+/// Whether an rtnetlink notification, of which `head` holds up to the first
+/// [`HEAD_LEN`] bytes, may concern an object we model: anything but an IPv4/IPv6
+/// neighbour entry (the FDB entries we model are `AF_BRIDGE` neighbours).
+fn models_route_change(head: &[u8]) -> bool {
+    let kind = head.get(4..6).map(|b| u16::from_ne_bytes([b[0], b[1]]));
+    let neighbour = matches!(kind, Some(libc::RTM_NEWNEIGH | libc::RTM_DELNEIGH));
+    let family = head.get(16).map(|f| i32::from(*f));
+    !(neighbour && matches!(family, Some(libc::AF_INET | libc::AF_INET6)))
+}
+
+/// The netlink header and the first byte of the body (a neighbour's family).
+const HEAD_LEN: usize = 17;
+
+/// Reads every pending datagram of `socket`; true when none of them was `relevant` and
+/// there was no error (an overrun, `ENOBUFS`, means notifications were lost: not quiet).
+fn drain(socket: &Socket, relevant: fn(&[u8]) -> bool) -> bool {
     let mut quiet = true;
-    // Only the netlink header is read (MSG_TRUNC discards the rest of the datagram);
-    // the content does not matter, only that something arrived. An SA notification
-    // carries a key past the header: it is never copied here.
-    let mut header = [0u8; 16];
+    // Only the head is read (MSG_TRUNC discards the rest of the datagram); an SA
+    // notification carries a key far past it, which is never copied here.
+    let mut head = [0u8; HEAD_LEN];
     let mut errors = 0;
     loop {
-        // SAFETY: `header` is valid for writes of its length for the call.
+        // SAFETY: `head` is valid for writes of its length for the call.
         let rc = unsafe {
             libc::recv(
                 socket.as_raw_fd(),
-                header.as_mut_ptr().cast(),
-                header.len(),
+                head.as_mut_ptr().cast(),
+                head.len(),
                 libc::MSG_TRUNC | libc::MSG_DONTWAIT,
             )
         };
-        if rc >= 0 {
-            quiet = false;
+        if let Ok(len) = usize::try_from(rc) {
+            // With MSG_TRUNC, `len` is the datagram's length, not what was copied.
+            if relevant(&head[..len.min(HEAD_LEN)]) {
+                quiet = false;
+            }
             continue;
         }
         match io::Error::last_os_error().kind() {
@@ -147,6 +167,40 @@ fn drain(socket: &Socket) -> bool {
             }
         }
     }
-    header.zeroize();
+    head.zeroize();
     quiet
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A notification's head: a netlink header of `kind` and a body starting with `family`.
+    fn head(kind: u16, family: u8) -> Vec<u8> {
+        let mut h = vec![0u8; HEAD_LEN];
+        h[4..6].copy_from_slice(&kind.to_ne_bytes());
+        h[16] = family;
+        h
+    }
+
+    #[test]
+    fn only_arp_and_nd_entries_are_let_pass() {
+        let (inet, inet6, bridge) = (
+            libc::AF_INET as u8,
+            libc::AF_INET6 as u8,
+            libc::AF_BRIDGE as u8,
+        );
+        for kind in [libc::RTM_NEWNEIGH, libc::RTM_DELNEIGH] {
+            assert!(!models_route_change(&head(kind, inet)));
+            assert!(!models_route_change(&head(kind, inet6)));
+            assert!(models_route_change(&head(kind, bridge)), "an FDB entry");
+        }
+        // Links and addresses of any family count.
+        for kind in [libc::RTM_NEWLINK, libc::RTM_DELLINK, libc::RTM_NEWADDR] {
+            assert!(models_route_change(&head(kind, inet)));
+        }
+        // A notification too short to tell counts as a change.
+        assert!(models_route_change(&head(libc::RTM_NEWNEIGH, inet)[..16]));
+        assert!(models_route_change(&[]));
+    }
 }
