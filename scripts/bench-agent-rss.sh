@@ -9,7 +9,8 @@
 # that nobody holds, and one encrypted network over all of them. n0000's name sorts
 # first, so it is the dialing side for every peer: the worst case. The agent keeps
 # dialing every peer with its backoff (capped at 5 s for the first 2 minutes, 120 s
-# after: the steady state starts ~6.5 minutes in, so measure it with --settle 400).
+# after, and then at most two such dials a second for all peers together: the steady
+# state starts ~6.5 minutes in, so measure it with --settle 400).
 # Measured from /proc/PID: VmHWM and VmRSS `settle` seconds after start, and CPU
 # (utime+stime) over the next `window` seconds. Three cases, each with a fresh agent and state:
 #   no route      no route to 10.200/16: every dial fails at once (ENETUNREACH);

@@ -128,6 +128,8 @@ pub(crate) struct Agent {
     /// Bounds the "dial me" sessions in flight (a node that sorts late in a large
     /// cluster has one for almost every peer when it starts).
     dial_me_slots: Arc<tokio::sync::Semaphore>,
+    /// Shared by all dialers: spaces the dials of long-silent peers.
+    idle_pacer: Arc<net::IdlePacer>,
     allowed: Allowed,
     events_tx: mpsc::UnboundedSender<Event>,
     events: mpsc::UnboundedReceiver<Event>,
@@ -274,6 +276,7 @@ impl Agent {
             dialers: BTreeMap::new(),
             told_up: BTreeMap::new(),
             dial_me_slots: Arc::new(tokio::sync::Semaphore::new(net::DIAL_ME_IN_FLIGHT)),
+            idle_pacer: Arc::new(net::IdlePacer::new(net::IdlePacer::DEFAULT_INTERVAL)),
             allowed,
             events_tx,
             events,
@@ -409,6 +412,7 @@ impl Agent {
                 let task = net::spawn_dialer(
                     contact,
                     net::DialBackoff::DEFAULT,
+                    self.idle_pacer.clone(),
                     wake.clone(),
                     self.events_tx.clone(),
                 );

@@ -139,6 +139,37 @@ pub fn spawn_listener(
     })
 }
 
+/// Spaces the dials of long-silent peers across all dialers of an agent, at most one
+/// every `interval`: what absent peers cost then does not grow with their number (their
+/// waits grow instead: with 1000 of them, each is dialed every ~8 minutes at 2 a
+/// second). Dials of peers expected to answer soon are never paced.
+pub struct IdlePacer {
+    interval: Duration,
+    next: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl IdlePacer {
+    pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(500);
+
+    pub fn new(interval: Duration) -> IdlePacer {
+        IdlePacer {
+            interval,
+            next: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    /// When a paced dial wanted at `earliest` may go: no sooner than `interval` after
+    /// the one handed out before it.
+    pub fn slot(&self, earliest: tokio::time::Instant) -> tokio::time::Instant {
+        let Ok(mut next) = self.next.lock() else {
+            return earliest;
+        };
+        let slot = earliest.max(*next);
+        *next = slot + self.interval;
+        slot
+    }
+}
+
 /// Where and how to reach one peer over the control plane.
 #[derive(Clone)]
 pub struct PeerContact {
@@ -164,10 +195,12 @@ impl PeerContact {
 }
 
 /// Keeps a session to a peer up: dial, run, and after any failure dial again with a
-/// jittered exponential backoff. `wake` cuts a wait short (the peer said it is up).
+/// jittered exponential backoff (paced by `pacer` while the peer is not expected soon).
+/// `wake` cuts a wait short (the peer said it is up).
 pub fn spawn_dialer(
     contact: PeerContact,
     policy: DialBackoff,
+    pacer: Arc<IdlePacer>,
     wake: Arc<Notify>,
     events: mpsc::UnboundedSender<Event>,
 ) -> tokio::task::JoinHandle<()> {
@@ -179,6 +212,7 @@ pub fn spawn_dialer(
         let mut expected_since = tokio::time::Instant::now();
         let mut last_session: Option<tokio::time::Instant> = None;
         loop {
+            let mut paced = false;
             match contact.open().await {
                 Ok(session) => {
                     tracing::info!(%peer, %address, "control session established");
@@ -194,10 +228,15 @@ pub fn spawn_dialer(
                     let expected = last_session.is_some_and(|t| t.elapsed() < RECENTLY_CONNECTED)
                         || expected_since.elapsed() < STARTUP_GRACE;
                     backoff = policy.next(backoff, expected);
+                    paced = !expected;
                 }
             }
+            let mut next_dial = tokio::time::Instant::now() + jitter(backoff);
+            if paced {
+                next_dial = pacer.slot(next_dial);
+            }
             tokio::select! {
-                _ = tokio::time::sleep(jitter(backoff)) => {}
+                _ = tokio::time::sleep_until(next_dial) => {}
                 _ = wake.notified() => {
                     tracing::debug!(%peer, "peer says it is up; dialing now");
                     expected_since = tokio::time::Instant::now();
@@ -395,6 +434,22 @@ mod tests {
         assert_eq!(policy.next(policy.idle_max, true), policy.expected_max);
     }
 
+    #[test]
+    fn idle_dials_are_spaced_across_dialers() {
+        let step = Duration::from_millis(500);
+        let pacer = IdlePacer::new(step);
+        let t = tokio::time::Instant::now();
+        // Three dials wanted at once go one step apart; one wanted in between waits
+        // for the next free step; one wanted long after goes when it wants.
+        assert_eq!(pacer.slot(t), t);
+        assert_eq!(pacer.slot(t), t + step);
+        assert_eq!(pacer.slot(t), t + step * 2);
+        assert_eq!(pacer.slot(t + step / 2), t + step * 3);
+        let later = t + Duration::from_secs(60);
+        assert_eq!(pacer.slot(later), later);
+        assert_eq!(pacer.slot(later), later + step);
+    }
+
     fn contact(identity: Identity, to: &Identity, peer: &str, address: SocketAddr) -> PeerContact {
         PeerContact {
             peer: NodeName::new(peer).unwrap(),
@@ -455,7 +510,14 @@ mod tests {
         };
         let wake = Arc::new(Notify::new());
         let (tx, _rx) = mpsc::unbounded_channel();
-        let task = spawn_dialer(contact(me, &peer, "node-z", addr), policy, wake.clone(), tx);
+        let pacer = Arc::new(IdlePacer::new(IdlePacer::DEFAULT_INTERVAL));
+        let task = spawn_dialer(
+            contact(me, &peer, "node-z", addr),
+            policy,
+            pacer,
+            wake.clone(),
+            tx,
+        );
         let first = tokio::time::timeout(Duration::from_secs(5), listener.accept()).await;
         assert!(matches!(first, Ok(Ok(_))), "the dialer did not dial first");
         drop(first);
