@@ -450,6 +450,22 @@ mod tests {
         assert_eq!(pacer.slot(later), later + step);
     }
 
+    /// A control listener of `me` on loopback that accepts only `peer` (named `name`),
+    /// and the agent events it produces.
+    async fn listening(
+        me: Arc<Identity>,
+        peer: &Identity,
+        name: &NodeName,
+    ) -> (SocketAddr, mpsc::UnboundedReceiver<Event>) {
+        let allowed: Allowed = Arc::new(RwLock::new(BTreeMap::new()));
+        allowed.write().unwrap().insert(peer.public.0, name.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        spawn_listener(listener, me, "t".into(), allowed, tx);
+        (addr, rx)
+    }
+
     fn contact(identity: Identity, to: &Identity, peer: &str, address: SocketAddr) -> PeerContact {
         PeerContact {
             peer: NodeName::new(peer).unwrap(),
@@ -467,16 +483,8 @@ mod tests {
         let dialer = Arc::new(Identity::generate().unwrap());
         let later = Identity::generate().unwrap();
         let stranger = Identity::generate().unwrap();
-        let allowed: Allowed = Arc::new(RwLock::new(BTreeMap::new()));
         let later_name = NodeName::new("node-z").unwrap();
-        allowed
-            .write()
-            .unwrap()
-            .insert(later.public.0, later_name.clone());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        spawn_listener(listener, dialer.clone(), "t".into(), allowed, tx);
+        let (addr, mut rx) = listening(dialer.clone(), &later, &later_name).await;
 
         let slots = Arc::new(tokio::sync::Semaphore::new(DIAL_ME_IN_FLIGHT));
         // A key not in the spec gets nothing through (it keeps trying in the background).
@@ -577,16 +585,8 @@ mod tests {
     async fn replayed_handshake_never_reaches_the_agent() {
         let responder = Arc::new(Identity::generate().unwrap());
         let initiator = Identity::generate().unwrap();
-        let allowed: Allowed = Arc::new(RwLock::new(BTreeMap::new()));
         let peer = NodeName::new("node-b").unwrap();
-        allowed
-            .write()
-            .unwrap()
-            .insert(initiator.public.0, peer.clone());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        spawn_listener(listener, responder.clone(), "t".into(), allowed, tx);
+        let (addr, mut rx) = listening(responder.clone(), &initiator, &peer).await;
 
         // The genuine initiator: its session is announced once its Hello arrives.
         let written = Arc::new(Mutex::new(Vec::new()));
