@@ -61,6 +61,13 @@ fn cluster_with_agents_opts(
     (c, agents, spec)
 }
 
+/// The peers in an agent's `status -o json`.
+fn peers_of(st: &serde_json::Value) -> &Vec<serde_json::Value> {
+    st["agent"]["peers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no peers in the status: {st}"))
+}
+
 fn wait_full_mesh(c: &Cluster, limit: Duration) {
     let start = Instant::now();
     for from in NAMES {
@@ -108,7 +115,7 @@ fn a_four_agents_agree_keys_and_every_pair_pings() {
         assert_eq!(sas.len(), 6, "{n}: {sas:?}");
     }
     let st = c.agent_status("node-a");
-    let peers = st["agent"]["peers"].as_array().unwrap();
+    let peers = peers_of(&st);
     assert_eq!(peers.len(), 3);
     assert!(peers.iter().all(|p| p["connected"] == true), "{st}");
     assert!(
@@ -279,14 +286,7 @@ fn b_unknown_keys_and_garbage_are_refused_while_peers_keep_working() {
     );
     // Still serving: sessions up, new traffic flows, rotation works.
     let st = c.agent_status("node-b");
-    assert!(
-        st["agent"]["peers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|p| p["connected"] == true),
-        "{st}"
-    );
+    assert!(peers_of(&st).iter().all(|p| p["connected"] == true), "{st}");
     assert!(c.ping("node-b", "10.3.0.3"));
 
     // The spec now gives node-b another key (the rogue's): node-a closes its session
@@ -300,9 +300,7 @@ fn b_unknown_keys_and_garbage_are_refused_while_peers_keep_working() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let st = c.agent_status("node-a");
-        let b = st["agent"]["peers"]
-            .as_array()
-            .unwrap()
+        let b = peers_of(&st)
             .iter()
             .find(|p| p["name"] == "node-b")
             .cloned()
@@ -377,11 +375,7 @@ fn c_killing_and_restarting_an_agent_loses_nothing() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let st = c.agent_status("node-a");
-        let up = st["agent"]["peers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|p| p["connected"] == true);
+        let up = peers_of(&st).iter().all(|p| p["connected"] == true);
         if up && c.sa_keys("node-a").len() == 6 {
             break;
         }

@@ -32,9 +32,9 @@ pub struct DialBackoff {
     /// each other).
     pub expected_max: Duration,
     /// The cap for a peer that has not answered for long, or never (a node in the spec
-    /// that is not deployed yet): a thousand of them cost ~8 dials a second. A peer that
-    /// comes up says so at once, so this only bounds how soon a healed partition is
-    /// noticed.
+    /// that is not deployed yet); such dials are also paced across peers ([`IdlePacer`]).
+    /// A peer that comes up says so at once, so this only bounds how soon a healed
+    /// partition is noticed.
     pub idle_max: Duration,
 }
 
@@ -238,7 +238,7 @@ pub fn spawn_dialer(
             tokio::select! {
                 _ = tokio::time::sleep_until(next_dial) => {}
                 _ = wake.notified() => {
-                    tracing::debug!(%peer, "peer says it is up; dialing now");
+                    // The agent logged it; the peer is expected now, so no pacing.
                     expected_since = tokio::time::Instant::now();
                     backoff = policy.min;
                 }
