@@ -474,7 +474,7 @@ fn d_node_reboot_rekeys_and_removes_stale_sas_with_distinct_keys() {
 
 #[test]
 fn e_no_key_in_logs_or_state_files_at_trace_level() {
-    let (c, _agents, _spec) = cluster_with_agents("log", "trace");
+    let (c, _agents, spec) = cluster_with_agents("log", "trace");
     // Some rotations so that many keys pass through.
     for n in ["node-a", "node-c"] {
         let out = c.ctl_agent(n, &["rotate", "--timeout", "30"]);
@@ -536,6 +536,21 @@ fn e_no_key_in_logs_or_state_files_at_trace_level() {
             }
         }
     }
+    // Delete through the agent: node-a's overlay goes, XFRM objects included, and its
+    // agent (which keeps its spec true) does not bring any of it back.
+    let out = c.ctl_agent("node-a", &["delete", "-f", spec.to_str().unwrap()]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("- link ovbr-300"), "{}", stdout(&out));
+    std::thread::sleep(Duration::from_secs(3));
+    let ns = &c.node("node-a").ns;
+    assert_eq!(ok(&format!("ip -n {ns} xfrm state")).trim(), "", "SAs left");
+    assert_eq!(
+        ok(&format!("ip -n {ns} xfrm policy")).trim(),
+        "",
+        "policies left"
+    );
+    assert!(c.link("node-a", "ovbr-300").is_none() && c.link("node-a", "ovbr-100").is_none());
+    assert!(peers_of(&c.agent_status("node-a")).is_empty());
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -139,6 +139,18 @@ fn usage_errors_exit_2() {
         vec!["frobnicate"],
         vec!["status", "-o", "xml"],
         vec!["validate", "-f", "/nonexistent/spec.yaml"],
+        // A --node the spec does not know, for delete as for apply (no agent answers
+        // on that socket, so the command itself must refuse it).
+        vec![
+            "delete",
+            "-f",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/networks.yaml"),
+            "--node",
+            "no-such-node",
+            "--dry-run",
+            "--socket",
+            "/nonexistent/agent.sock",
+        ],
     ] {
         let out = Command::new(BIN)
             .args(&args)
@@ -147,4 +159,32 @@ fn usage_errors_exit_2() {
             .unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
     }
+}
+
+#[test]
+fn keygen_makes_missing_directories_for_root_only_and_never_overwrites() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("etc/ovl-controller/node.key");
+    let out = Command::new(BIN)
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let public = stdout(&out).trim().to_owned();
+    assert_eq!(public.len(), 44, "{public:?}");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&key), 0o600);
+    assert_eq!(mode(key.parent().unwrap()), 0o700);
+    assert_eq!(mode(&dir.path().join("etc")), 0o700);
+    let before = std::fs::read(&key).unwrap();
+    let again = Command::new(BIN)
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(1), "{}", stderr(&again));
+    assert_eq!(std::fs::read(&key).unwrap(), before);
+    assert!(!stdout(&again).contains(&public));
 }

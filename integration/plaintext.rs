@@ -419,3 +419,116 @@ fn i_logs_are_json_lines_or_plain_text_with_one_event_per_change() {
         "colour codes in logs to a pipe: {err:?}"
     );
 }
+
+/// Polls `check` every 100 ms for up to `secs` seconds.
+fn within(secs: u64, mut check: impl FnMut() -> bool) -> bool {
+    for _ in 0..secs * 10 {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    check()
+}
+
+#[test]
+fn j_keyless_agents_keep_plaintext_networks_and_delete_goes_through_them() {
+    let c = Cluster::new("agdel", 2, false, 1500);
+    // Plaintext only, no publicKey anywhere and no key files: the agents still run.
+    let nodes: String = c
+        .nodes
+        .iter()
+        .map(|n| format!("  - name: {}\n    address: \"{}\"\n", n.name, n.address))
+        .collect();
+    let blue =
+        "  - name: blue\n    vni: 100\n    addresses: {node-a: 10.1.0.1/24, node-b: 10.1.0.2/24}\n";
+    let green = "  - name: green\n    vni: 101\n    addresses: {node-a: 10.2.0.1/24, node-b: 10.2.0.2/24}\n";
+    let write = |file: &str, networks: &str| {
+        let path = c.dir.path().join(file);
+        let text = format!(
+            "apiVersion: ovl/v1\ncluster:\n  name: keyless\nnodes:\n{nodes}networks:\n{networks}"
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let both = write("both.yaml", &format!("{blue}{green}"));
+    let only_green = write("green.yaml", green);
+    let mut agents = Agents::default();
+    for n in ["node-a", "node-b"] {
+        assert!(!c.node_dir(n).join("node.key").exists());
+        agents.0.insert(n.into(), c.start_agent(n, &both, "info"));
+    }
+    assert!(c.ping_eventually("node-a", "10.1.0.2"));
+    assert!(c.ping_eventually("node-a", "10.2.0.2"));
+    assert!(
+        c.agent_log("node-a")
+            .contains("throwaway control-plane key"),
+        "{}",
+        c.agent_log("node-a")
+    );
+    let a = c.node("node-a").ns.clone();
+    // The agent keeps the spec true: a device deleted by hand comes back.
+    ok(&format!("ip -n {a} link del ovvx-101"));
+    assert!(
+        within(10, || c.link("node-a", "ovvx-101").is_some()),
+        "the agent did not repair a deleted device"
+    );
+
+    // A dry-run delete through the agent changes nothing.
+    let out = c.ctl_agent(
+        "node-a",
+        &["delete", "-f", only_green.to_str().unwrap(), "--dry-run"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("Dry run"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("- link ovbr-101"), "{}", stdout(&out));
+    assert!(c.link("node-a", "ovbr-101").is_some());
+    // Through the agent, delete removes the network, and the agent does not bring it back.
+    let out = c.ctl_agent("node-a", &["delete", "-f", only_green.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let plan = stdout(&out);
+    assert!(
+        plan.contains("- link ovbr-101")
+            && plan.contains("- link ovvx-101")
+            && !plan.contains("ovbr-100"),
+        "{plan}"
+    );
+    // Longer than the agent's event debounce; the periodic pass would also come by.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(c.link("node-a", "ovbr-101").is_none() && c.link("node-a", "ovvx-101").is_none());
+    assert!(
+        c.ping("node-a", "10.1.0.2"),
+        "the other network must keep working"
+    );
+    let status = stdout(&c.ctl_agent("node-a", &["status"]));
+    assert!(
+        status.contains("blue") && !status.contains("green"),
+        "{status}"
+    );
+    // A --node that is not the agent's is refused, and nothing changes.
+    let socket = c.node_dir("node-a").join("agent.sock");
+    let out = c.ctl(
+        "node-a",
+        &[
+            "delete",
+            "-f",
+            both.to_str().unwrap(),
+            "--node",
+            "node-b",
+            "--socket",
+            socket.to_str().unwrap(),
+        ],
+    );
+    assert_exit(&out, 2);
+    assert!(
+        stderr(&out).contains("this agent runs node node-a"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(c.link("node-a", "ovbr-100").is_some());
+    // Applying the whole spec again through the agent brings the network back.
+    let plan = c.apply_via_agent("node-a", &both);
+    assert!(plan.contains("+ link ovbr-101"), "{plan}");
+    assert!(c.ping_eventually("node-a", "10.2.0.2"));
+    drop(agents);
+}

@@ -101,10 +101,12 @@ pub type Keyring = BTreeMap<IpAddr, PeerKeys>;
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DesiredError {
     #[error(
-        "network {network}: mtu {mtu} does not fit: the underlay {underlay} has mtu {underlay_mtu}, \
+        "{at}network {network}: mtu {mtu} does not fit: the underlay {underlay} has mtu {underlay_mtu}, \
          which leaves at most {max} for this network"
     )]
     MtuTooLarge {
+        /// `file:line:column: ` of the spec's `mtu`, or empty.
+        at: String,
         network: String,
         mtu: u32,
         max: u32,
@@ -139,6 +141,11 @@ pub fn network_mtu(net: &Network, local: &LocalNode<'_>) -> Result<u32, DesiredE
     }
     match net.mtu {
         Some(mtu) if mtu > max => Err(DesiredError::MtuTooLarge {
+            at: net
+                .mtu_at
+                .as_ref()
+                .map(|p| format!("{p}: "))
+                .unwrap_or_default(),
             network: net.name.to_string(),
             mtu,
             max,
@@ -377,6 +384,29 @@ mod tests {
         assert_eq!(max_mtu(1500, false, false), 1450);
         assert_eq!(max_mtu(1500, true, false), 1430);
         assert_eq!(max_mtu(1500, true, true), 1396);
+    }
+
+    #[test]
+    fn an_mtu_that_does_not_fit_is_reported_where_the_spec_wrote_it() {
+        let text = "apiVersion: ovl/v1\ncluster:\n  name: t\nnodes:\n  - name: a\n    \
+                    address: 192.0.2.1\nnetworks:\n  - name: big\n    vni: 5\n    mtu: 9000\n  \
+                    - name: small\n    vni: 6\n";
+        let spec = crate::spec::parse(text.as_bytes(), "net.yaml").unwrap();
+        let local = LocalNode {
+            node: &spec.nodes[0],
+            underlay: "eth0".parse().unwrap(),
+            underlay_mtu: 1500,
+        };
+        let err = network_mtu(&spec.networks[0], &local)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "net.yaml:10:10: network big: mtu 9000 does not fit: the underlay eth0 has mtu \
+             1500, which leaves at most 1450 for this network"
+        );
+        // Without an explicit mtu, the largest that fits.
+        assert_eq!(network_mtu(&spec.networks[1], &local), Ok(1450));
     }
 
     #[test]

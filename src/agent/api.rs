@@ -1,7 +1,7 @@
 //! The agent's local API: one JSON request per connection on a Unix socket (mode 0600,
 //! root only: the peer's uid is checked too), answered by zero or more progress lines
-//! (`{"progress": {...}}`) and one final JSON response line. `apply`, `status` and
-//! `rotate` use it. No key ever crosses it.
+//! (`{"progress": {...}}`) and one final JSON response line. `apply`, `delete`,
+//! `status` and `rotate` use it. No key ever crosses it.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -44,6 +44,13 @@ enum Line {
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Apply {
+        spec: String,
+        source: String,
+        dry_run: bool,
+        node: Option<String>,
+    },
+    /// `delete`: the spec's networks are removed and dropped from the agent's spec.
+    Delete {
         spec: String,
         source: String,
         dry_run: bool,

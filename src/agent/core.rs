@@ -185,13 +185,12 @@ pub(crate) fn encrypted_peers<'s>(spec: &'s Spec, me: &NodeName) -> BTreeMap<Nod
 
 impl Agent {
     pub(crate) async fn start(config: AgentConfig) -> Result<Agent, AgentError> {
-        let identity = Arc::new(Identity::load(&config.key)?);
         let kernel = Kernel::connect_watched()?;
         let spec = config.spec;
         let node = reconcile::identify_node(&spec, config.node.as_deref(), &kernel)
             .await?
             .clone();
-        check_identity(&node, &identity)?;
+        let identity = Arc::new(load_identity(&config.key, &node)?);
         create_state_dir(&config.state_dir)?;
 
         let boot_id = random_u64();
@@ -674,16 +673,30 @@ impl Agent {
     /// disappeared from the kernel are not re-added (same key = nonce reuse): their
     /// direction is rekeyed instead.
     async fn reconcile(&mut self) -> Result<crate::plan::Plan, ReconcileError> {
+        self.reconcile_pass()
+            .await
+            .and_then(reconcile::Outcome::into_result)
+    }
+
+    /// [`Agent::reconcile`], keeping the plan carried out when encrypted networks could
+    /// not come up (their plaintext neighbours still did).
+    async fn reconcile_pass(&mut self) -> Result<reconcile::Outcome, ReconcileError> {
         let result = self.reconcile_inner(false).await;
         self.reconciles += 1;
-        match &result {
-            Ok(plan) => {
-                self.kernel_changes += plan.changes.len() as u64;
-                // One event per kernel change (it names the network or the peer's
-                // addresses and SPI; never a key).
-                for change in &plan.changes {
-                    tracing::info!(%change, "kernel changed");
-                }
+        if let Ok(outcome) = &result {
+            self.kernel_changes += outcome.plan.changes.len() as u64;
+            // One event per kernel change (it names the network or the peer's
+            // addresses and SPI; never a key).
+            for change in &outcome.plan.changes {
+                tracing::info!(%change, "kernel changed");
+            }
+        }
+        let failure = match &result {
+            Ok(outcome) => outcome.encrypted_not_up.as_ref().map(ToString::to_string),
+            Err(e) => Some(e.to_string()),
+        };
+        match failure {
+            None => {
                 self.in_sync = true;
                 self.last_error = None;
                 // Announcements prepared during the pass (rekeys of vanished SAs); the
@@ -694,10 +707,10 @@ impl Agent {
                     }
                 }
             }
-            Err(e) => {
+            Some(why) => {
                 self.reconcile_failures += 1;
                 self.in_sync = false;
-                self.last_error = Some(e.to_string());
+                self.last_error = Some(why);
                 self.reconcile_due = Some(Instant::now() + RETRY_AFTER_FAILURE);
             }
         }
@@ -707,7 +720,7 @@ impl Agent {
     async fn reconcile_inner(
         &mut self,
         dry_run: bool,
-    ) -> Result<crate::plan::Plan, ReconcileError> {
+    ) -> Result<reconcile::Outcome, ReconcileError> {
         let observed = self.kernel.dump().await?;
         let node = self
             .node()
@@ -770,10 +783,7 @@ impl Agent {
                 .collect();
             self.vanished = still;
         }
-        if let Some(e) = outcome.encrypted_not_up {
-            return Err(e);
-        }
-        Ok(outcome.plan)
+        Ok(outcome)
     }
 
     /// Whether the schedule still lists this SA (a vanished one stays filtered until the
@@ -824,8 +834,15 @@ impl Agent {
         reply: oneshot::Sender<Response>,
         progress: mpsc::UnboundedSender<Progress>,
     ) -> Option<(oneshot::Sender<Response>, Response)> {
+        let deleting = matches!(request, Request::Delete { .. });
         match request {
             Request::Apply {
+                spec,
+                source,
+                dry_run,
+                node,
+            }
+            | Request::Delete {
                 spec,
                 source,
                 dry_run,
@@ -836,7 +853,7 @@ impl Agent {
                 });
                 self.kernel.set_progress(Some(sink));
                 let response = self
-                    .api_apply(&spec, &source, dry_run, node.as_deref())
+                    .api_change(&spec, &source, dry_run, node.as_deref(), deleting)
                     .await;
                 self.kernel.set_progress(None);
                 Some((reply, response))
@@ -859,42 +876,43 @@ impl Agent {
         }
     }
 
-    async fn api_apply(
+    /// `apply` (the given spec becomes the agent's) or `delete` (the given spec's
+    /// networks leave the agent's spec, so its passes no longer bring them back).
+    async fn api_change(
         &mut self,
         text: &str,
         source: &str,
         dry_run: bool,
         node: Option<&str>,
+        deleting: bool,
     ) -> Response {
-        let new = match spec::parse(text.as_bytes(), source) {
+        let given = match spec::parse(text.as_bytes(), source) {
             Ok(s) => s,
             Err(e) => return Response::fail(2, String::new(), e),
         };
         if let Some(n) = node
             && n != self.me.as_str()
         {
-            {
-                return Response::fail(
-                    2,
-                    String::new(),
-                    format!("this agent runs node {}, not {n}", self.me),
-                );
+            return Response::fail(
+                2,
+                String::new(),
+                format!("this agent runs node {}, not {n}", self.me),
+            );
+        }
+        let new = if deleting {
+            spec_without_networks_of(&self.spec, &given)
+        } else {
+            if let Err(why) = compatible(&self.spec, &given, &self.me, &self.identity.public) {
+                return Response::fail(2, String::new(), why);
             }
-        }
-        if let Err(why) = compatible(&self.spec, &new, &self.me, &self.identity.public) {
-            return Response::fail(2, String::new(), why);
-        }
+            given
+        };
         let old = std::mem::replace(&mut self.spec, new);
         if dry_run {
-            let plan = self.reconcile_inner(true).await;
+            let pass = self.reconcile_inner(true).await;
             self.spec = old;
-            return match plan {
-                Ok(p) => Response::ok(format!(
-                    "Dry run for node {}: nothing is changed.\n{p}",
-                    self.me
-                )),
-                Err(e) => Response::fail(if e.is_input_error() { 2 } else { 1 }, String::new(), e),
-            };
+            let header = format!("Dry run for node {}: nothing is changed.\n", self.me);
+            return answer(pass, header, None);
         }
         self.update_peers();
         let names: Vec<NodeName> = encrypted_peers(&self.spec, &self.me)
@@ -902,22 +920,9 @@ impl Agent {
             .cloned()
             .collect();
         let actions = self.schedule.set_peers(&names, Instant::now());
-        let result = self.reconcile().await;
+        let pass = self.reconcile_pass().await;
         self.queue_actions(actions);
-        match result {
-            Ok(plan) => {
-                let mut out = plan.to_string();
-                if !plan.is_empty() {
-                    out.push_str(&format!(
-                        "Applied {} changes on node {}.\n",
-                        plan.changes.len(),
-                        self.me
-                    ));
-                }
-                Response::ok(out)
-            }
-            Err(e) => Response::fail(if e.is_input_error() { 2 } else { 1 }, String::new(), e),
-        }
+        answer(pass, String::new(), Some(&self.me))
     }
 
     async fn api_status(&mut self) -> Response {
@@ -1133,14 +1138,74 @@ fn peer_status(
     }
 }
 
+/// The agent's control-plane identity: the key file's, which must be the node's
+/// publicKey. A node without a publicKey is in no encrypted network (the spec's
+/// validation sees to that) and may run without a key file: no peer ever dials it, so a
+/// throwaway key serves.
+fn load_identity(path: &std::path::Path, node: &Node) -> Result<Identity, AgentError> {
+    match Identity::load(path) {
+        Ok(identity) => {
+            check_identity(node, &identity)?;
+            Ok(identity)
+        }
+        Err(IdentityError::Io { source, .. })
+            if node.public_key.is_none() && source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            tracing::info!(
+                key = %path.display(),
+                "no key file, and this node has no publicKey (it is in no encrypted network): \
+                 running with a throwaway control-plane key"
+            );
+            Ok(Identity::generate()?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A node's publicKey, when the spec gives one, must be the key file's.
 fn check_identity(node: &Node, identity: &Identity) -> Result<(), AgentError> {
-    if node.public_key != Some(identity.public) {
-        return Err(AgentError::KeyMismatch {
+    match node.public_key {
+        Some(key) if key != identity.public => Err(AgentError::KeyMismatch {
             node: node.name.to_string(),
             found: identity.public.to_base64(),
-        });
+        }),
+        _ => Ok(()),
     }
-    Ok(())
+}
+
+/// The API's answer to a pass: the plan carried out (also when encrypted networks could
+/// not come up afterwards), then the error, if any.
+fn answer(
+    pass: Result<reconcile::Outcome, ReconcileError>,
+    mut out: String,
+    applied_on: Option<&NodeName>,
+) -> Response {
+    let code = |e: &ReconcileError| if e.is_input_error() { 2 } else { 1 };
+    let outcome = match pass {
+        Ok(o) => o,
+        Err(e) => return Response::fail(code(&e), String::new(), e),
+    };
+    out.push_str(&outcome.plan.to_string());
+    if let Some(me) = applied_on
+        && !outcome.plan.is_empty()
+    {
+        out.push_str(&format!(
+            "Applied {} changes on node {me}.\n",
+            outcome.plan.changes.len()
+        ));
+    }
+    match outcome.encrypted_not_up {
+        Some(e) => Response::fail(code(&e), out, e),
+        None => Response::ok(out),
+    }
+}
+
+/// `spec` without the networks `gone` has, matched by VNI (the VNI names their devices).
+fn spec_without_networks_of(spec: &Spec, gone: &Spec) -> Spec {
+    let vnis: BTreeSet<spec::Vni> = gone.networks.iter().map(|n| n.vni).collect();
+    let mut rest = spec.clone();
+    rest.networks.retain(|n| !vnis.contains(&n.vni));
+    rest
 }
 
 /// A new spec may change networks and peers, not who this agent is or where it listens.
@@ -1154,9 +1219,10 @@ fn compatible(old: &Spec, new: &Spec, me: &NodeName, key: &PublicKey) -> Result<
             "node {me}'s address changed: restart the agent to apply that"
         ));
     }
-    if node.public_key != Some(*key) {
+    if node.public_key.is_some_and(|k| k != *key) {
         return Err(format!(
-            "node {me}'s publicKey in the new spec is not this agent's key"
+            "node {me}'s publicKey in the new spec is not this agent's key: restart the \
+             agent (with that key's file) to apply that"
         ));
     }
     if old.cluster.name != new.cluster.name || old.cluster.control_port != new.cluster.control_port
@@ -1232,4 +1298,122 @@ fn spawn_api_server(listener: tokio::net::UnixListener, events: mpsc::UnboundedS
             });
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Name;
+
+    const SPEC: &str = "apiVersion: ovl/v1\ncluster:\n  name: t\nnodes:\n  - name: a\n    \
+                        address: 192.0.2.1\n  - name: b\n    address: 192.0.2.2\nnetworks:\n  \
+                        - name: blue\n    vni: 100\n  - name: green\n    vni: 101\n  \
+                        - name: red\n    vni: 102\n";
+
+    fn spec(text: &str) -> Spec {
+        spec::parse(text.as_bytes(), "t.yaml").unwrap()
+    }
+
+    #[test]
+    fn a_deleted_network_leaves_the_agents_spec_by_vni() {
+        let kept = spec(SPEC);
+        // Another file naming vni 101 differently still deletes it; unknown VNIs are
+        // ignored.
+        let gone = spec(&SPEC.replace("name: green", "name: other").replace(
+            "  - name: red\n    vni: 102\n",
+            "  - name: red\n    vni: 999\n",
+        ));
+        let gone = Spec {
+            networks: gone
+                .networks
+                .into_iter()
+                .filter(|n| n.vni != kept.networks[0].vni)
+                .collect(),
+            ..gone
+        };
+        let rest = spec_without_networks_of(&kept, &gone);
+        let names: Vec<&str> = rest.networks.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["blue", "red"]);
+        assert_eq!(rest.nodes, kept.nodes);
+        assert_eq!(rest.cluster, kept.cluster);
+    }
+
+    #[test]
+    fn a_keyless_node_runs_with_a_throwaway_key_only_without_a_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("node.key");
+        let keyless = spec(SPEC);
+        let node = keyless.node(&Name::new("a").unwrap()).unwrap();
+        let first = load_identity(&missing, node).unwrap();
+        let second = load_identity(&missing, node).unwrap();
+        assert_ne!(
+            first.public, second.public,
+            "a throwaway key is fresh each time"
+        );
+        assert!(!missing.exists(), "a throwaway key is never written");
+
+        // With a key file, its key is used; a publicKey in the spec must be that one.
+        let written = Identity::generate().unwrap();
+        written.write(&missing).unwrap();
+        assert_eq!(
+            load_identity(&missing, node).unwrap().public,
+            written.public
+        );
+        let other = Identity::generate().unwrap();
+        let keyed = |key: &PublicKey| Node {
+            public_key: Some(*key),
+            ..node.clone()
+        };
+        assert!(load_identity(&missing, &keyed(&written.public)).is_ok());
+        assert!(matches!(
+            load_identity(&missing, &keyed(&other.public)),
+            Err(AgentError::KeyMismatch { .. })
+        ));
+        // A node with a publicKey never gets a throwaway key.
+        let absent = dir.path().join("absent.key");
+        assert!(matches!(
+            load_identity(&absent, &keyed(&written.public)),
+            Err(AgentError::Identity(IdentityError::Io { .. }))
+        ));
+    }
+
+    #[test]
+    fn an_apply_may_leave_out_a_keyless_nodes_key_but_not_change_it() {
+        let old = spec(SPEC);
+        let me = Name::new("a").unwrap();
+        let key = Identity::generate().unwrap().public;
+        assert_eq!(compatible(&old, &old, &me, &key), Ok(()));
+        let other = Identity::generate().unwrap().public;
+        let mut keyed = old.clone();
+        keyed.nodes[0].public_key = Some(other);
+        assert!(
+            compatible(&old, &keyed, &me, &key)
+                .unwrap_err()
+                .contains("publicKey")
+        );
+        keyed.nodes[0].public_key = Some(key);
+        assert_eq!(compatible(&old, &keyed, &me, &key), Ok(()));
+    }
+
+    #[test]
+    fn the_api_answer_keeps_the_plan_when_encrypted_networks_stay_down() {
+        let down = reconcile::Outcome {
+            plan: crate::plan::Plan::default(),
+            encrypted_not_up: Some(ReconcileError::EncryptedNotUp {
+                networks: "sec".into(),
+                reason: "no ESP".into(),
+            }),
+        };
+        let me = Name::new("a").unwrap();
+        let r = answer(Ok(down), "head\n".into(), Some(&me));
+        assert_eq!(r.code, 1);
+        assert!(r.output.starts_with("head\n"), "{}", r.output);
+        assert!(r.error.is_some());
+        let fine = reconcile::Outcome {
+            plan: crate::plan::Plan::default(),
+            encrypted_not_up: None,
+        };
+        let r = answer(Ok(fine), String::new(), Some(&me));
+        assert_eq!((r.code, r.error), (0, None));
+    }
 }

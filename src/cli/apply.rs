@@ -5,7 +5,7 @@ use ovl::kernel::Kernel;
 use ovl::reconcile::{self, Keys, ReconcileError};
 
 use super::progress::Terminal;
-use super::{Common, Failure, SpecFile, load_spec, load_spec_text, runtime};
+use super::{Common, Failure, SpecFile, load_spec_text, runtime};
 
 #[derive(Args, Debug)]
 pub struct ApplyArgs {
@@ -43,15 +43,8 @@ pub fn run_apply(common: &Common, args: &ApplyArgs) -> Result<(), Failure> {
             dry_run: args.dry_run,
             node: common.node.clone(),
         };
-        let mut terminal = Terminal::new();
-        let answer = api::call(&common.socket, &request, &mut |p| terminal.show(p)).await;
-        terminal.finish();
-        if let Some(response) = answer.map_err(Failure::runtime)? {
-            print!("{}", response.output);
-            return match response.error {
-                Some(e) => Err(Failure { code: response.code.max(1), message: e }),
-                None => Ok(()),
-            };
+        if let Some(done) = through_agent(common, &request).await? {
+            return done;
         }
         let kernel = Kernel::connect().map_err(Failure::runtime)?;
         let node = reconcile::identify_node(&spec, common.node.as_deref(), &kernel)
@@ -83,10 +76,28 @@ pub fn run_apply(common: &Common, args: &ApplyArgs) -> Result<(), Failure> {
     })
 }
 
-pub fn run_delete(_common: &Common, args: &DeleteArgs) -> Result<(), Failure> {
-    let spec = load_spec(&args.spec.file)?;
+pub fn run_delete(common: &Common, args: &DeleteArgs) -> Result<(), Failure> {
+    let (spec, text, source) = load_spec_text(&args.spec.file)?;
     runtime()?.block_on(async {
+        // With an agent running, it deletes: it drops the networks from the spec it keeps
+        // true, which it would otherwise bring back at its next pass.
+        let request = Request::Delete {
+            spec: text,
+            source,
+            dry_run: args.dry_run,
+            node: common.node.clone(),
+        };
+        if let Some(done) = through_agent(common, &request).await? {
+            return done;
+        }
         let kernel = Kernel::connect().map_err(Failure::runtime)?;
+        // Deleting needs no node (objects are found by VNI), but a --node the spec does
+        // not know is a mistake to report, as `apply` does.
+        if let Some(name) = common.node.as_deref() {
+            reconcile::identify_node(&spec, Some(name), &kernel)
+                .await
+                .map_err(reconcile_failure)?;
+        }
         let (terminal, sink) = Terminal::new().shared();
         kernel.set_progress(Some(sink));
         let plan = reconcile::delete(&spec, &kernel, args.dry_run).await;
@@ -95,7 +106,33 @@ pub fn run_delete(_common: &Common, args: &DeleteArgs) -> Result<(), Failure> {
             t.finish();
         }
         let plan = plan.map_err(reconcile_failure)?;
+        if args.dry_run {
+            println!("Dry run: nothing is changed.");
+        }
         print!("{plan}");
         Ok(())
     })
+}
+
+/// Sends `request` to the node's agent, showing its progress, and prints its answer.
+/// `None` when no agent runs (the caller does the work itself); otherwise the outcome
+/// to exit with.
+async fn through_agent(
+    common: &Common,
+    request: &Request,
+) -> Result<Option<Result<(), Failure>>, Failure> {
+    let mut terminal = Terminal::new();
+    let answer = api::call(&common.socket, request, &mut |p| terminal.show(p)).await;
+    terminal.finish();
+    let Some(response) = answer.map_err(Failure::runtime)? else {
+        return Ok(None);
+    };
+    print!("{}", response.output);
+    Ok(Some(match response.error {
+        Some(e) => Err(Failure {
+            code: response.code.max(1),
+            message: e,
+        }),
+        None => Ok(()),
+    }))
 }

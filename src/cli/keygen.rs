@@ -8,12 +8,26 @@ use super::Failure;
 
 #[derive(Args, Debug)]
 pub struct KeygenArgs {
-    /// Where to write the private key (created with mode 0600; never overwritten).
+    /// Where to write the private key (created with mode 0600, missing directories with
+    /// 0700; never overwritten).
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
 }
 
 pub fn run(args: &KeygenArgs) -> Result<(), Failure> {
+    // A fresh node has no /etc/ovl-controller yet: make the missing directories, for
+    // root only.
+    if let Some(dir) = args.out.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| Failure::runtime(format!("{}: {e}", dir.display())))?;
+    }
     let id = Identity::generate().map_err(Failure::runtime)?;
     id.write(&args.out).map_err(Failure::runtime)?;
     println!("{}", id.public.to_base64());

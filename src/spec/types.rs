@@ -29,9 +29,10 @@ pub const HARD_LIMIT_FACTOR: u64 = 4;
 
 pub const DEFAULT_ROTATION: Duration = Duration::from_secs(12 * 3600);
 
-/// Shortest accepted `rotation`: rotating more often than once a minute only adds
-/// control-plane load and kernel churn; `ovl-controller rotate` covers "now".
-pub const MIN_ROTATION: Duration = Duration::from_secs(60);
+/// Shortest accepted `rotation`: a rotation needs a few seconds of its own (an offer, its
+/// retry after 3 s, the old key's 2 s grace); 10 s leaves room for that and lets a test
+/// cluster watch automatic rotation. Production intervals are hours.
+pub const MIN_ROTATION: Duration = Duration::from_secs(10);
 /// Longest accepted `rotation`: keys should not live for months even on a quiet network;
 /// 30 days keeps the "fresh keys" promise meaningful.
 pub const MAX_ROTATION: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -172,6 +173,9 @@ pub struct Network {
     pub encrypted: bool,
     /// Explicit MTU of the overlay; `None` means derived from the underlay.
     pub mtu: Option<u32>,
+    /// Where `mtu` was written: whether it fits is known only on the node, against its
+    /// underlay, and that error points here too.
+    pub mtu_at: Option<SourcePos>,
     /// Member nodes, resolved: every node when the spec leaves `nodes` out. Sorted, unique.
     pub nodes: Vec<NodeName>,
     /// Address put on this network's bridge, per member node.
@@ -190,6 +194,20 @@ impl Spec {
 impl Network {
     pub fn has_member(&self, node: &Name) -> bool {
         self.nodes.iter().any(|n| n == node)
+    }
+}
+
+/// A place in a spec file. Displays as `file:line:column`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourcePos {
+    pub source_name: String,
+    pub line: u64,
+    pub column: u64,
+}
+
+impl std::fmt::Display for SourcePos {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}", self.source_name, self.line, self.column)
     }
 }
 

@@ -14,7 +14,8 @@ use super::types::{
     Cluster, DEFAULT_CONTROL_PORT, DEFAULT_DATA_PORT, DEFAULT_ENCRYPTED_DATA_PORT,
     DEFAULT_REKEY_BYTES, DEFAULT_REKEY_PACKETS, DEFAULT_ROTATION, MAX_MTU, MAX_NETWORKS, MAX_NODES,
     MAX_REKEY_BYTES, MAX_REKEY_PACKETS, MAX_ROTATION, MIN_MTU, MIN_MTU_IPV6, MIN_REKEY_BYTES,
-    MIN_REKEY_PACKETS, MIN_ROTATION, Name, Network, Node, NodeName, Spec, SpecError, Vni,
+    MIN_REKEY_PACKETS, MIN_ROTATION, Name, Network, Node, NodeName, SourcePos, Spec, SpecError,
+    Vni,
 };
 
 /// The only `apiVersion` this build understands.
@@ -38,6 +39,21 @@ impl Errors<'_> {
             line,
             column,
             reason: one_line(&reason.into()),
+        }
+    }
+
+    /// Where `loc` is, kept for errors found later.
+    pub fn pos(&self, loc: Location) -> SourcePos {
+        let SpecError {
+            source_name,
+            line,
+            column,
+            ..
+        } = self.at(loc, "");
+        SourcePos {
+            source_name,
+            line,
+            column,
         }
     }
 }
@@ -114,9 +130,11 @@ pub(super) fn spec(e: &Errors<'_>, raw: &RawSpec, top: Location) -> Result<Spec,
         }
         let mut names: HashMap<Name, u64> = HashMap::new();
         let mut vnis: HashMap<Vni, (u64, Name)> = HashMap::new();
+        let mut bridge_addresses: HashMap<IpAddr, (u64, Name)> = HashMap::new();
         for raw_net in &raw_networks.value {
             let (net, name_loc, vni_loc) =
                 network(e, &raw_net.value, loc(raw_net), raw_nodes, &nodes, &index)?;
+            unique_across_networks(e, &raw_net.value, &net, &nodes, &mut bridge_addresses)?;
             if let Some(first) = names.insert(net.name.clone(), name_loc.line()) {
                 return Err(e.at(
                     name_loc,
@@ -143,6 +161,54 @@ pub(super) fn spec(e: &Errors<'_>, raw: &RawSpec, top: Location) -> Result<Spec,
         nodes,
         networks,
     })
+}
+
+/// A bridge address is unique in the whole spec: no other network has it, on any node,
+/// and it is no node's underlay address (duplicates inside one network are caught with
+/// the network).
+fn unique_across_networks(
+    e: &Errors<'_>,
+    raw: &RawNetwork,
+    net: &Network,
+    nodes: &[Node],
+    seen: &mut HashMap<IpAddr, (u64, Name)>,
+) -> Result<(), SpecError> {
+    let Some(entries) = &raw.addresses else {
+        return Ok(());
+    };
+    for (_, value) in &entries.value.0 {
+        let at = loc(value);
+        // Already validated with the network; nothing else can come out here.
+        let Ok(ip) = fields::bridge_address(&value.value).map(|a| a.addr()) else {
+            continue;
+        };
+        if let Some(node) = nodes.iter().find(|n| n.address == ip) {
+            return Err(e.at(
+                at,
+                format!(
+                    "address {ip} in network `{}` is the underlay address of node `{}`",
+                    net.name, node.name
+                ),
+            ));
+        }
+        match seen.get(&ip) {
+            Some((line, other)) if *other != net.name => {
+                return Err(e.at(
+                    at,
+                    format!(
+                        "duplicate address {ip} in network `{}`: network `{other}` has it \
+                         already (line {line})",
+                        net.name
+                    ),
+                ));
+            }
+            Some(_) => {}
+            None => {
+                seen.insert(ip, (at.line(), net.name.clone()));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn cluster(e: &Errors<'_>, raw: &RawCluster, at: Location) -> Result<Cluster, SpecError> {
@@ -428,6 +494,7 @@ fn network(
         vni,
         encrypted,
         mtu,
+        mtu_at: raw.mtu.as_ref().map(|m| e.pos(loc(m))),
         nodes: member_names,
         addresses,
     };

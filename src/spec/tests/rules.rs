@@ -221,10 +221,10 @@ fn rejects_bad_rotation() {
     };
     assert_rejects(&rotation("12 hours"), 4, 13, "invalid duration `12 hours`");
     assert_rejects(
-        &rotation("59s"),
+        &rotation("9s"),
         4,
         13,
-        "rotation `59s` is out of range: use 1m to 30d",
+        "rotation `9s` is out of range: use 10s to 30d",
     );
     assert_rejects(
         &rotation("30d1s"),
