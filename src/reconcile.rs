@@ -145,9 +145,7 @@ pub async fn apply_observed(
     // keys; otherwise they are left exactly as they are and the caller reports why.
     let mut hold_reason = None;
     if !encrypted.is_empty() {
-        if !holds_our_esp(&observed, node.address)
-            && let Err(e) = kernel.check_esp(node.address).await
-        {
+        if let Err(e) = kernel.check_esp(node.address).await {
             hold_reason = Some(e.to_string());
         } else if let Keys::Unavailable { reason } = &keys {
             hold_reason = Some(reason.clone());
@@ -180,16 +178,6 @@ pub async fn apply_observed(
         plan,
         encrypted_not_up,
     })
-}
-
-/// Whether the kernel already holds one of our SAs of `address`'s family: it accepted
-/// ESP with our algorithm, which is all the ESP probe would find out (and the probe costs
-/// a scratch network namespace, more than a whole no-op pass at 1000 peers).
-fn holds_our_esp(observed: &KernelState, address: IpAddr) -> bool {
-    observed
-        .sas
-        .keys()
-        .any(|id| id.src.is_ipv6() == address.is_ipv6())
 }
 
 /// Copies into `want` what the kernel holds for the node's encrypted networks (devices,

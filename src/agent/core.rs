@@ -31,6 +31,8 @@ pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(20);
 pub const EVENT_DEBOUNCE: Duration = Duration::from_millis(300);
 /// After a failed reconcile, try again this soon.
 pub const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+/// A peer's `DialMe` is heeded at most this often.
+const DIAL_ME_MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// Events already waiting that are handled before the kernel is reconciled once for all
 /// of them (a rotation with many peers, a burst of key messages).
 const MAX_COALESCED_EVENTS: usize = 256;
@@ -112,6 +114,8 @@ struct Dialer {
     wake: Arc<tokio::sync::Notify>,
     /// Where it dials, with which key: a spec change of either restarts it.
     reach: Reach,
+    /// When the peer last said it is up (`DialMe`).
+    told_up_at: Option<Instant>,
 }
 
 pub(crate) struct Agent {
@@ -416,8 +420,15 @@ impl Agent {
                     self.events_tx.clone(),
                 );
                 let reach = (address, key);
-                self.dialers
-                    .insert(name.clone(), Dialer { task, wake, reach });
+                self.dialers.insert(
+                    name.clone(),
+                    Dialer {
+                        task,
+                        wake,
+                        reach,
+                        told_up_at: None,
+                    },
+                );
             }
         }
     }
@@ -482,10 +493,14 @@ impl Agent {
                 };
                 let _ = reply.send(text);
             }
-            Event::DialMe { peer } => match self.dialers.get(&peer) {
-                Some(dialer) => {
+            Event::DialMe { peer } => match self.dialers.get_mut(&peer) {
+                Some(dialer) if heed_dial_me(dialer.told_up_at, Instant::now()) => {
                     tracing::info!(%peer, "peer says it is up; dialing it");
+                    dialer.told_up_at = Some(Instant::now());
                     dialer.wake.notify_one();
+                }
+                Some(_) => {
+                    tracing::debug!(%peer, "peer said again within a second that it is up; ignored");
                 }
                 None => tracing::debug!(%peer, "a peer we do not dial asked to be dialed"),
             },
@@ -1173,6 +1188,13 @@ fn check_identity(node: &Node, identity: &Identity) -> Result<(), AgentError> {
     }
 }
 
+/// Whether a peer's `DialMe` wakes its dialer: a peer comes up once per start, so one
+/// within [`DIAL_ME_MIN_INTERVAL`] of the last is a bug or a peer pushing us to dial it
+/// over and over, and is ignored.
+fn heed_dial_me(last: Option<Instant>, now: Instant) -> bool {
+    last.is_none_or(|t| now.saturating_duration_since(t) >= DIAL_ME_MIN_INTERVAL)
+}
+
 /// The API's answer to a pass: the plan carried out (also when encrypted networks could
 /// not come up afterwards), then the error, if any.
 fn answer(
@@ -1312,6 +1334,15 @@ mod tests {
 
     fn spec(text: &str) -> Spec {
         spec::parse(text.as_bytes(), "t.yaml").unwrap()
+    }
+
+    #[test]
+    fn dial_me_is_heeded_at_most_once_a_second() {
+        let t = Instant::now();
+        assert!(heed_dial_me(None, t));
+        assert!(!heed_dial_me(Some(t), t));
+        assert!(!heed_dial_me(Some(t), t + Duration::from_millis(999)));
+        assert!(heed_dial_me(Some(t), t + DIAL_ME_MIN_INTERVAL));
     }
 
     #[test]
