@@ -130,7 +130,7 @@ pub(super) fn spec(e: &Errors<'_>, raw: &RawSpec, top: Location) -> Result<Spec,
         }
         let mut names: HashMap<Name, u64> = HashMap::new();
         let mut vnis: HashMap<Vni, (u64, Name)> = HashMap::new();
-        let mut bridge_addresses: HashMap<IpAddr, (u64, Name)> = HashMap::new();
+        let mut bridge_addresses = SeenAddresses::default();
         for raw_net in &raw_networks.value {
             let (net, name_loc, vni_loc) =
                 network(e, &raw_net.value, loc(raw_net), raw_nodes, &nodes, &index)?;
@@ -163,50 +163,75 @@ pub(super) fn spec(e: &Errors<'_>, raw: &RawSpec, top: Location) -> Result<Spec,
     })
 }
 
+/// Bridge addresses already seen in earlier networks, for the checks across networks.
+#[derive(Default)]
+struct SeenAddresses {
+    /// Address -> (line, network).
+    addresses: HashMap<IpAddr, (u64, Name)>,
+    /// Node -> its subnets in earlier networks: (subnet, network, line).
+    subnets: HashMap<Name, Vec<(IpNet, Name, u64)>>,
+}
+
 /// A bridge address is unique in the whole spec: no other network has it, on any node,
-/// and it is no node's underlay address (duplicates inside one network are caught with
-/// the network).
+/// and it is no node's underlay address. A node's networks do not overlap either: its
+/// routes could not tell them apart. (Duplicates inside one network are caught with the
+/// network.)
 fn unique_across_networks(
     e: &Errors<'_>,
     raw: &RawNetwork,
     net: &Network,
     nodes: &[Node],
-    seen: &mut HashMap<IpAddr, (u64, Name)>,
+    seen: &mut SeenAddresses,
 ) -> Result<(), SpecError> {
     let Some(entries) = &raw.addresses else {
         return Ok(());
     };
-    for (_, value) in &entries.value.0 {
+    let name = &net.name;
+    for (key, value) in &entries.value.0 {
         let at = loc(value);
-        // Already validated with the network; nothing else can come out here.
-        let Ok(ip) = fields::bridge_address(&value.value).map(|a| a.addr()) else {
+        // Both already validated with the network; nothing else can come out here.
+        let (Ok(node), Ok(address)) = (
+            fields::name("node name", &key.value),
+            fields::bridge_address(&value.value),
+        ) else {
             continue;
         };
-        if let Some(node) = nodes.iter().find(|n| n.address == ip) {
+        let ip = address.addr();
+        if let Some(owner) = nodes.iter().find(|n| n.address == ip) {
             return Err(e.at(
                 at,
                 format!(
-                    "address {ip} in network `{}` is the underlay address of node `{}`",
-                    net.name, node.name
+                    "address {ip} in network `{name}` is the underlay address of node `{}`",
+                    owner.name
                 ),
             ));
         }
-        match seen.get(&ip) {
-            Some((line, other)) if *other != net.name => {
-                return Err(e.at(
-                    at,
-                    format!(
-                        "duplicate address {ip} in network `{}`: network `{other}` has it \
-                         already (line {line})",
-                        net.name
-                    ),
-                ));
-            }
-            Some(_) => {}
-            None => {
-                seen.insert(ip, (at.line(), net.name.clone()));
-            }
+        if let Some((line, other)) = seen.addresses.get(&ip) {
+            return Err(e.at(
+                at,
+                format!(
+                    "duplicate address {ip} in network `{name}`: network `{other}` has it \
+                     already (line {line})"
+                ),
+            ));
         }
+        let subnet = address.trunc();
+        let theirs = seen.subnets.entry(node.clone()).or_default();
+        if let Some((other_subnet, other, line)) = theirs
+            .iter()
+            .find(|(s, _, _)| s.contains(&subnet.network()) || subnet.contains(&s.network()))
+        {
+            return Err(e.at(
+                at,
+                format!(
+                    "address {address} of node `{node}` in network `{name}` overlaps subnet \
+                     {other_subnet} of network `{other}` on the same node (line {line}): its \
+                     routes could not tell the two networks apart"
+                ),
+            ));
+        }
+        theirs.push((subnet, name.clone(), at.line()));
+        seen.addresses.insert(ip, (at.line(), name.clone()));
     }
     Ok(())
 }
