@@ -70,3 +70,59 @@ fn e_encrypted_network_fails_closed_without_esp() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout(&out).contains("No changes"), "{}", stdout(&out));
 }
+
+#[test]
+fn f_agents_without_esp_keep_plaintext_up_and_hold_encrypted_quietly() {
+    require_root();
+    let c = Cluster::new("noespag", 2, false, 1500);
+    c.keygen_all();
+    let spec = c.spec("net.yaml", SPEC);
+    let blue_only = c.spec(
+        "blue.yaml",
+        "  - name: blue\n    vni: 100\n    addresses: {node-a: 10.1.0.1/24, node-b: 10.1.0.2/24}\n",
+    );
+    let mut agents = Agents::default();
+    for n in ["node-a", "node-b"] {
+        agents.0.insert(n.into(), c.start_agent(n, &spec, "info"));
+    }
+    assert!(c.ping_eventually("node-a", "10.1.0.2"));
+    // Long enough for several retries of the failed pass and for the peers' sessions.
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    for n in ["node-a", "node-b"] {
+        let log = c.agent_log(n);
+        let failures: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("reconcile failed"))
+            .collect();
+        assert_eq!(failures.len(), 1, "the same failure is logged once:\n{log}");
+        assert!(failures[0].contains("CONFIG_INET_ESP"), "{}", failures[0]);
+        // Nothing was installed, so nothing can vanish and be rekeyed over and over.
+        assert!(!log.contains("vanished"), "{log}");
+        assert_eq!(ok(&format!("ip -n {} xfrm state", c.node(n).ns)).trim(), "");
+        assert!(c.link(n, "ovbr-300").is_none() && c.link(n, "ovvx-300").is_none());
+    }
+    // rotate says at once why it cannot work.
+    let started = std::time::Instant::now();
+    let out = c.ctl_agent("node-a", &["rotate", "--timeout", "30"]);
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains("cannot rotate") && stderr(&out).contains("CONFIG_INET_ESP"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "rotate waited for its timeout"
+    );
+    // Deleting the plaintext network through the agent succeeds; the encrypted one that
+    // stays down is a note, not a failure of the delete.
+    let out = c.ctl_agent("node-a", &["delete", "-f", blue_only.to_str().unwrap()]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("- link ovbr-100") && stdout(&out).contains("Note:"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(c.link("node-a", "ovbr-100").is_none());
+    drop(agents);
+}

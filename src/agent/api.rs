@@ -102,6 +102,10 @@ pub enum ApiError {
     BadResponse(String),
     #[error("the agent did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("{}: another agent is running and listening there", .0.display())]
+    InUse(PathBuf),
+    #[error("{}: exists and is not a socket; refusing to replace it", .0.display())]
+    NotASocket(PathBuf),
 }
 
 /// Sends one request to the agent and waits for its answer (at most
@@ -166,7 +170,7 @@ use tokio::io::AsyncReadExt as _;
 /// Binds the API socket: parent directory created 0700, stale socket replaced, the
 /// socket itself 0600.
 pub fn bind(socket: &Path) -> Result<UnixListener, ApiError> {
-    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    use std::os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, PermissionsExt as _};
     let io = |source| ApiError::Io {
         path: socket.to_owned(),
         source,
@@ -178,8 +182,16 @@ pub fn bind(socket: &Path) -> Result<UnixListener, ApiError> {
             .create(dir)
             .map_err(io)?;
     }
-    match std::fs::remove_file(socket) {
-        Ok(()) => {}
+    // Replace only a stale socket: never another file (a mistyped --socket must not
+    // destroy it), never the socket of an agent that still runs (the CLI would lose it).
+    match std::fs::symlink_metadata(socket) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+                return Err(ApiError::InUse(socket.to_owned()));
+            }
+            std::fs::remove_file(socket).map_err(io)?;
+        }
+        Ok(_) => return Err(ApiError::NotASocket(socket.to_owned())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(e)),
     }
@@ -226,5 +238,31 @@ pub async fn write_response(stream: &mut UnixStream, response: &Response) {
         line.push(b'\n');
         let _ = stream.write_all(&line).await;
         let _ = stream.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bind_replaces_only_a_stale_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        // Not a socket: refused, and the file is untouched.
+        let file = dir.path().join("node.key");
+        std::fs::write(&file, b"precious").unwrap();
+        assert!(matches!(bind(&file), Err(ApiError::NotASocket(_))));
+        assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+        // A running agent's socket: refused, and it keeps answering.
+        let socket = dir.path().join("agent.sock");
+        let live = bind(&socket).unwrap();
+        assert!(matches!(bind(&socket), Err(ApiError::InUse(_))));
+        let (accepted, connected) = tokio::join!(live.accept(), UnixStream::connect(&socket));
+        assert!(accepted.is_ok() && connected.is_ok());
+        // The socket of an agent that is gone: replaced.
+        drop(live);
+        let again = bind(&socket).unwrap();
+        let (accepted, connected) = tokio::join!(again.accept(), UnixStream::connect(&socket));
+        assert!(accepted.is_ok() && connected.is_ok());
     }
 }

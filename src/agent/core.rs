@@ -29,8 +29,10 @@ pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(20);
 /// Kernel events come in bursts (our own changes too); wait this long for the burst to
 /// end before reconciling.
 pub const EVENT_DEBOUNCE: Duration = Duration::from_millis(300);
-/// After a failed reconcile, try again this soon.
+/// After a failed reconcile, try again this soon ...
 pub const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+/// ... and after failures in a row, at most this late.
+pub const MAX_RETRY_AFTER_FAILURE: Duration = Duration::from_secs(60);
 /// A peer's `DialMe` is heeded at most this often.
 const DIAL_ME_MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// Events already waiting that are handled before the kernel is reconciled once for all
@@ -153,6 +155,10 @@ pub(crate) struct Agent {
     next_periodic: Instant,
     rotations: Vec<PendingRotation>,
     last_error: Option<String>,
+    /// Failed passes in a row: retries back off (a kernel without ESP stays so).
+    failures_in_a_row: u32,
+    /// Why the last pass left the encrypted networks down, if it did.
+    encrypted_down: Option<String>,
     started: Instant,
     boot_id: u64,
     reconciles: u64,
@@ -234,7 +240,8 @@ impl Agent {
             installed.insert(*sa);
         }
 
-        let api_listener = api::bind(&config.socket)?;
+        // The control port first: a start that fails leaves the API socket (perhaps a
+        // running agent's) alone.
         let control_addr = SocketAddr::new(node.address, spec.cluster.control_port);
         let tcp = TcpListener::bind(control_addr)
             .await
@@ -242,6 +249,7 @@ impl Agent {
                 address: control_addr,
                 source,
             })?;
+        let api_listener = api::bind(&config.socket)?;
         let link_events = monitor::link_events()?;
         let expiry = monitor::sa_expiry_events()?;
         let (events_tx, events) = mpsc::unbounded_channel();
@@ -294,6 +302,8 @@ impl Agent {
             next_periodic: now + RECONCILE_INTERVAL,
             rotations: Vec::new(),
             last_error: None,
+            failures_in_a_row: 0,
+            encrypted_down: None,
             started: now,
             boot_id,
             reconciles: 0,
@@ -301,9 +311,8 @@ impl Agent {
             kernel_changes: 0,
         };
         agent.update_peers();
-        if let Err(e) = agent.reconcile().await {
-            tracing::error!(error = %e, "initial reconcile failed; retrying");
-        }
+        // A failure is logged by the pass and retried.
+        let _ = agent.reconcile().await;
         Ok(agent)
     }
 
@@ -528,9 +537,8 @@ impl Agent {
             if periodic {
                 self.next_periodic = now + RECONCILE_INTERVAL;
             }
-            if let Err(e) = self.reconcile().await {
-                tracing::error!(error = %e, "reconcile failed");
-            }
+            // A failure is logged by the pass and retried.
+            let _ = self.reconcile().await;
         }
     }
 
@@ -599,7 +607,7 @@ impl Agent {
         if actions.contains(&Action::KernelChanged)
             && let Err(e) = self.reconcile().await
         {
-            tracing::error!(error = %e, "reconcile after a key change failed; not announcing keys");
+            tracing::debug!(error = %e, "reconcile after a key change failed; not announcing keys");
             return;
         }
         let Some(me) = self.node().map(|n| n.address) else {
@@ -706,6 +714,9 @@ impl Agent {
                 tracing::info!(%change, "kernel changed");
             }
         }
+        if let Ok(outcome) = &result {
+            self.encrypted_down = outcome.encrypted_not_up.as_ref().map(ToString::to_string);
+        }
         let failure = match &result {
             Ok(outcome) => outcome.encrypted_not_up.as_ref().map(ToString::to_string),
             Err(e) => Some(e.to_string()),
@@ -714,6 +725,7 @@ impl Agent {
             None => {
                 self.in_sync = true;
                 self.last_error = None;
+                self.failures_in_a_row = 0;
                 // Announcements prepared during the pass (rekeys of vanished SAs); the
                 // kernel now holds their SAs.
                 for action in std::mem::take(&mut self.deferred) {
@@ -725,8 +737,15 @@ impl Agent {
             Some(why) => {
                 self.reconcile_failures += 1;
                 self.in_sync = false;
+                // The same failure again is logged once, at its first occurrence.
+                if self.last_error.as_deref() == Some(why.as_str()) {
+                    tracing::debug!(error = %why, "reconcile failed again");
+                } else {
+                    tracing::error!(error = %why, "reconcile failed");
+                }
                 self.last_error = Some(why);
-                self.reconcile_due = Some(Instant::now() + RETRY_AFTER_FAILURE);
+                self.failures_in_a_row = self.failures_in_a_row.saturating_add(1);
+                self.reconcile_due = Some(Instant::now() + retry_delay(self.failures_in_a_row));
             }
         }
         result
@@ -754,7 +773,8 @@ impl Agent {
             observed,
         )
         .await?;
-        if !dry_run {
+        // Only a pass that handled encrypted networks installed the ring's SAs.
+        if !dry_run && outcome.encrypted_not_up.is_none() {
             for keys in ring.iter() {
                 let (peer, k) = keys;
                 for d in &k.inbound {
@@ -927,7 +947,7 @@ impl Agent {
             let pass = self.reconcile_inner(true).await;
             self.spec = old;
             let header = format!("Dry run for node {}: nothing is changed.\n", self.me);
-            return answer(pass, header, None);
+            return answer_change(pass, header, None, deleting);
         }
         self.update_peers();
         let names: Vec<NodeName> = encrypted_peers(&self.spec, &self.me)
@@ -937,7 +957,7 @@ impl Agent {
         let actions = self.schedule.set_peers(&names, Instant::now());
         let pass = self.reconcile_pass().await;
         self.queue_actions(actions);
-        answer(pass, String::new(), Some(&self.me))
+        answer_change(pass, String::new(), Some(&self.me), deleting)
     }
 
     async fn api_status(&mut self) -> Response {
@@ -1048,6 +1068,21 @@ impl Agent {
                 ));
             }
             peers.retain(|x| x.as_str() == p);
+        }
+        if peers.is_empty() {
+            let out = format!(
+                "Nothing to rotate: node {} has no encrypted peers.\n",
+                self.me
+            );
+            return Some((reply, Response::ok(out)));
+        }
+        // New keys cannot be installed where the encrypted networks are down: say why
+        // now rather than at the timeout.
+        if let Some(reason) = &self.encrypted_down {
+            return Some((
+                reply,
+                Response::fail(1, String::new(), format!("cannot rotate: {reason}")),
+            ));
         }
         let now = Instant::now();
         let mut failed = Vec::new();
@@ -1188,6 +1223,14 @@ fn check_identity(node: &Node, identity: &Identity) -> Result<(), AgentError> {
     }
 }
 
+/// How long after the `n`th failed pass in a row the next one runs: 1 s, doubling up to
+/// a minute.
+fn retry_delay(n: u32) -> Duration {
+    RETRY_AFTER_FAILURE
+        .saturating_mul(1 << n.saturating_sub(1).min(6))
+        .min(MAX_RETRY_AFTER_FAILURE)
+}
+
 /// Whether a peer's `DialMe` wakes its dialer: a peer comes up once per start, so one
 /// within [`DIAL_ME_MIN_INTERVAL`] of the last is a bug or a peer pushing us to dial it
 /// over and over, and is ignored.
@@ -1220,6 +1263,25 @@ fn answer(
         Some(e) => Response::fail(code(&e), out, e),
         None => Response::ok(out),
     }
+}
+
+/// [`answer`] for `apply` and `delete`. Encrypted networks that stay down are not what
+/// a `delete` was asked about (the deletion went through): a note then, not a failure.
+fn answer_change(
+    mut pass: Result<reconcile::Outcome, ReconcileError>,
+    out: String,
+    applied_on: Option<&NodeName>,
+    deleting: bool,
+) -> Response {
+    let mut note = None;
+    if deleting && let Ok(outcome) = &mut pass {
+        note = outcome.encrypted_not_up.take();
+    }
+    let mut response = answer(pass, out, applied_on);
+    if let Some(e) = note {
+        response.output.push_str(&format!("Note: {e}\n"));
+    }
+    response
 }
 
 /// `spec` without the networks `gone` has, matched by VNI (the VNI names their devices).
@@ -1334,6 +1396,13 @@ mod tests {
 
     fn spec(text: &str) -> Spec {
         spec::parse(text.as_bytes(), "t.yaml").unwrap()
+    }
+
+    #[test]
+    fn failed_passes_are_retried_ever_later_up_to_a_minute() {
+        let delays: Vec<u64> = (1..=9).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(retry_delay(u32::MAX), MAX_RETRY_AFTER_FAILURE);
     }
 
     #[test]

@@ -98,6 +98,9 @@ pub struct Underlay {
 /// How often (in changes) [`Kernel::execute`] reports progress within one phase.
 const PROGRESS_EVERY: usize = 1000;
 
+/// How long a failed ESP probe stands before the next one.
+pub const ESP_RECHECK: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub struct Kernel {
     pub(crate) route: rtnetlink::Handle,
     pub(crate) xfrm: xfrmnetlink::Handle,
@@ -106,6 +109,9 @@ pub struct Kernel {
     xfrm_batch: tokio::sync::Mutex<BatchSocket>,
     /// ESP support does not change while we run: probe once per address family.
     esp_ok: std::sync::Mutex<std::collections::BTreeSet<bool>>,
+    /// A failed probe per address family, answered again for [`ESP_RECHECK`] (a module
+    /// may be loaded meanwhile, so not for good).
+    esp_failed: std::sync::Mutex<std::collections::BTreeMap<bool, (std::time::Instant, String)>>,
     /// Where [`Kernel::execute`] reports how far it got (see [`Kernel::set_progress`]).
     progress: std::sync::Mutex<Option<crate::progress::Sink>>,
     /// The last full read, kept while the kernel announces no change (see `watch`);
@@ -131,6 +137,7 @@ impl Kernel {
             route_batch: tokio::sync::Mutex::new(route_batch),
             xfrm_batch: tokio::sync::Mutex::new(xfrm_batch),
             esp_ok: Default::default(),
+            esp_failed: Default::default(),
             progress: Default::default(),
             watch: None,
         })
@@ -341,11 +348,28 @@ impl Kernel {
         if self.esp_ok.lock().is_ok_and(|ok| ok.contains(&v6)) {
             return Ok(());
         }
+        let recent_failure = self.esp_failed.lock().ok().and_then(|failed| {
+            failed
+                .get(&v6)
+                .filter(|(at, _)| at.elapsed() < ESP_RECHECK)
+                .map(|(_, detail)| detail.clone())
+        });
+        if let Some(detail) = recent_failure {
+            return Err(KernelError::NoEsp { detail });
+        }
         let result = self.probe_esp(family_of).await;
-        if result.is_ok()
-            && let Ok(mut ok) = self.esp_ok.lock()
-        {
-            ok.insert(v6);
+        match &result {
+            Ok(()) => {
+                if let Ok(mut ok) = self.esp_ok.lock() {
+                    ok.insert(v6);
+                }
+            }
+            Err(KernelError::NoEsp { detail }) => {
+                if let Ok(mut failed) = self.esp_failed.lock() {
+                    failed.insert(v6, (std::time::Instant::now(), detail.clone()));
+                }
+            }
+            Err(_) => {}
         }
         result
     }
