@@ -130,6 +130,19 @@ fn spec_from_stdin_is_located_as_stdin() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("<stdin>:"), "{}", stderr(&out));
+    // A valid one is named the same way.
+    let spec = concat!(env!("CARGO_MANIFEST_DIR"), "/config/networks.yaml");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{BIN} validate -f - < {spec}"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("<stdin>: valid"),
+        "{}",
+        stdout(&out)
+    );
 }
 
 #[test]
@@ -138,6 +151,7 @@ fn usage_errors_exit_2() {
         vec!["apply"],
         vec!["frobnicate"],
         vec!["status", "-o", "xml"],
+        vec!["status", "--log-level", "bogus"],
         vec!["validate", "-f", "/nonexistent/spec.yaml"],
         // A --node the spec does not know, for delete as for apply (no agent answers
         // on that socket, so the command itself must refuse it).
@@ -187,4 +201,20 @@ fn keygen_makes_missing_directories_for_root_only_and_never_overwrites() {
     assert_eq!(again.status.code(), Some(1), "{}", stderr(&again));
     assert_eq!(std::fs::read(&key).unwrap(), before);
     assert!(!stdout(&again).contains(&public));
+}
+
+#[test]
+fn a_closed_stdout_is_not_a_crash() {
+    // The reader is gone before the command writes: its output is dropped, its exit
+    // code is its own (no panic, no 101).
+    let spec = concat!(env!("CARGO_MANIFEST_DIR"), "/config/networks.yaml");
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -o pipefail; (sleep 0.3; exec {BIN} validate -f {spec}) | head -c 0"
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
 }

@@ -63,11 +63,11 @@ pub fn run_apply(common: &Common, args: &ApplyArgs) -> Result<(), Failure> {
         }
         let outcome = outcome.map_err(reconcile_failure)?;
         if args.dry_run {
-            println!("Dry run for node {}: nothing is changed.", node.name);
+            outln!("Dry run for node {}: nothing is changed.", node.name);
         }
-        print!("{}", outcome.plan);
+        out!("{}", outcome.plan);
         if !args.dry_run && !outcome.plan.is_empty() {
-            println!("Applied {} changes on node {}.", outcome.plan.changes.len(), node.name);
+            outln!("Applied {} changes on node {}.", outcome.plan.changes.len(), node.name);
         }
         match outcome.encrypted_not_up {
             Some(e) => Err(Failure::runtime(e)),
@@ -107,9 +107,9 @@ pub fn run_delete(common: &Common, args: &DeleteArgs) -> Result<(), Failure> {
         }
         let plan = plan.map_err(reconcile_failure)?;
         if args.dry_run {
-            println!("Dry run: nothing is changed.");
+            outln!("Dry run: nothing is changed.");
         }
-        print!("{plan}");
+        out!("{plan}");
         Ok(())
     })
 }
@@ -127,7 +127,7 @@ async fn through_agent(
     let Some(response) = answer.map_err(Failure::runtime)? else {
         return Ok(None);
     };
-    print!("{}", response.output);
+    out!("{}", response.output);
     Ok(Some(match response.error {
         Some(e) => Err(Failure {
             code: response.code.max(1),

@@ -30,6 +30,6 @@ pub fn run(args: &KeygenArgs) -> Result<(), Failure> {
     }
     let id = Identity::generate().map_err(Failure::runtime)?;
     id.write(&args.out).map_err(Failure::runtime)?;
-    println!("{}", id.public.to_base64());
+    outln!("{}", id.public.to_base64());
     Ok(())
 }

@@ -1,6 +1,24 @@
 //! Command-line interface: argument parsing and output only. Each subcommand has its own
 //! file; the work is done by the library.
 
+/// `print!` that does not panic when stdout is gone (`ovl-controller status | head -1`):
+/// what could not be written is dropped, and the command still ends with its own exit
+/// code.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `println!` as [`out!`].
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 mod agent;
 mod apply;
 mod keygen;
@@ -64,8 +82,14 @@ pub struct Common {
         default_value = "/etc/ovl-controller/node.key"
     )]
     pub key: PathBuf,
-    /// Log verbosity (also RUST_LOG): error, warn, info, debug, trace.
-    #[arg(long, global = true, value_name = "LEVEL", default_value = "warn")]
+    /// Log verbosity (RUST_LOG, when set, takes precedence).
+    #[arg(
+        long,
+        global = true,
+        value_name = "LEVEL",
+        default_value = "warn",
+        value_parser = ["off", "error", "warn", "info", "debug", "trace"]
+    )]
     pub log_level: String,
     /// Log format: text for people, json for log collectors (one event per line).
     #[arg(long, global = true, value_enum, default_value = "text")]
@@ -80,7 +104,7 @@ pub enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Check a spec file and report every problem with its location.
+    /// Check a spec file; the first problem found is reported with its location.
     Validate(SpecFile),
     /// Show the plan for this node and apply it.
     Apply(apply::ApplyArgs),
@@ -125,13 +149,9 @@ impl Failure {
 }
 
 /// Reads and validates a spec file (`-` is standard input), never more than the size
-/// limit plus one byte, so a huge file is refused without being read whole.
-pub fn load_spec(path: &std::path::Path) -> Result<Spec, Failure> {
-    load_spec_text(path).map(|(spec, _, _)| spec)
-}
-
-/// [`load_spec`], also returning the text and the name errors are reported under (the
-/// agent re-validates the text it is sent).
+/// limit plus one byte, so a huge file is refused without being read whole. Also
+/// returns the text and the name errors are reported under (the agent re-validates the
+/// text it is sent).
 pub fn load_spec_text(path: &std::path::Path) -> Result<(Spec, String, String), Failure> {
     let (name, mut reader): (String, Box<dyn std::io::Read>) = if path.as_os_str() == "-" {
         ("<stdin>".into(), Box::new(std::io::stdin()))

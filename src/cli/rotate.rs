@@ -35,7 +35,7 @@ pub fn run(common: &Common, args: &RotateArgs) -> Result<(), Failure> {
             common.socket.display()
         ))
     })?;
-    print!("{}", response.output);
+    out!("{}", response.output);
     match response.error {
         Some(e) => Err(Failure {
             code: response.code.max(1),

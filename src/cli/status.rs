@@ -47,11 +47,11 @@ pub fn run(common: &Common, args: &StatusArgs) -> Result<(), Failure> {
             .with_xfrm_stat(&ovl::kernel::counters::xfrm_stat()))
     })?;
     match args.output {
-        Format::Table => print!("{status}"),
+        Format::Table => out!("{status}"),
         Format::Json => {
             let text = serde_json::to_string_pretty(&status)
                 .map_err(|e| Failure::runtime(format!("cannot encode status: {e}")))?;
-            println!("{text}");
+            outln!("{text}");
         }
     }
     Ok(())

@@ -1,11 +1,12 @@
-use super::{Failure, SpecFile, load_spec};
+use super::{Failure, SpecFile, load_spec_text};
 
 pub fn run(args: &SpecFile) -> Result<(), Failure> {
-    let spec = load_spec(&args.file)?;
+    // Named as errors name it (`<stdin>` for `-`).
+    let (spec, _, source) = load_spec_text(&args.file)?;
     let encrypted = spec.networks.iter().filter(|n| n.encrypted).count();
-    println!(
+    outln!(
         "{}: valid: cluster {}, {} nodes, {} networks ({} encrypted)",
-        args.file.display(),
+        source,
         spec.cluster.name,
         spec.nodes.len(),
         spec.networks.len(),
