@@ -503,14 +503,23 @@ fn adding_twice_is_harmless() {
 }
 
 /// A link with our name and no alias that is exactly what an interrupted create leaves
-/// is adopted; anything else with our name makes the create fail and is left alone.
+/// (down, in the half-created group) is adopted; anything else with our name makes the
+/// create fail and is left alone.
 #[test]
 fn create_adopts_only_its_own_leftovers() {
     in_netns("adopt", |ctx| async move {
         add_underlay(&ctx.ns, &V4);
-        ctx.ns.ip(&format!("link add ovbr-5 mtu {MTU} type bridge"));
+        // A create of ours leaves its link in group 0 (the half-created group is only
+        // held until the alias is set).
+        ctx.apply(&[Change::CreateLink(bridge(4))]).await;
+        assert_eq!(ctx.ns.link("ovbr-4")["group"], "default");
+        let half = ovl::kernel::HALF_CREATED_GROUP;
+        ctx.ns.ip(&format!(
+            "link add ovbr-5 mtu {MTU} group {half} type bridge"
+        ));
         ctx.apply(&[Change::CreateLink(bridge(5))]).await;
         assert_eq!(ctx.ns.link("ovbr-5")["ifalias"], ALIAS);
+        assert_eq!(ctx.ns.link("ovbr-5")["group"], "default");
         assert!(ctx.dump().await.links.contains_key(&name("ovbr-5")));
         // Creating it again: it is ours, the kernel's EEXIST stands.
         let err = ctx.try_apply(Change::CreateLink(bridge(5))).await;
@@ -520,8 +529,19 @@ fn create_adopts_only_its_own_leftovers() {
             "{err:?}"
         );
 
+        // Exactly like one of ours but made by hand (group 0): not adopted.
+        ctx.ns.ip(&format!("link add ovbr-9 mtu {MTU} type bridge"));
+        let err = ctx.try_apply(Change::CreateLink(bridge(9))).await;
+        assert!(
+            matches!(&err, Err(KernelError::ForeignLink { reason, .. }) if reason.contains("group 0")),
+            "{err:?}"
+        );
+        assert!(ctx.ns.link("ovbr-9").get("ifalias").is_none());
+
         // Different MTU: not a leftover of ours.
-        ctx.ns.ip("link add ovbr-6 mtu 1500 type bridge");
+        ctx.ns.ip(&format!(
+            "link add ovbr-6 mtu 1500 group {half} type bridge"
+        ));
         let err = ctx.try_apply(Change::CreateLink(bridge(6))).await;
         assert!(
             matches!(err, Err(KernelError::ForeignLink { .. })),
@@ -559,7 +579,45 @@ fn create_adopts_only_its_own_leftovers() {
             .keys()
             .map(|k| k.to_string())
             .collect();
-        assert_eq!(owned, ["ovbr-5"]);
+        assert_eq!(owned, ["ovbr-4", "ovbr-5"]);
+    });
+}
+
+/// A plan that would create a link where a foreign one has the name, or a VXLAN device
+/// whose VNI and port a foreign one uses, is refused before its first change.
+#[test]
+fn foreign_name_and_vni_clashes_are_refused_before_any_change() {
+    in_netns("clash", |ctx| async move {
+        add_underlay(&ctx.ns, &V4);
+        ctx.ns.ip(&format!(
+            "link add foo{VNI} type vxlan id {VNI} local {} dstport {PORT} dev ul0",
+            V4.local
+        ));
+        let plan = [
+            Change::CreateLink(bridge(VNI)),
+            Change::CreateLink(vxlan(VNI, V4.local)),
+        ];
+        let err = ctx.kernel.execute(&plan).await;
+        assert!(
+            matches!(&err, Err(KernelError::ForeignLink { reason, .. })
+                if reason.contains(&format!("foo{VNI}")) && reason.contains("nothing was changed")),
+            "{err:?}"
+        );
+        assert!(!ctx.ns.has_link(&format!("ovbr-{VNI}")), "the plan started");
+        // A name clash later in a plan stops it before its first change as well.
+        ctx.ns.ip(&format!("link del foo{VNI}"));
+        ctx.ns.ip("link add ovbr-77 type bridge");
+        let plan = [
+            Change::CreateLink(bridge(VNI)),
+            Change::CreateLink(bridge(77)),
+        ];
+        let err = ctx.kernel.execute(&plan).await;
+        assert!(
+            matches!(&err, Err(KernelError::ForeignLink { link, .. }) if link == "ovbr-77"),
+            "{err:?}"
+        );
+        assert!(!ctx.ns.has_link(&format!("ovbr-{VNI}")), "the plan started");
+        assert_eq!(ctx.dump().await, KernelState::default());
     });
 }
 

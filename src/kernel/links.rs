@@ -12,9 +12,12 @@
 //! Creating a link is two requests: the kernel ignores `IFLA_IFALIAS` in the
 //! `RTM_NEWLINK` that creates a device (checked on 6.18; `rtnl_create_link` never looks
 //! at it), so the alias is set right after. If the process dies in between, a link with
-//! our name and no alias is left behind; the next `CreateLink` of exactly that link
-//! (same kind, parameters, MTU and master, still down) adopts it by setting the alias,
-//! anything else with that name is reported as a [`KernelError::ForeignLink`].
+//! our name and no alias is left behind. The create therefore puts the device in group
+//! [`HALF_CREATED_GROUP`] (`IFLA_GROUP` is honoured at creation), and setting the alias
+//! puts it back in group 0 in the same request. The next `CreateLink` of exactly that
+//! link (same kind, parameters, MTU and master, still down, in that group) adopts it;
+//! anything else with that name, such as a look-alike made by hand (group 0), is
+//! reported as a [`KernelError::ForeignLink`], before the plan changes anything.
 
 mod dump;
 mod exec;
@@ -23,6 +26,7 @@ use std::net::IpAddr;
 
 use futures::StreamExt;
 use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+use netlink_packet_route::link::LinkAttribute;
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
@@ -36,6 +40,10 @@ pub(super) use exec::{Indexes, Step, is_link_change, prepare};
 use super::KernelError;
 use crate::plan::Change;
 use crate::state::{Link, LinkKind};
+
+/// The device group of a link between its creation and its alias (see the module
+/// docs). Nobody else has a reason to pick it ("0f71", as our XFRM reqids).
+pub const HALF_CREATED_GROUP: u32 = 0x0f71_0000;
 
 const EEXIST: i32 = libc::EEXIST;
 const ENODEV: i32 = libc::ENODEV;
@@ -76,7 +84,7 @@ pub(super) async fn create_link(
         Some(m) => Some(indexes.resolve(route, m, &op_text).await?),
         None => None,
     };
-    let msg = match &link.kind {
+    let mut msg = match &link.kind {
         LinkKind::Bridge => {
             // Not `LinkBridge::new`, which also sets the bridge up.
             let b = LinkMessageBuilder::<LinkBridge>::new(link.name.as_str()).mtu(link.mtu);
@@ -108,13 +116,14 @@ pub(super) async fn create_link(
             }
         }
     };
+    msg.attributes
+        .push(LinkAttribute::Group(HALF_CREATED_GROUP));
     match route.link().add(msg).execute().await {
         Ok(()) => {}
         Err(e) if errno(&e) == Some(EEXIST) => return adopt_half_created(route, link, op).await,
         Err(e) => return Err(refused(op, e)),
     }
-    let alias = LinkUnspec::new_with_name(link.name.as_str()).alias(&link.alias);
-    if let Err(err) = change_link(route, op, alias).await {
+    if let Err(err) = set_alias(route, link, op).await {
         // Do not leave a link that the next dump would take for a foreign one.
         let del = LinkUnspec::new_with_name(link.name.as_str()).build();
         if let Err(e) = route.link().del_with_message(del).execute().await {
@@ -133,17 +142,21 @@ async fn adopt_half_created(
     link: &Link,
     op: &str,
 ) -> Result<(), KernelError> {
-    let found = dump::all_links(route)
-        .await?
-        .into_iter()
-        .find(|l| l.name == link.name.as_str());
-    let foreign = |reason: String| KernelError::ForeignLink {
-        operation: op.to_owned(),
-        link: link.name.to_string(),
-        reason,
-    };
-    let Some(found) = found else {
-        return Err(foreign("it vanished while being looked at".to_owned()));
+    let all = dump::all_links(route).await?;
+    let Some(found) = all.iter().find(|l| l.name == link.name.as_str()) else {
+        // No link has the name: the kernel refused something else as existing.
+        let reason = match &link.kind {
+            LinkKind::Vxlan(p) => format!(
+                "no link has that name; another VXLAN device probably uses vni {} on port {}",
+                p.vni, p.port
+            ),
+            LinkKind::Bridge => "no link has that name".to_owned(),
+        };
+        return Err(KernelError::ForeignLink {
+            operation: op.to_owned(),
+            link: link.name.to_string(),
+            reason,
+        });
     };
     if found.is_owned() {
         // Ours already (the plan should have seen it): the kernel's answer stands.
@@ -152,37 +165,84 @@ async fn adopt_half_created(
             source: std::io::Error::from_raw_os_error(EEXIST),
         });
     }
+    adoptable(found, link).map_err(|reason| KernelError::ForeignLink {
+        operation: op.to_owned(),
+        link: link.name.to_string(),
+        reason,
+    })?;
+    tracing::warn!(link = %link.name, "adopting a link left without alias by an interrupted create");
+    set_alias(route, link, op).await
+}
+
+/// Whether a link that is not ours is what an interrupted create of `link` leaves
+/// behind, and may be adopted; otherwise why not.
+fn adoptable(found: &dump::KernelLink, link: &Link) -> Result<(), String> {
     if let Some(alias) = &found.alias {
-        return Err(foreign(format!("its alias is {alias:?}")));
+        return Err(format!("its alias is {alias:?}"));
     }
     let matches = found.kind.as_ref() == Some(&link.kind)
         && found.mtu == link.mtu
         && found.master == link.master
-        && !found.up;
+        && !found.up
+        && found.group == HALF_CREATED_GROUP;
     if !matches {
-        return Err(foreign(format!(
-            "it has no alias but differs from the link to create: kind {:?}, mtu {}, master {:?}, up {}",
-            found.kind, found.mtu, found.master, found.up
-        )));
+        return Err(format!(
+            "it has no alias and is not what an interrupted create leaves: kind {:?}, mtu {}, \
+             master {:?}, up {}, group {}",
+            found.kind, found.mtu, found.master, found.up, found.group
+        ));
     }
-    tracing::warn!(link = %link.name, "adopting a link left without alias by an interrupted create");
-    change_link(
-        route,
-        op,
-        LinkUnspec::new_with_name(link.name.as_str()).alias(&link.alias),
-    )
-    .await
+    Ok(())
 }
 
-/// `ip link set`: RTM_NEWLINK without NLM_F_CREATE, the link found by name.
-async fn change_link(
-    route: &rtnetlink::Handle,
-    op: &str,
-    msg: LinkMessageBuilder<LinkUnspec>,
-) -> Result<(), KernelError> {
+/// Refuses, before a plan changes anything, links it would create where a link that is
+/// not ours (and not adoptable) has the name, or a foreign VXLAN device has the VNI and
+/// port (the kernel would refuse the create halfway through the plan).
+fn check_creatable(all: &[dump::KernelLink], changes: &[Change]) -> Result<(), KernelError> {
+    for change in changes {
+        let Change::CreateLink(link) = change else {
+            continue;
+        };
+        let conflict = |reason: String| KernelError::ForeignLink {
+            operation: change.to_string(),
+            link: link.name.to_string(),
+            reason: format!("{reason}; nothing was changed"),
+        };
+        if let Some(found) = all.iter().find(|l| l.name == link.name.as_str())
+            && !found.is_owned()
+        {
+            adoptable(found, link).map_err(conflict)?;
+        }
+        if let LinkKind::Vxlan(want) = &link.kind {
+            let taken = all.iter().find(|l| {
+                l.name != link.name.as_str()
+                    && !l.is_owned()
+                    && matches!(&l.kind, Some(LinkKind::Vxlan(p)) if p.vni == want.vni
+                        && p.port == want.port
+                        && p.local.is_ipv6() == want.local.is_ipv6()
+                        && (p.local == want.local || p.local.is_unspecified()))
+            });
+            if let Some(other) = taken {
+                return Err(conflict(format!(
+                    "the VXLAN device {} (not ours) uses vni {} on port {} already",
+                    other.name, want.vni, want.port
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sets the alias that marks a created link as ours, and takes it out of
+/// [`HALF_CREATED_GROUP`] in the same request.
+async fn set_alias(route: &rtnetlink::Handle, link: &Link, op: &str) -> Result<(), KernelError> {
+    let mut msg = LinkUnspec::new_with_name(link.name.as_str())
+        .alias(&link.alias)
+        .build();
+    msg.attributes.push(LinkAttribute::Group(0));
     route
         .link()
-        .change(msg.build())
+        .change(msg)
         .execute()
         .await
         .map_err(|e| refused(op, e))

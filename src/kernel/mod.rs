@@ -13,6 +13,7 @@ pub mod monitor;
 mod watch;
 pub mod xfrm;
 
+pub use links::HALF_CREATED_GROUP;
 pub use watch::WatchStats;
 
 use std::net::IpAddr;

@@ -269,6 +269,8 @@ pub(super) struct KernelLink {
     pub mtu: u32,
     pub master: Option<IfName>,
     pub up: bool,
+    /// The device group (`ip link set group`); see [`super::HALF_CREATED_GROUP`].
+    pub group: u32,
 }
 
 impl KernelLink {
@@ -337,6 +339,7 @@ fn parse_link(msg: &LinkMessage, names: &HashMap<u32, &str>) -> Option<KernelLin
         mtu: 0,
         master: None,
         up: msg.header.flags.contains(LinkFlags::Up),
+        group: 0,
     };
     for attr in &msg.attributes {
         match attr {
@@ -344,6 +347,7 @@ fn parse_link(msg: &LinkMessage, names: &HashMap<u32, &str>) -> Option<KernelLin
             LinkAttribute::Mtu(m) => link.mtu = *m,
             LinkAttribute::Controller(i) if *i != 0 => link.master = name_for_index(*i, names),
             LinkAttribute::LinkInfo(infos) => link.kind = parse_kind(infos, names),
+            LinkAttribute::Group(g) => link.group = *g,
             _ => {}
         }
     }

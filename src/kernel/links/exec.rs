@@ -36,11 +36,9 @@ impl Indexes {
         if !changes.iter().any(is_link_change) {
             return Ok(Indexes::default());
         }
-        let by_name = dump::all_links(route)
-            .await?
-            .into_iter()
-            .map(|l| (l.name, l.index))
-            .collect();
+        let all = dump::all_links(route).await?;
+        super::check_creatable(&all, changes)?;
+        let by_name = all.into_iter().map(|l| (l.name, l.index)).collect();
         Ok(Indexes { by_name })
     }
 
