@@ -530,5 +530,13 @@ fn j_keyless_agents_keep_plaintext_networks_and_delete_goes_through_them() {
     let plan = c.apply_via_agent("node-a", &both);
     assert!(plan.contains("+ link ovbr-101"), "{plan}");
     assert!(c.ping_eventually("node-a", "10.2.0.2"));
+    // Stopped (as systemd stops it), the agent exits 0 and removes its socket; the
+    // overlay keeps working without it.
+    let mut agent = agents.0.remove("node-a").unwrap();
+    ok(&format!("kill -TERM {}", agent.id()));
+    let status = agent.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!socket.exists(), "the socket was left behind");
+    assert!(c.ping("node-a", "10.2.0.2"));
     drop(agents);
 }

@@ -159,6 +159,8 @@ pub(crate) struct Agent {
     failures_in_a_row: u32,
     /// Why the last pass left the encrypted networks down, if it did.
     encrypted_down: Option<String>,
+    /// The local API's socket, removed when the agent stops.
+    socket: std::path::PathBuf,
     started: Instant,
     boot_id: u64,
     reconciles: u64,
@@ -304,6 +306,7 @@ impl Agent {
             last_error: None,
             failures_in_a_row: 0,
             encrypted_down: None,
+            socket: config.socket.clone(),
             started: now,
             boot_id,
             reconciles: 0,
@@ -343,6 +346,10 @@ impl Agent {
             self.check_rotations();
         }
         tracing::info!("agent stopping; the kernel keeps forwarding with the installed SAs");
+        // Nobody answers there any more: the CLI then works without an agent at once.
+        if let Err(e) = std::fs::remove_file(&self.socket) {
+            tracing::warn!(socket = %self.socket.display(), error = %e, "cannot remove the API socket");
+        }
         Ok(())
     }
 
