@@ -153,6 +153,7 @@ fn vxlan(vni: u32, local: &str) -> Link {
             local: ip(local),
             port: PORT,
             underlay: name("ul0"),
+            learning: true,
         }),
         mtu: MTU,
         master: Some(name(&format!("ovbr-{vni}"))),

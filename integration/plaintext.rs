@@ -182,6 +182,25 @@ fn c_drift_is_repaired_exactly() {
     assert!(c.apply("node-a", &spec).contains("No changes"));
     assert!(c.ping_eventually("node-a", "10.2.0.2"));
     assert!(c.ping_eventually("node-a", "10.1.0.3"));
+    // Learning switched off by hand: the device is made again as it should be.
+    ok(&format!(
+        "ip -n {a} link set ovvx-100 type vxlan nolearning"
+    ));
+    assert_eq!(
+        c.link("node-a", "ovvx-100").unwrap()["linkinfo"]["info_data"]["learning"],
+        false
+    );
+    let plan = c.apply("node-a", &spec);
+    assert!(
+        plan.contains("- link ovvx-100") && plan.contains("+ link ovvx-100 (vxlan vni 100"),
+        "{plan}"
+    );
+    assert_eq!(
+        c.link("node-a", "ovvx-100").unwrap()["linkinfo"]["info_data"]["learning"],
+        true
+    );
+    assert!(c.apply("node-a", &spec).contains("No changes"));
+    assert!(c.ping_eventually("node-a", "10.1.0.3"));
 }
 
 #[test]

@@ -250,6 +250,9 @@ fn add_network(
                 local: local.node.address,
                 port,
                 underlay: local.underlay.clone(),
+                // Fills the FDB with remote MACs from received packets; the all-zero
+                // entries do the flooding.
+                learning: true,
             }),
             mtu,
             master: Some(bridge.clone()),

@@ -146,6 +146,9 @@ pub struct VxlanParams {
     pub port: u16,
     /// Underlay device that holds `local`.
     pub underlay: IfName,
+    /// Learning of remote MACs from received packets (always on for ours; off only by
+    /// someone's hand, which the plan then repairs).
+    pub learning: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -98,9 +98,7 @@ pub(super) async fn create_link(
             let b = LinkVxlan::new(link.name.as_str(), p.vni)
                 .dev(dev)
                 .port(p.port)
-                // Learning fills the FDB with remote MACs from received packets; the
-                // all-zero entries added by the plan do the flooding.
-                .learning(true)
+                .learning(p.learning)
                 .mtu(link.mtu);
             let b = match p.local {
                 // IPv4 VXLAN sends a zero UDP checksum by default (RFC 7348 allows

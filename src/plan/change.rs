@@ -111,8 +111,12 @@ impl fmt::Display for Change {
                 let what = match &l.kind {
                     LinkKind::Bridge => "bridge".to_owned(),
                     LinkKind::Vxlan(v) => format!(
-                        "vxlan vni {} local {} dstport {} dev {}",
-                        v.vni, v.local, v.port, v.underlay
+                        "vxlan vni {} local {} dstport {} dev {}{}",
+                        v.vni,
+                        v.local,
+                        v.port,
+                        v.underlay,
+                        if v.learning { "" } else { " nolearning" }
                     ),
                 };
                 write!(f, "+ link {} ({what}, mtu {}", l.name, l.mtu)?;

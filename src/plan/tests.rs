@@ -114,6 +114,7 @@ fn build_state(nets: &[NetChoice], policies: &[(u8, bool)], sas: &[(u8, bool, u8
                     local: ip(n.local),
                     port: if n.encrypted { ENC_PORT } else { 4789 },
                     underlay: underlay.clone(),
+                    learning: true,
                 }),
                 mtu: n.mtu,
                 master: (n.vx_master && !n.bridge_missing).then(|| br.clone()),

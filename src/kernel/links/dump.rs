@@ -380,6 +380,7 @@ fn parse_vxlan(data: &[InfoVxlan], names: &HashMap<u32, &str>) -> Option<VxlanPa
         local: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         port: 0,
         underlay: name_for_index(0, names)?,
+        learning: false,
     };
     for d in data {
         match d {
@@ -388,6 +389,7 @@ fn parse_vxlan(data: &[InfoVxlan], names: &HashMap<u32, &str>) -> Option<VxlanPa
             InfoVxlan::Local6(a) if !a.is_unspecified() => p.local = IpAddr::V6(*a),
             InfoVxlan::Port(port) => p.port = *port,
             InfoVxlan::Link(i) => p.underlay = name_for_index(*i, names)?,
+            InfoVxlan::Learning(on) => p.learning = *on,
             _ => {}
         }
     }
