@@ -559,3 +559,46 @@ fn j_keyless_agents_keep_plaintext_networks_and_delete_goes_through_them() {
     assert!(c.ping("node-a", "10.2.0.2"));
     drop(agents);
 }
+
+#[test]
+fn k_applies_without_an_agent_wait_for_each_other() {
+    let c = Cluster::new("lock", 2, false, 1500);
+    let spec = c.spec(
+        "net.yaml",
+        "  - name: blue\n    vni: 100\n    addresses: {node-a: 10.1.0.1/24, node-b: 10.1.0.2/24}\n",
+    );
+    let state = c.dir.path().join("state-a");
+    let lock = state.join("apply.lock");
+    std::fs::create_dir_all(&state).unwrap();
+    // Someone holds the node's lock for two seconds.
+    let holder = Command::new("flock")
+        .arg(&lock)
+        .args(["sleep", "2"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = c.ctl(
+        "node-a",
+        &[
+            "apply",
+            "-f",
+            spec.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("waiting for another apply"),
+        "{}",
+        stderr(&out)
+    );
+    let mut holder = holder;
+    // The apply could only finish after the holder let go.
+    assert!(
+        holder.try_wait().unwrap().is_some(),
+        "apply did not wait for the lock"
+    );
+    let _ = holder.wait();
+    assert!(c.link("node-a", "ovbr-100").is_some());
+}

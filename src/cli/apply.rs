@@ -46,6 +46,8 @@ pub fn run_apply(common: &Common, args: &ApplyArgs) -> Result<(), Failure> {
         if let Some(done) = through_agent(common, &request).await? {
             return done;
         }
+        // A dry run changes nothing: it needs no lock (and creates no directory).
+        let _lock = if args.dry_run { None } else { Some(lock_node(common)?) };
         let kernel = Kernel::connect().map_err(Failure::runtime)?;
         let node = reconcile::identify_node(&spec, common.node.as_deref(), &kernel)
             .await
@@ -90,6 +92,12 @@ pub fn run_delete(common: &Common, args: &DeleteArgs) -> Result<(), Failure> {
         if let Some(done) = through_agent(common, &request).await? {
             return done;
         }
+        // A dry run changes nothing: it needs no lock (and creates no directory).
+        let _lock = if args.dry_run {
+            None
+        } else {
+            Some(lock_node(common)?)
+        };
         let kernel = Kernel::connect().map_err(Failure::runtime)?;
         // Deleting needs no node (objects are found by VNI), but a --node the spec does
         // not know is a mistake to report, as `apply` does.
@@ -135,4 +143,37 @@ async fn through_agent(
         }),
         None => Ok(()),
     }))
+}
+
+/// Serializes `apply` and `delete` runs without an agent on this node (cron and a
+/// person at once): two plans made from the same kernel state would trip over each
+/// other. Held until dropped; a second run waits, and says so.
+fn lock_node(common: &Common) -> Result<nix::fcntl::Flock<std::fs::File>, Failure> {
+    use nix::fcntl::{Flock, FlockArg};
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    let dir = &common.state_dir;
+    let fail = |what: &std::path::Path, e: &dyn std::fmt::Display| {
+        Failure::runtime(format!("{}: {e}", what.display()))
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| fail(dir, &e))?;
+    let path = dir.join("apply.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| fail(&path, &e))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((file, nix::errno::Errno::EWOULDBLOCK)) => {
+            eprintln!("waiting for another apply or delete on this node to finish...");
+            Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| fail(&path, &e))
+        }
+        Err((_, e)) => Err(fail(&path, &e)),
+    }
 }
