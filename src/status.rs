@@ -317,12 +317,12 @@ impl fmt::Display for Status {
         }
         writeln!(
             f,
-            "NETWORK          VNI       MTU    STATE  ENC  ADDRESS              PEERS"
+            "NETWORK          VNI       MTU    STATE     ENC  ADDRESS              PEERS"
         )?;
         for n in &self.networks {
             writeln!(
                 f,
-                "{:<16} {:<9} {:<6} {:<6} {:<4} {:<20} {}",
+                "{:<16} {:<9} {:<6} {:<9} {:<4} {:<20} {}",
                 n.name,
                 n.vni.map_or("-".into(), |v| v.to_string()),
                 n.mtu.map_or("-".into(), |v| v.to_string()),
