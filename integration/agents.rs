@@ -417,7 +417,6 @@ fn d_node_reboot_rekeys_and_removes_stale_sas_with_distinct_keys() {
         sw = c.switch,
         addr = d.address
     ));
-    let _ = std::fs::remove_file(c.node_dir("node-d").join("agent.sock"));
     agents
         .0
         .insert("node-d".into(), c.start_agent("node-d", &spec, "info"));
@@ -565,4 +564,104 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// Every key of every SA the nodes hold.
+fn all_keys(c: &Cluster) -> BTreeSet<String> {
+    NAMES
+        .iter()
+        .flat_map(|n| c.sa_keys(n).into_iter().map(|s| s.3))
+        .collect()
+}
+
+/// Until every node holds one SA per peer and direction, those between `between`
+/// addresses (all when empty) with keys not in `old`, and every pair pings.
+fn wait_rekeyed(c: &Cluster, old: &BTreeSet<String>, between: &[&str], what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let concerned = |s: &(String, String, String, String)| {
+        between.is_empty() || between.contains(&s.0.as_str()) || between.contains(&s.1.as_str())
+    };
+    loop {
+        let fresh = NAMES.iter().all(|n| {
+            let sas = c.sa_keys(n);
+            sas.len() == 6
+                && sas
+                    .iter()
+                    .filter(|s| concerned(s))
+                    .all(|s| !old.contains(&s.3))
+        });
+        if fresh {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: SAs not replaced by fresh keys: {:?}",
+            NAMES.map(|n| c.sa_keys(n))
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    wait_full_mesh(c, Duration::from_secs(60));
+}
+
+#[test]
+fn f_a_new_port_or_a_moved_peer_gets_new_keys_never_the_old_ones_again() {
+    let (c, mut agents, spec) = cluster_with_agents("mov", "info");
+    let text = std::fs::read_to_string(&spec).unwrap();
+
+    // A new encryptedDataPort changes every SA's selector: each direction is rekeyed,
+    // no key is installed a second time (its sequence numbers would start over).
+    let before = all_keys(&c);
+    assert_eq!(before.len(), 12);
+    let ported = c.dir.path().join("ported.yaml");
+    let text = text.replace(
+        "  name: test\n",
+        "  name: test\n  encryptedDataPort: 4791\n",
+    );
+    std::fs::write(&ported, &text).unwrap();
+    for n in NAMES {
+        c.apply_via_agent(n, &ported);
+    }
+    wait_rekeyed(&c, &before, &[], "new port");
+    for n in NAMES {
+        let states = ok(&format!("ip -n {} xfrm state", c.node(n).ns));
+        assert!(
+            states.contains("dport 4791") && !states.contains("dport 4790"),
+            "{n}: {states}"
+        );
+        assert!(
+            c.agent_log(n)
+                .contains("has other parameters now; rekeying"),
+            "{n} did not rekey for the new port"
+        );
+    }
+
+    // node-c moves to another underlay address: the others drop its keys (which
+    // belong to its old address) and agree new ones with it there.
+    let before = all_keys(&c);
+    let moved = c.dir.path().join("moved.yaml");
+    std::fs::write(&moved, text.replace("\"192.0.2.3\"", "\"192.0.2.7\"")).unwrap();
+    for n in ["node-a", "node-b", "node-d"] {
+        c.apply_via_agent(n, &moved);
+    }
+    agents.kill9("node-c");
+    let ns = &c.node("node-c").ns;
+    ok(&format!(
+        // Old one first: deleting a primary address takes its secondaries with it.
+        "ip -n {ns} addr del 192.0.2.3/24 dev eth0 && ip -n {ns} addr add 192.0.2.7/24 dev eth0"
+    ));
+    agents
+        .0
+        .insert("node-c".into(), c.start_agent("node-c", &moved, "info"));
+    c.apply_via_agent("node-c", &moved);
+    wait_rekeyed(&c, &before, &["192.0.2.7"], "moved peer");
+    for n in NAMES {
+        let log = c.agent_log(n);
+        assert!(!log.contains("File exists"), "{n}: {log}");
+    }
+    let a = c.sa_keys("node-a");
+    assert!(
+        a.iter().any(|s| s.0 == "192.0.2.7")
+            && !a.iter().any(|s| s.0 == "192.0.2.3" || s.1 == "192.0.2.3"),
+        "{a:?}"
+    );
 }

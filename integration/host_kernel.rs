@@ -68,7 +68,13 @@ fn e_encrypted_network_fails_closed_without_esp() {
     // A second run changes nothing and fails the same way.
     let out = c.ctl("node-a", &["apply", "-f", spec.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stdout(&out).contains("No changes"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains(
+            "No changes to the plaintext networks; the encrypted ones are left as they are"
+        ),
+        "{}",
+        stdout(&out)
+    );
 }
 
 #[test]

@@ -95,6 +95,20 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// The plan as printed. An empty plan while encrypted networks are held does not
+    /// mean the kernel matches the spec, and does not say so.
+    pub fn plan_text(&self) -> String {
+        if self.encrypted_not_up.is_some()
+            && self.plan.is_empty()
+            && self.plan.needs_new_keys.is_empty()
+        {
+            "No changes to the plaintext networks; the encrypted ones are left as they are.\n"
+                .to_owned()
+        } else {
+            self.plan.to_string()
+        }
+    }
+
     /// The plan, or the reason encrypted networks were left down.
     pub fn into_result(self) -> Result<Plan, ReconcileError> {
         match self.encrypted_not_up {

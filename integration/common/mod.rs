@@ -557,6 +557,10 @@ impl Cluster {
         ];
         args.extend(self.agent_opts(node));
         args.extend(extra.iter().map(|s| s.to_string()));
+        // The socket of a killed agent stays behind: gone first, its reappearance below
+        // means this agent listens.
+        let sock = self.node_dir(node).join("agent.sock");
+        let _ = std::fs::remove_file(&sock);
         let child = Command::new("ip")
             .args(["netns", "exec", &self.node(node).ns, BIN])
             .args(&args)
@@ -566,7 +570,6 @@ impl Cluster {
             .stderr(log)
             .spawn()
             .unwrap();
-        let sock = self.node_dir(node).join("agent.sock");
         for _ in 0..200 {
             if sock.exists() {
                 return child;

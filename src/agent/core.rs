@@ -161,6 +161,9 @@ pub(crate) struct Agent {
     encrypted_down: Option<String>,
     /// The local API's socket, removed when the agent stops.
     socket: std::path::PathBuf,
+    /// SAs of ours whose parameters no longer match the spec: the next pass rekeys
+    /// their directions.
+    stale: BTreeSet<SaId>,
     started: Instant,
     boot_id: u64,
     reconciles: u64,
@@ -307,6 +310,7 @@ impl Agent {
             failures_in_a_row: 0,
             encrypted_down: None,
             socket: config.socket.clone(),
+            stale: BTreeSet::new(),
             started: now,
             boot_id,
             reconciles: 0,
@@ -824,6 +828,13 @@ impl Agent {
                 .copied()
                 .collect();
             self.vanished = still;
+            // SAs whose parameters changed keep their old form until the next pass,
+            // which rekeys their directions (a key is never installed twice).
+            if !outcome.plan.needs_new_keys.is_empty() {
+                self.stale
+                    .extend(outcome.plan.needs_new_keys.iter().copied());
+                self.reconcile_due = Some(Instant::now());
+            }
         }
         Ok(outcome)
     }
@@ -845,14 +856,20 @@ impl Agent {
     }
 
     fn rekey_vanished(&mut self, node: &Node, observed: &crate::state::KernelState) {
+        let stale = std::mem::take(&mut self.stale);
         let gone: Vec<SaId> = self
             .installed
             .iter()
-            .filter(|id| !observed.sas.contains_key(id) && !self.vanished.contains(id))
+            .filter(|id| !observed.sas.contains_key(id) || stale.contains(id))
+            .filter(|id| !self.vanished.contains(id))
             .copied()
             .collect();
         for id in gone {
-            tracing::warn!(spi = format_args!("0x{:08x}", id.spi), src = %id.src, dst = %id.dst, "an SA of ours vanished from the kernel; rekeying that direction");
+            if stale.contains(&id) {
+                tracing::info!(spi = format_args!("0x{:08x}", id.spi), src = %id.src, dst = %id.dst, "an SA of ours has other parameters now; rekeying that direction");
+            } else {
+                tracing::warn!(spi = format_args!("0x{:08x}", id.spi), src = %id.src, dst = %id.dst, "an SA of ours vanished from the kernel; rekeying that direction");
+            }
             self.vanished.insert(id);
             let peers = encrypted_peers(&self.spec, &self.me);
             let now = Instant::now();
@@ -957,11 +974,23 @@ impl Agent {
             return answer_change(pass, header, None, deleting);
         }
         self.update_peers();
-        let names: Vec<NodeName> = encrypted_peers(&self.spec, &self.me)
-            .keys()
-            .cloned()
-            .collect();
-        let actions = self.schedule.set_peers(&names, Instant::now());
+        // A peer that moved or has another node key starts over: its keys belong to
+        // its old address (the kernel would even refuse its inbound SPIs, taken by the
+        // old SAs until they go).
+        let now_peers = encrypted_peers(&self.spec, &self.me);
+        let before = encrypted_peers(&old, &self.me);
+        let mut actions = Vec::new();
+        for (name, node) in &now_peers {
+            if before
+                .get(name)
+                .is_some_and(|was| was.address != node.address || was.public_key != node.public_key)
+            {
+                tracing::info!(peer = %name, "the peer's address or key changed; its keys are dropped");
+                actions.extend(self.schedule.forget(name));
+            }
+        }
+        let names: Vec<NodeName> = now_peers.keys().cloned().collect();
+        actions.extend(self.schedule.set_peers(&names, Instant::now()));
         let pass = self.reconcile_pass().await;
         self.queue_actions(actions);
         answer_change(pass, String::new(), Some(&self.me), deleting)
@@ -1257,7 +1286,7 @@ fn answer(
         Ok(o) => o,
         Err(e) => return Response::fail(code(&e), String::new(), e),
     };
-    out.push_str(&outcome.plan.to_string());
+    out.push_str(&outcome.plan_text());
     if let Some(me) = applied_on
         && !outcome.plan.is_empty()
     {

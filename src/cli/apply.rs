@@ -67,7 +67,7 @@ pub fn run_apply(common: &Common, args: &ApplyArgs) -> Result<(), Failure> {
         if args.dry_run {
             outln!("Dry run for node {}: nothing is changed.", node.name);
         }
-        out!("{}", outcome.plan);
+        out!("{}", outcome.plan_text());
         if !args.dry_run && !outcome.plan.is_empty() {
             outln!("Applied {} changes on node {}.", outcome.plan.changes.len(), node.name);
         }

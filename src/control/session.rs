@@ -99,7 +99,9 @@ pub enum SessionError {
     /// bytes. The text names the step and snow's error kind, never key material.
     #[error("control handshake failed: {0}")]
     Handshake(String),
-    #[error("refusing a control session from a node key not in the spec: {public_key}")]
+    #[error(
+        "refusing a control session from node key {public_key}: no node of the spec with that key shares an encrypted network with this one"
+    )]
     UnknownPeer { public_key: String },
     #[error("control frame of {len} bytes is over the limit of {max}")]
     FrameTooLarge { len: usize, max: usize },

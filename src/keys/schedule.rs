@@ -396,6 +396,17 @@ impl Schedule {
         }
     }
 
+    /// Drops everything known about `peer` (its keys too): for a peer whose address or
+    /// node key changed, whose keys must not be installed for its new address. A
+    /// following [`Schedule::set_peers`] starts it afresh. `KernelChanged` when keys were
+    /// dropped (their SAs must go).
+    pub fn forget(&mut self, peer: &NodeName) -> Vec<Action> {
+        match self.peers.remove(peer) {
+            Some(p) if p.has_keys() => vec![Action::KernelChanged],
+            _ => vec![],
+        }
+    }
+
     /// At agent start: the SAs the kernel already holds for `peer`. Adopted inbound keys
     /// count as active generation 0 and are retired when a new key is acknowledged; the
     /// adopted outbound keys stay current until an offer is accepted. Nothing changes in

@@ -24,11 +24,18 @@ use std::net::IpAddr;
 pub use change::{Change, ChangeKind};
 pub use model::simulate;
 
-use crate::state::{Direction, IfName, KernelState, Link, LinkKind, Policy, PolicyAction, Sa};
+use crate::state::{
+    Direction, IfName, KernelState, Link, LinkKind, Policy, PolicyAction, Sa, SaId,
+};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub changes: Vec<Change>,
+    /// SAs whose parameters changed (say the spec's `encryptedDataPort`) but whose key
+    /// is the installed one. Installing a key twice would start its sequence numbers,
+    /// and so its AES-GCM nonces, over: they are left as they are, and whoever holds
+    /// the keys (the agent) rekeys those directions instead.
+    pub needs_new_keys: Vec<SaId>,
 }
 
 impl Plan {
@@ -42,7 +49,7 @@ impl Plan {
 
 impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.is_empty() {
+        if self.is_empty() && self.needs_new_keys.is_empty() {
             return writeln!(f, "No changes: the kernel already matches the spec.");
         }
         writeln!(
@@ -54,6 +61,13 @@ impl fmt::Display for Plan {
         )?;
         for change in &self.changes {
             writeln!(f, "  {change}")?;
+        }
+        for id in &self.needs_new_keys {
+            writeln!(
+                f,
+                "  ! xfrm state esp spi 0x{:08x} {} -> {}: parameters changed; replaced by new keys, never reinstalled",
+                id.spi, id.src, id.dst
+            )?;
         }
         Ok(())
     }
@@ -116,9 +130,11 @@ pub fn plan(desired: &KernelState, observed: &KernelState) -> Plan {
         });
     }
     let (mut new_sas, mut old_sas) = (Vec::new(), Vec::new());
+    let mut needs_new_keys = Vec::new();
     for (want, have) in join(&desired.sas, &observed.sas) {
         match (want, have) {
             (Some(want), Some(have)) if have.same_install(want) => {}
+            (Some(want), Some(have)) if have.key == want.key => needs_new_keys.push(want.id),
             (Some(want), Some(_)) => {
                 // Same SPI but other content: the old one must go before the new one
                 // can exist.
@@ -255,7 +271,10 @@ pub fn plan(desired: &KernelState, observed: &KernelState) -> Plan {
     old_policies.sort_by_key(|p| std::cmp::Reverse(policy_rank(p)));
     out.extend(old_policies.into_iter().map(|p| Change::DeletePolicy(p.id)));
 
-    Plan { changes: out }
+    Plan {
+        changes: out,
+        needs_new_keys,
+    }
 }
 
 /// Walks two maps together in key order (a merge, linear in their sizes): each key of

@@ -377,6 +377,40 @@ fn inbound_sa_is_added_before_outbound_and_removed_after() {
     assert!(del_out < del_in && del_in < del_block, "{back}");
 }
 
+#[test]
+fn a_key_is_never_installed_twice() {
+    let none: Vec<NetChoice> = vec![];
+    let observed = build_state(&none, &[(3, true)], &[(3, true, 1), (3, false, 2)]);
+    // The port moved (a new encryptedDataPort): same SPIs, same keys, other selectors.
+    let mut desired = observed.clone();
+    for sa in desired.sas.values_mut() {
+        sa.dport = ENC_PORT + 1;
+    }
+    let p = plan(&desired, &observed);
+    assert!(
+        !p.changes
+            .iter()
+            .any(|c| matches!(c, Change::AddSa(_) | Change::DeleteSa(_))),
+        "{p}"
+    );
+    let mut stale: Vec<SaId> = observed.sas.keys().copied().collect();
+    stale.sort();
+    assert_eq!(p.needs_new_keys, stale);
+    assert!(
+        p.to_string()
+            .contains("replaced by new keys, never reinstalled"),
+        "{p}"
+    );
+    // With another key for the same SPI, the SA is replaced (old out first).
+    let mut rekeyed = desired.clone();
+    for sa in rekeyed.sas.values_mut() {
+        sa.key = SaKey::from_bytes([9; 36]);
+    }
+    let p = plan(&rekeyed, &observed);
+    assert!(p.needs_new_keys.is_empty(), "{p}");
+    assert_eq!(p.count(ChangeKind::Create), 2, "{p}");
+}
+
 proptest! {
     /// The merges the plan is built on agree with lookups: `join` yields every key of
     /// either map once, in order, with its value on each side; `with_presence` says for

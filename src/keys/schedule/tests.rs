@@ -1337,3 +1337,24 @@ proptest! {
         sim.quiesce();
     }
 }
+
+#[test]
+fn a_forgotten_peer_starts_over_without_its_keys() {
+    let t0 = Instant::now();
+    let b = name("b");
+    let key = |spi| DirectionKey {
+        spi,
+        key: SaKey::generate().unwrap(),
+    };
+    let mut s = Schedule::new(5, ROTATION);
+    s.set_peers(std::slice::from_ref(&b), t0);
+    s.adopt(&b, vec![key(0x1000)], vec![key(0x2000)]);
+    assert_eq!(s.forget(&b), vec![Action::KernelChanged]);
+    assert!(s.status(&b).is_none());
+    // Back in the spec (at its new address): known again, with no keys at all.
+    s.set_peers(std::slice::from_ref(&b), t0);
+    assert_eq!(s.peer_keys(&b), PeerKeys::default());
+    // Forgetting a peer without keys changes nothing in the kernel.
+    assert_eq!(s.forget(&b), vec![]);
+    assert_eq!(s.forget(&name("stranger")), vec![]);
+}
