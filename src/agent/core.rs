@@ -390,26 +390,33 @@ impl Agent {
         }
         let port = self.spec.cluster.control_port;
         let reach = |name: &NodeName| peers.get(name).and_then(|n| reach_of(n, port));
+        // Peers still in the spec at another address or with another key: each had a
+        // dialer or was told we are up, with the old address and key.
+        let mut moved = BTreeSet::new();
+        let mut still = |name: &NodeName, was: Option<Reach>| {
+            let keep = reach(name) == was;
+            if !keep && peers.contains_key(name) {
+                moved.insert(name.clone());
+            }
+            keep
+        };
         self.dialers.retain(|name, dialer| {
-            let keep = reach(name) == Some(dialer.reach);
+            let keep = still(name, Some(dialer.reach));
             if !keep {
                 dialer.task.abort();
             }
             keep
         });
-        let mut moved = Vec::new();
-        self.sessions.retain(|name, session| {
-            let keep = reach(name) == session.reach;
-            if !keep && peers.contains_key(name) {
-                moved.push(name.clone());
-            }
-            keep
-        });
+        self.told_up.retain(|name, told| still(name, Some(*told)));
+        self.sessions
+            .retain(|name, session| still(name, session.reach));
+        // Their keys belong to the old address (the kernel would even refuse their
+        // inbound SPIs, taken by the old SAs until those go): they start over.
+        let mut dropped = Vec::new();
         for name in moved {
-            tracing::info!(peer = %name, "the peer's address or key changed; its session is closed");
-            self.schedule.on_disconnected(&name, Instant::now());
+            tracing::info!(peer = %name, "the peer's address or key changed; its session is closed and its keys dropped");
+            dropped.extend(self.schedule.forget(&name));
         }
-        self.told_up.retain(|name, told| reach(name) == Some(*told));
         for name in peers.keys() {
             if *name == self.me
                 || self.dialers.contains_key(name)
@@ -451,6 +458,7 @@ impl Agent {
                 );
             }
         }
+        self.queue_actions(dropped);
     }
 
     fn taken_spis(&self) -> impl Fn(u32) -> bool + 'static {
@@ -717,19 +725,17 @@ impl Agent {
     async fn reconcile_pass(&mut self) -> Result<reconcile::Outcome, ReconcileError> {
         let result = self.reconcile_inner(false).await;
         self.reconciles += 1;
-        if let Ok(outcome) = &result {
-            self.kernel_changes += outcome.plan.changes.len() as u64;
-            // One event per kernel change (it names the network or the peer's
-            // addresses and SPI; never a key).
-            for change in &outcome.plan.changes {
-                tracing::info!(%change, "kernel changed");
-            }
-        }
-        if let Ok(outcome) = &result {
-            self.encrypted_down = outcome.encrypted_not_up.as_ref().map(ToString::to_string);
-        }
         let failure = match &result {
-            Ok(outcome) => outcome.encrypted_not_up.as_ref().map(ToString::to_string),
+            Ok(outcome) => {
+                self.kernel_changes += outcome.plan.changes.len() as u64;
+                // One event per kernel change (it names the network or the peer's
+                // addresses and SPI; never a key).
+                for change in &outcome.plan.changes {
+                    tracing::info!(%change, "kernel changed");
+                }
+                self.encrypted_down = outcome.encrypted_not_up.as_ref().map(ToString::to_string);
+                self.encrypted_down.clone()
+            }
             Err(e) => Some(e.to_string()),
         };
         match failure {
@@ -971,29 +977,17 @@ impl Agent {
             let pass = self.reconcile_inner(true).await;
             self.spec = old;
             let header = format!("Dry run for node {}: nothing is changed.\n", self.me);
-            return answer_change(pass, header, None, deleting);
+            return answer(pass, header, None, deleting);
         }
         self.update_peers();
-        // A peer that moved or has another node key starts over: its keys belong to
-        // its old address (the kernel would even refuse its inbound SPIs, taken by the
-        // old SAs until they go).
-        let now_peers = encrypted_peers(&self.spec, &self.me);
-        let before = encrypted_peers(&old, &self.me);
-        let mut actions = Vec::new();
-        for (name, node) in &now_peers {
-            if before
-                .get(name)
-                .is_some_and(|was| was.address != node.address || was.public_key != node.public_key)
-            {
-                tracing::info!(peer = %name, "the peer's address or key changed; its keys are dropped");
-                actions.extend(self.schedule.forget(name));
-            }
-        }
-        let names: Vec<NodeName> = now_peers.keys().cloned().collect();
-        actions.extend(self.schedule.set_peers(&names, Instant::now()));
+        let names: Vec<NodeName> = encrypted_peers(&self.spec, &self.me)
+            .keys()
+            .cloned()
+            .collect();
+        let actions = self.schedule.set_peers(&names, Instant::now());
         let pass = self.reconcile_pass().await;
         self.queue_actions(actions);
-        answer_change(pass, String::new(), Some(&self.me), deleting)
+        answer(pass, String::new(), Some(&self.me), deleting)
     }
 
     async fn api_status(&mut self) -> Response {
@@ -1274,17 +1268,25 @@ fn heed_dial_me(last: Option<Instant>, now: Instant) -> bool {
     last.is_none_or(|t| now.saturating_duration_since(t) >= DIAL_ME_MIN_INTERVAL)
 }
 
-/// The API's answer to a pass: the plan carried out (also when encrypted networks could
-/// not come up afterwards), then the error, if any.
+/// The API's answer to an `apply` or `delete` pass: the plan carried out (also when
+/// encrypted networks could not come up afterwards), then the error, if any. Encrypted
+/// networks that stay down are not what a `delete` was asked about (the deletion went
+/// through): a note then, not a failure.
 fn answer(
     pass: Result<reconcile::Outcome, ReconcileError>,
     mut out: String,
     applied_on: Option<&NodeName>,
+    deleting: bool,
 ) -> Response {
     let code = |e: &ReconcileError| if e.is_input_error() { 2 } else { 1 };
-    let outcome = match pass {
+    let mut outcome = match pass {
         Ok(o) => o,
         Err(e) => return Response::fail(code(&e), String::new(), e),
+    };
+    let note = if deleting {
+        outcome.encrypted_not_up.take()
+    } else {
+        None
     };
     out.push_str(&outcome.plan_text());
     if let Some(me) = applied_on
@@ -1295,29 +1297,13 @@ fn answer(
             outcome.plan.changes.len()
         ));
     }
+    if let Some(e) = note {
+        out.push_str(&format!("Note: {e}\n"));
+    }
     match outcome.encrypted_not_up {
         Some(e) => Response::fail(code(&e), out, e),
         None => Response::ok(out),
     }
-}
-
-/// [`answer`] for `apply` and `delete`. Encrypted networks that stay down are not what
-/// a `delete` was asked about (the deletion went through): a note then, not a failure.
-fn answer_change(
-    mut pass: Result<reconcile::Outcome, ReconcileError>,
-    out: String,
-    applied_on: Option<&NodeName>,
-    deleting: bool,
-) -> Response {
-    let mut note = None;
-    if deleting && let Ok(outcome) = &mut pass {
-        note = outcome.encrypted_not_up.take();
-    }
-    let mut response = answer(pass, out, applied_on);
-    if let Some(e) = note {
-        response.output.push_str(&format!("Note: {e}\n"));
-    }
-    response
 }
 
 /// `spec` without the networks `gone` has, matched by VNI (the VNI names their devices).
@@ -1541,7 +1527,7 @@ mod tests {
             }),
         };
         let me = Name::new("a").unwrap();
-        let r = answer(Ok(down), "head\n".into(), Some(&me));
+        let r = answer(Ok(down), "head\n".into(), Some(&me), false);
         assert_eq!(r.code, 1);
         assert!(r.output.starts_with("head\n"), "{}", r.output);
         assert!(r.error.is_some());
@@ -1549,7 +1535,7 @@ mod tests {
             plan: crate::plan::Plan::default(),
             encrypted_not_up: None,
         };
-        let r = answer(Ok(fine), String::new(), Some(&me));
+        let r = answer(Ok(fine), String::new(), Some(&me), false);
         assert_eq!((r.code, r.error), (0, None));
     }
 }

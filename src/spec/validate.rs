@@ -132,9 +132,15 @@ pub(super) fn spec(e: &Errors<'_>, raw: &RawSpec, top: Location) -> Result<Spec,
         let mut vnis: HashMap<Vni, (u64, Name)> = HashMap::new();
         let mut bridge_addresses = SeenAddresses::default();
         for raw_net in &raw_networks.value {
-            let (net, name_loc, vni_loc) =
-                network(e, &raw_net.value, loc(raw_net), raw_nodes, &nodes, &index)?;
-            unique_across_networks(e, &raw_net.value, &net, &nodes, &mut bridge_addresses)?;
+            let (net, name_loc, vni_loc) = network(
+                e,
+                &raw_net.value,
+                loc(raw_net),
+                raw_nodes,
+                &nodes,
+                &index,
+                &mut bridge_addresses,
+            )?;
             if let Some(first) = names.insert(net.name.clone(), name_loc.line()) {
                 return Err(e.at(
                     name_loc,
@@ -172,51 +178,41 @@ struct SeenAddresses {
     subnets: HashMap<Name, Vec<(IpNet, Name, u64)>>,
 }
 
-/// A bridge address is unique in the whole spec: no other network has it, on any node,
-/// and it is no node's underlay address. A node's networks do not overlap either: its
-/// routes could not tell them apart. (Duplicates inside one network are caught with the
-/// network.)
-fn unique_across_networks(
-    e: &Errors<'_>,
-    raw: &RawNetwork,
-    net: &Network,
-    nodes: &[Node],
-    seen: &mut SeenAddresses,
-) -> Result<(), SpecError> {
-    let Some(entries) = &raw.addresses else {
-        return Ok(());
-    };
-    let name = &net.name;
-    for (key, value) in &entries.value.0 {
-        let at = loc(value);
-        // Both already validated with the network; nothing else can come out here.
-        let (Ok(node), Ok(address)) = (
-            fields::name("node name", &key.value),
-            fields::bridge_address(&value.value),
-        ) else {
-            continue;
-        };
+impl SeenAddresses {
+    /// A bridge address is unique in the whole spec: no other network has it, on any
+    /// node, and it is no node's underlay address. A node's networks do not overlap
+    /// either: its routes could not tell them apart. (Duplicates inside one network are
+    /// caught with the network.)
+    fn check(
+        &mut self,
+        e: &Errors<'_>,
+        at: Location,
+        node: &Name,
+        address: IpNet,
+        network: &Name,
+        nodes: &[Node],
+    ) -> Result<(), SpecError> {
         let ip = address.addr();
         if let Some(owner) = nodes.iter().find(|n| n.address == ip) {
             return Err(e.at(
                 at,
                 format!(
-                    "address {ip} in network `{name}` is the underlay address of node `{}`",
+                    "address {ip} in network `{network}` is the underlay address of node `{}`",
                     owner.name
                 ),
             ));
         }
-        if let Some((line, other)) = seen.addresses.get(&ip) {
+        if let Some((line, other)) = self.addresses.get(&ip) {
             return Err(e.at(
                 at,
                 format!(
-                    "duplicate address {ip} in network `{name}`: network `{other}` has it \
+                    "duplicate address {ip} in network `{network}`: network `{other}` has it \
                      already (line {line})"
                 ),
             ));
         }
         let subnet = address.trunc();
-        let theirs = seen.subnets.entry(node.clone()).or_default();
+        let theirs = self.subnets.entry(node.clone()).or_default();
         if let Some((other_subnet, other, line)) = theirs
             .iter()
             .find(|(s, _, _)| s.contains(&subnet.network()) || subnet.contains(&s.network()))
@@ -224,16 +220,16 @@ fn unique_across_networks(
             return Err(e.at(
                 at,
                 format!(
-                    "address {address} of node `{node}` in network `{name}` overlaps subnet \
+                    "address {address} of node `{node}` in network `{network}` overlaps subnet \
                      {other_subnet} of network `{other}` on the same node (line {line}): its \
                      routes could not tell the two networks apart"
                 ),
             ));
         }
-        theirs.push((subnet, name.clone(), at.line()));
-        seen.addresses.insert(ip, (at.line(), name.clone()));
+        theirs.push((subnet, network.clone(), at.line()));
+        self.addresses.insert(ip, (at.line(), network.clone()));
+        Ok(())
     }
-    Ok(())
 }
 
 fn cluster(e: &Errors<'_>, raw: &RawCluster, at: Location) -> Result<Cluster, SpecError> {
@@ -388,8 +384,9 @@ fn family(ip: IpAddr) -> &'static str {
 }
 
 /// One network (whose mapping starts at `at`), checked against the already validated
-/// nodes; `raw_nodes[i]` is the source of `nodes[i]`. Also returns where its name and
-/// vni are, for the checks across networks.
+/// nodes and the bridge addresses of the networks before it; `raw_nodes[i]` is the
+/// source of `nodes[i]`. Also returns where its name and vni are, for the checks across
+/// networks.
 fn network(
     e: &Errors<'_>,
     raw: &RawNetwork,
@@ -397,6 +394,7 @@ fn network(
     raw_nodes: &[Spanned<RawNode>],
     nodes: &[Node],
     index: &HashMap<Name, usize>,
+    across: &mut SeenAddresses,
 ) -> Result<(Network, Location, Location), SpecError> {
     let (name, name_loc) = required(e, &raw.name, "name", "network", at)?;
     let name = fields::name("network name", name).map_err(|r| e.at(name_loc, r))?;
@@ -479,7 +477,7 @@ fn network(
         }
     }
 
-    let addresses = addresses(e, raw, &name, index, &members)?;
+    let addresses = addresses(e, raw, &name, nodes, index, &members, across)?;
     if let Some(m) = mtu
         && m < MIN_MTU_IPV6
         && addresses.values().any(|a| matches!(a, IpNet::V6(_)))
@@ -526,13 +524,16 @@ fn network(
     Ok((network, name_loc, vni_loc))
 }
 
-/// The `addresses` map: members only, usable host addresses, no two alike, one subnet.
+/// The `addresses` map: members only, usable host addresses, no two alike, one subnet,
+/// and none clashing with other networks' (`across`).
 fn addresses(
     e: &Errors<'_>,
     raw: &RawNetwork,
     name: &Name,
+    nodes: &[Node],
     index: &HashMap<Name, usize>,
     members: &[(usize, Location)],
+    across: &mut SeenAddresses,
 ) -> Result<BTreeMap<NodeName, IpNet>, SpecError> {
     let mut out = BTreeMap::new();
     let Some(entries) = &raw.addresses else {
@@ -587,6 +588,7 @@ fn addresses(
                 }
             }
         }
+        across.check(e, at, &node, net, name, nodes)?;
         out.insert(node, net);
     }
     Ok(out)
