@@ -214,9 +214,18 @@ fn esp_foreign_sa_mid_batch_is_reported_and_repaired() {
         "the error names the change {change:?}: {text}"
     );
     match &err {
-        ReconcileError::Kernel(k) => assert_eq!(k.errno(), Some(libc::EEXIST), "{text}"),
+        ReconcileError::Execute { source, plan } => {
+            assert_eq!(source.errno(), Some(libc::EEXIST), "{text}");
+            assert!(
+                plan.changes.contains(&Change::AddSa(victim.clone())),
+                "carries its plan"
+            );
+        }
         other => panic!("expected the kernel's refusal, got {other}"),
     }
+    let report = err.plan_report().expect("a plan to show");
+    assert!(report.contains(&change), "the plan is shown: {report}");
+    assert!(!report.contains(&foreign_key), "no key in the plan shown");
     assert!(!text.contains(&foreign_key), "no key in the error");
 
     let state = ns.ip(&format!(
@@ -284,7 +293,10 @@ fn esp_foreign_policy_mid_batch_stops_before_it() {
     assert!(
         matches!(
             &err,
-            ReconcileError::Kernel(KernelError::ForeignXfrm { .. })
+            ReconcileError::Execute {
+                source: KernelError::ForeignXfrm { .. },
+                ..
+            }
         ),
         "{text}"
     );

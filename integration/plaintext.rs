@@ -365,6 +365,27 @@ fn f_delete_removes_ours_and_spares_foreign_objects() {
     // Delete again: nothing to do, still exit 0.
     let out = c.ctl("node-a", &["delete", "-f", spec.to_str().unwrap()]);
     assert!(out.status.success() && stdout(&out).contains("No changes"));
+
+    // A network whose bridge name a foreign link holds: refused before any change, with
+    // the plan shown and the clash named; exit 1.
+    let clash = c.spec(
+        "clash.yaml",
+        "  - name: blue\n    vni: 100\n  - name: green\n    vni: 300\n",
+    );
+    let out = c.ctl("node-a", &["apply", "-f", clash.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    let (text, err) = (stdout(&out), stderr(&out));
+    assert!(
+        text.contains("ovbr-300") && text.contains("ovbr-100"),
+        "the plan is shown: {text}"
+    );
+    assert!(text.contains("did not run to its end"), "{text}");
+    assert!(
+        err.contains("ovbr-300") && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert!(c.link("node-a", "ovbr-100").is_none(), "nothing created");
+    assert_eq!(foreign(&c), before);
 }
 
 fn mtu_edges(ipv6: bool) {

@@ -29,6 +29,13 @@ pub enum ReconcileError {
     Desired(#[from] DesiredError),
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    /// The plan stopped at a change the kernel refused (or that was not sent, e.g. a
+    /// foreign object in its way). Carries the plan, for the operator to see.
+    #[error("{source}")]
+    Execute {
+        plan: Box<Plan>,
+        source: KernelError,
+    },
     #[error("the kernel did not reach the spec after the plan ran; still different:\n{0}")]
     NotConverged(Plan),
     #[error("encrypted networks {networks} were not brought up: {reason}")]
@@ -36,6 +43,18 @@ pub enum ReconcileError {
 }
 
 impl ReconcileError {
+    /// What to show before the error when it stopped a running plan: the plan, and how
+    /// to go on.
+    pub fn plan_report(&self) -> Option<String> {
+        match self {
+            ReconcileError::Execute { plan, .. } => Some(format!(
+                "{plan}The plan did not run to its end: it stopped at the change the error \
+                 names. Running the same command again finishes or repairs what it did.\n"
+            )),
+            _ => None,
+        }
+    }
+
     /// Errors caused by the operator's input (exit code 2) rather than by the run.
     pub fn is_input_error(&self) -> bool {
         matches!(
@@ -177,7 +196,7 @@ pub async fn apply_observed(
     }
     let plan = plan::plan(&want, &observed);
     if !dry_run && !plan.is_empty() {
-        kernel.execute(&plan.changes).await?;
+        execute(kernel, &plan).await?;
         let after = kernel.dump().await?;
         let rest = plan::plan(&want, &after);
         if !rest.is_empty() {
@@ -237,9 +256,20 @@ pub async fn delete(spec: &Spec, kernel: &Kernel, dry_run: bool) -> Result<Plan,
     let want = without_networks(spec, &observed);
     let plan = plan::plan(&want, &observed);
     if !dry_run && !plan.is_empty() {
-        kernel.execute(&plan.changes).await?;
+        execute(kernel, &plan).await?;
     }
     Ok(plan)
+}
+
+/// Runs `plan`; a failure carries the plan along.
+async fn execute(kernel: &Kernel, plan: &Plan) -> Result<(), ReconcileError> {
+    kernel
+        .execute(&plan.changes)
+        .await
+        .map_err(|source| ReconcileError::Execute {
+            plan: Box::new(plan.clone()),
+            source,
+        })
 }
 
 /// `observed` minus every object of the spec's networks (pure).

@@ -1281,7 +1281,10 @@ fn answer(
     let code = |e: &ReconcileError| if e.is_input_error() { 2 } else { 1 };
     let mut outcome = match pass {
         Ok(o) => o,
-        Err(e) => return Response::fail(code(&e), String::new(), e),
+        Err(e) => {
+            out.push_str(&e.plan_report().unwrap_or_default());
+            return Response::fail(code(&e), out, e);
+        }
     };
     let note = if deleting {
         outcome.encrypted_not_up.take()

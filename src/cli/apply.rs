@@ -26,6 +26,9 @@ pub struct DeleteArgs {
 }
 
 fn reconcile_failure(e: ReconcileError) -> Failure {
+    if let Some(report) = e.plan_report() {
+        out!("{report}");
+    }
     if e.is_input_error() {
         Failure::input(e)
     } else {
