@@ -132,3 +132,67 @@ fn f_agents_without_esp_keep_plaintext_up_and_hold_encrypted_quietly() {
     assert!(c.link("node-a", "ovbr-100").is_none());
     drop(agents);
 }
+
+/// A network that was plaintext and becomes encrypted in the spec: on a kernel without
+/// ESP (or with no agent to key it) its plaintext VXLAN device must go, not keep
+/// carrying the network in clear while the encrypted form is held.
+#[test]
+fn g_a_plaintext_network_made_encrypted_stops_carrying_cleartext() {
+    require_root();
+    let c = Cluster::new("toenc", 2, false, 1500);
+    let plain = c.spec("plain.yaml", &SPEC.replace("    encrypted: true\n", ""));
+    c.apply_all(&plain);
+    assert!(
+        c.ping_eventually("node-a", "10.3.0.2"),
+        "sec works in clear first"
+    );
+    let encrypted = c.spec("net.yaml", SPEC);
+    // Any VXLAN packet of VNI 300 (0x00012c in the header's VNI field) on either port.
+    let cap = Capture::start(
+        &c,
+        "toenc",
+        "udp port 4790 or (udp port 4789 and udp[12:4] = 0x00012c00)",
+    );
+    for n in ["node-a", "node-b"] {
+        let out = c.ctl(n, &["apply", "-f", encrypted.to_str().unwrap()]);
+        assert_exit(&out, 1);
+        assert!(
+            stderr(&out).contains("encrypted networks sec were not brought up"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(
+            plan_lines(&stdout(&out))
+                .iter()
+                .any(|l| l.starts_with("- link ovvx-300"))
+                && plan_lines(&stdout(&out))
+                    .iter()
+                    .any(|l| l.starts_with("- link ovbr-300")),
+            "the plan takes the plaintext network down: {}",
+            stdout(&out)
+        );
+        assert!(
+            c.link(n, "ovvx-300").is_none(),
+            "{n} keeps no device for sec"
+        );
+    }
+    let send = sh(&format!(
+        "ip netns exec {} ping -c 3 -i 0.2 -W 1 10.3.0.2",
+        c.node("node-a").ns
+    ));
+    assert!(!send.status.success(), "sec still carries traffic");
+    assert_eq!(
+        cap.stop().lines(""),
+        Vec::<String>::new(),
+        "a packet of the encrypted network left a node"
+    );
+    // The plaintext network is untouched, and a second run changes nothing.
+    assert!(c.ping_eventually("node-a", "10.1.0.2"));
+    let out = c.ctl("node-a", &["apply", "-f", encrypted.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    assert!(
+        stdout(&out).contains("No changes to the plaintext networks"),
+        "{}",
+        stdout(&out)
+    );
+}

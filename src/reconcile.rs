@@ -215,15 +215,22 @@ pub async fn apply_observed(
 
 /// Copies into `want` what the kernel holds for the node's encrypted networks (devices,
 /// their addresses and FDB, all XFRM objects), so a pass that cannot handle encrypted
-/// networks changes nothing about them.
+/// networks changes nothing about them. Except a network whose VXLAN device is not on
+/// the encrypted port (it was plaintext until this spec): that device would carry the
+/// network in clear, so the network is not kept, and the plan takes it down.
 fn keep_encrypted_as_is(
     spec: &Spec,
     me: &NodeName,
     observed: &KernelState,
     want: &mut KernelState,
 ) {
+    let in_clear = |vni| {
+        observed.links.get(&IfName::vxlan_for(vni)).is_some_and(
+            |l| matches!(&l.kind, LinkKind::Vxlan(v) if v.port != spec.cluster.encrypted_data_port),
+        )
+    };
     let names: Vec<IfName> = desired::member_networks(spec, me)
-        .filter(|n| n.encrypted)
+        .filter(|n| n.encrypted && !in_clear(n.vni))
         .flat_map(|n| [IfName::bridge_for(n.vni), IfName::vxlan_for(n.vni)])
         .collect();
     for name in &names {
