@@ -104,6 +104,13 @@ fn f_agents_without_esp_keep_plaintext_up_and_hold_encrypted_quietly() {
         assert!(failures[0].contains("CONFIG_INET_ESP"), "{}", failures[0]);
         // Nothing was installed, so nothing can vanish and be rekeyed over and over.
         assert!(!log.contains("vanished"), "{log}");
+        // The failing passes hold back key messages, not the Hello that keeps the
+        // session: the peer must not drop it as silent and make it start over.
+        assert!(!log.contains("sent nothing"), "{log}");
+        assert!(
+            log.matches("control session established").count() <= 1,
+            "sessions started over:\n{log}"
+        );
         assert_eq!(ok(&format!("ip -n {} xfrm state", c.node(n).ns)).trim(), "");
         assert!(c.link(n, "ovbr-300").is_none() && c.link(n, "ovvx-300").is_none());
     }

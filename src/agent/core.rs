@@ -623,12 +623,16 @@ impl Agent {
         if actions.is_empty() {
             return;
         }
-        if actions.contains(&Action::KernelChanged)
-            && let Err(e) = self.reconcile().await
-        {
-            tracing::debug!(error = %e, "reconcile after a key change failed; not announcing keys");
-            return;
-        }
+        // A failed pass holds back key messages only: a Hello (or a rekey request) not
+        // sent would get the new session dropped by the peer as silent, over and over.
+        let kernel_failed = actions.contains(&Action::KernelChanged)
+            && match self.reconcile().await {
+                Ok(_) => false,
+                Err(e) => {
+                    tracing::debug!(error = %e, "reconcile after a key change failed; not announcing keys");
+                    true
+                }
+            };
         let Some(me) = self.node().map(|n| n.address) else {
             return;
         };
@@ -653,6 +657,10 @@ impl Agent {
                 }),
                 _ => None,
             };
+            let key_message = matches!(msg, Message::KeyOffer { .. } | Message::KeyAck { .. });
+            if key_message && kernel_failed {
+                continue;
+            }
             if let Some(id) = announced {
                 if !self.in_sync {
                     tracing::warn!(%peer, "kernel not in sync; key message held back");
