@@ -570,6 +570,25 @@ fn j_keyless_agents_keep_plaintext_networks_and_delete_goes_through_them() {
     let plan = c.apply_via_agent("node-a", &both);
     assert!(plan.contains("+ link ovbr-101"), "{plan}");
     assert!(c.ping_eventually("node-a", "10.2.0.2"));
+    // A spec whose MTU this node's underlay cannot carry is refused (exit 2) and not
+    // taken: the agent keeps its spec, and keeps it true.
+    let too_big = write(
+        "too-big.yaml",
+        &format!(
+            "{blue}{}",
+            green.replace("    vni: 101\n", "    vni: 101\n    mtu: 9000\n")
+        ),
+    );
+    let out = c.ctl_agent("node-a", &["apply", "-f", too_big.to_str().unwrap()]);
+    assert_exit(&out, 2);
+    assert!(stderr(&out).contains("too-big.yaml:"), "{}", stderr(&out));
+    let status = stdout(&c.ctl_agent("node-a", &["status"]));
+    assert!(!status.contains("NOT in sync"), "{status}");
+    ok(&format!("ip -n {a} addr del 10.2.0.1/24 dev ovbr-101"));
+    assert!(
+        within(10, || c.ping("node-a", "10.2.0.2")),
+        "the agent stopped repairing drift after a refused spec"
+    );
     // Stopped (as systemd stops it), the agent exits 0 and removes its socket; the
     // overlay keeps working without it.
     let mut agent = agents.0.remove("node-a").unwrap();

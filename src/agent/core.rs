@@ -987,6 +987,14 @@ impl Agent {
             let header = format!("Dry run for node {}: nothing is changed.\n", self.me);
             return answer(pass, header, None, deleting);
         }
+        // A spec that this node's kernel side refuses as input (an MTU its underlay
+        // cannot carry) is not taken: the agent keeps the spec it had, and keeps it true.
+        if let Err(e) = self.reconcile_inner(true).await
+            && e.is_input_error()
+        {
+            self.spec = old;
+            return answer(Err(e), String::new(), None, deleting);
+        }
         self.update_peers();
         let names: Vec<NodeName> = encrypted_peers(&self.spec, &self.me)
             .keys()
