@@ -384,7 +384,7 @@ impl Agent {
             allowed.clear();
             for (name, node) in &peers {
                 if let Some(key) = node.public_key {
-                    allowed.insert(key.0, name.clone());
+                    allowed.insert(key.0, (name.clone(), node.address));
                 }
             }
         }
@@ -427,9 +427,13 @@ impl Agent {
             let Some((address, key)) = reach(name) else {
                 continue;
             };
+            let Some(local) = self.node().map(|n| n.address) else {
+                continue;
+            };
             let contact = net::PeerContact {
                 peer: name.clone(),
                 address,
+                local,
                 key,
                 identity: self.identity.clone(),
                 cluster: self.spec.cluster.name.to_string(),

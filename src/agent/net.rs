@@ -6,13 +6,13 @@
 //! ([`Message::DialMe`] on a session of its own that ends right after), so a dialer may
 //! back off a long-silent peer far without delaying it once it comes up.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc};
 
 use super::Event;
 use crate::control::{self, Message};
@@ -68,12 +68,129 @@ const DIAL_ME_ATTEMPTS: u32 = 4;
 pub const DIAL_ME_IN_FLIGHT: usize = 32;
 /// Outgoing messages queued per session before the agent's sends start failing.
 const OUTBOX_DEPTH: usize = 256;
-/// Handshakes in progress at once on the listener: a flood of half-open connections
-/// cannot starve the agent.
+/// Handshakes in progress at once on the listener (a slot is held until the session's
+/// first message has decrypted): a flood of half-open connections cannot starve the
+/// agent.
 const MAX_PENDING_HANDSHAKES: usize = 64;
+/// Of those, from one source address: one peer (or someone on its address) cannot take
+/// the slots of the others. A peer needs two at most (its dialer and a "dial me").
+const MAX_PENDING_PER_SOURCE: usize = 4;
+/// Refused connections are logged one by one up to this many per [`REFUSAL_WINDOW`],
+/// then counted and summed up: a flood of them cannot flood the log.
+const REFUSALS_LOGGED_PER_WINDOW: u32 = 5;
+const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
 
-/// Who may connect: the public keys of the spec's nodes (updated on spec changes).
-pub type Allowed = Arc<RwLock<BTreeMap<[u8; 32], NodeName>>>;
+/// Who may connect: the spec's nodes by public key, each with its address (updated on
+/// spec changes). A connection is accepted only from a node's own address and with
+/// that node's key: anything else is refused before any cryptography (dialers bind
+/// their node's address, and ESP between VTEPs allows no NAT anyway).
+pub type Allowed = Arc<RwLock<BTreeMap<[u8; 32], (NodeName, IpAddr)>>>;
+
+/// Whether some node of `allowed` has the address `ip`.
+fn admits(allowed: &Allowed, ip: IpAddr) -> bool {
+    allowed
+        .read()
+        .is_ok_and(|a| a.values().any(|(_, address)| *address == ip))
+}
+
+/// Counts handshakes in progress per source address; a [`SourceSlot`] gives its count
+/// back when dropped.
+#[derive(Default)]
+struct PendingBySource(Mutex<HashMap<IpAddr, usize>>);
+
+struct SourceSlot {
+    pending: Arc<PendingBySource>,
+    ip: IpAddr,
+}
+
+impl PendingBySource {
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+        let mut counts = self.0.lock().ok()?;
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= MAX_PENDING_PER_SOURCE {
+            return None;
+        }
+        *count += 1;
+        Some(SourceSlot {
+            pending: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        if let Ok(mut counts) = self.pending.0.lock()
+            && let Some(count) = counts.get_mut(&self.ip)
+        {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A connection's hold on the listener's handshake slots, given back when dropped.
+pub(super) struct HandshakeSlot {
+    _global: OwnedSemaphorePermit,
+    _source: SourceSlot,
+}
+
+/// Logs refused control connections: the first [`REFUSALS_LOGGED_PER_WINDOW`] of each
+/// [`REFUSAL_WINDOW`] one by one, the rest as one count when the window closes.
+#[derive(Default)]
+struct RefusalLog {
+    window_started: Option<std::time::Instant>,
+    logged: u32,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    fn refused(
+        &mut self,
+        now: std::time::Instant,
+        remote: SocketAddr,
+        reason: &dyn std::fmt::Display,
+    ) {
+        if self
+            .window_started
+            .is_none_or(|t| now.duration_since(t) >= REFUSAL_WINDOW)
+        {
+            self.close_window();
+            self.window_started = Some(now);
+        }
+        if self.logged < REFUSALS_LOGGED_PER_WINDOW {
+            self.logged += 1;
+            tracing::warn!(%remote, %reason, "control connection refused");
+        } else {
+            self.unlogged += 1;
+        }
+    }
+
+    /// Sums up what was not logged one by one, once its window is over.
+    fn close_window(&mut self) {
+        if self.unlogged > 0 {
+            tracing::warn!(
+                count = self.unlogged,
+                window_secs = REFUSAL_WINDOW.as_secs(),
+                "more control connections refused (not logged one by one)"
+            );
+        }
+        self.logged = 0;
+        self.unlogged = 0;
+    }
+
+    fn tick(&mut self, now: std::time::Instant) {
+        let over = self
+            .window_started
+            .is_some_and(|t| now.duration_since(t) >= REFUSAL_WINDOW);
+        if over {
+            self.close_window();
+            self.window_started = None;
+        }
+    }
+}
 
 fn jitter(d: Duration) -> Duration {
     use ring::rand::SecureRandom as _;
@@ -94,9 +211,29 @@ pub fn spawn_listener(
     events: mpsc::UnboundedSender<Event>,
 ) -> tokio::task::JoinHandle<()> {
     let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let by_source = Arc::new(PendingBySource::default());
+    let refusals = Arc::new(Mutex::new(RefusalLog::default()));
+    let refused = {
+        let refusals = refusals.clone();
+        move |remote: SocketAddr, reason: &dyn std::fmt::Display| {
+            if let Ok(mut log) = refusals.lock() {
+                log.refused(std::time::Instant::now(), remote, reason);
+            }
+        }
+    };
     tokio::spawn(async move {
+        let mut tick = tokio::time::interval(REFUSAL_WINDOW);
         loop {
-            let (stream, remote) = match listener.accept().await {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = tick.tick() => {
+                    if let Ok(mut log) = refusals.lock() {
+                        log.tick(std::time::Instant::now());
+                    }
+                    continue;
+                }
+            };
+            let (stream, remote) = match accepted {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::warn!(error = %e, "control listener accept failed");
@@ -104,35 +241,56 @@ pub fn spawn_listener(
                     continue;
                 }
             };
-            let Ok(permit) = pending.clone().try_acquire_owned() else {
-                tracing::warn!(%remote, "too many handshakes in progress; dropping connection");
+            let ip = remote.ip().to_canonical();
+            if !admits(&allowed, ip) {
+                refused(remote, &"not the address of a node of the spec");
+                continue;
+            }
+            let Some(source) = by_source.take(ip) else {
+                refused(remote, &"too many handshakes in progress from this address");
                 continue;
             };
-            let (identity, cluster, allowed, events) = (
+            let Ok(global) = pending.clone().try_acquire_owned() else {
+                refused(remote, &"too many handshakes in progress");
+                continue;
+            };
+            let slot = HandshakeSlot {
+                _global: global,
+                _source: source,
+            };
+            let (identity, cluster, allowed, events, refused) = (
                 identity.clone(),
                 cluster.clone(),
                 allowed.clone(),
                 events.clone(),
+                refused.clone(),
             );
             tokio::spawn(async move {
                 let _ = stream.set_nodelay(true);
-                let check = |key: &PublicKey| allowed.read().is_ok_and(|a| a.contains_key(&key.0));
+                // Only a node's own key, from that node's address.
+                let check = |key: &PublicKey| {
+                    allowed
+                        .read()
+                        .is_ok_and(|a| a.get(&key.0).is_some_and(|(_, address)| *address == ip))
+                };
                 let accepted = control::session::accept(stream, &identity, &cluster, check).await;
-                drop(permit);
                 match accepted {
                     Ok((session, key)) => {
-                        let peer = allowed.read().ok().and_then(|a| a.get(&key.0).cloned());
+                        let peer = allowed
+                            .read()
+                            .ok()
+                            .and_then(|a| a.get(&key.0).map(|(n, _)| n.clone()));
                         match peer {
                             Some(peer) => {
                                 tracing::info!(%peer, %remote, "control session accepted");
-                                run_session(peer, session, events, Role::Responder).await;
+                                run_session(peer, session, events, Role::Responder(slot)).await;
                             }
                             None => {
                                 tracing::warn!(%remote, "peer left the spec during the handshake")
                             }
                         }
                     }
-                    Err(e) => tracing::warn!(%remote, error = %e, "control connection refused"),
+                    Err(e) => refused(remote, &e),
                 }
             });
         }
@@ -175,6 +333,9 @@ impl IdlePacer {
 pub struct PeerContact {
     pub peer: NodeName,
     pub address: SocketAddr,
+    /// This node's own address, the source of every dial (peers admit a node only from
+    /// its address).
+    pub local: IpAddr,
     pub key: PublicKey,
     pub identity: Arc<Identity>,
     pub cluster: String,
@@ -183,7 +344,16 @@ pub struct PeerContact {
 impl PeerContact {
     /// TCP connect (bounded by [`CONNECT_TIMEOUT`]) and the Noise handshake as initiator.
     async fn open(&self) -> Result<control::session::Session<TcpStream>, String> {
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.address))
+        let socket = if self.address.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(|e| e.to_string())?;
+        socket
+            .bind(SocketAddr::new(self.local, 0))
+            .map_err(|e| format!("binding {}: {e}", self.local))?;
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(self.address))
             .await
             .map_err(|_| "connect timed out".to_owned())?
             .map_err(|e| e.to_string())?;
@@ -291,10 +461,10 @@ pub fn spawn_dial_me(
 }
 
 /// Which side of the Noise handshake this node played.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Role {
     Initiator,
-    Responder,
+    /// Holds its handshake slot until the initiator's first message has decrypted.
+    Responder(HandshakeSlot),
 }
 
 /// Aborts a task when dropped: a session's writer must not outlive its session, even
@@ -325,8 +495,11 @@ async fn run_session(
     // until then it must not displace a live session with the same peer.
     let first = match role {
         Role::Initiator => None,
-        Role::Responder => {
-            match tokio::time::timeout(control::session::HANDSHAKE_TIMEOUT, reader.recv()).await {
+        Role::Responder(slot) => {
+            let first =
+                tokio::time::timeout(control::session::HANDSHAKE_TIMEOUT, reader.recv()).await;
+            drop(slot);
+            match first {
                 Ok(Ok(Message::DialMe)) => {
                     // Not a session: the peer only says it is up, so we dial it.
                     let _ = events.send(Event::DialMe { peer });
@@ -403,8 +576,8 @@ async fn run_session(
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
     use std::pin::Pin;
-    use std::sync::Mutex;
     use std::task::{Context, Poll};
 
     use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
@@ -458,7 +631,10 @@ mod tests {
         name: &NodeName,
     ) -> (SocketAddr, mpsc::UnboundedReceiver<Event>) {
         let allowed: Allowed = Arc::new(RwLock::new(BTreeMap::new()));
-        allowed.write().unwrap().insert(peer.public.0, name.clone());
+        allowed
+            .write()
+            .unwrap()
+            .insert(peer.public.0, (name.clone(), Ipv4Addr::LOCALHOST.into()));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -470,6 +646,7 @@ mod tests {
         PeerContact {
             peer: NodeName::new(peer).unwrap(),
             address,
+            local: Ipv4Addr::LOCALHOST.into(),
             key: to.public,
             identity: Arc::new(identity),
             cluster: "t".into(),
@@ -500,6 +677,148 @@ mod tests {
         // Nothing else follows: no session was announced.
         let more = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await;
         assert!(more.is_err(), "more events after a dial-me");
+    }
+
+    /// A node's key is accepted only from that node's address, and an address that is
+    /// no node's is closed before any handshake work.
+    #[tokio::test]
+    async fn a_node_is_admitted_only_from_its_own_address() {
+        let me = Arc::new(Identity::generate().unwrap());
+        let peer = Identity::generate().unwrap();
+        let name = NodeName::new("node-z").unwrap();
+        let peer_ip: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
+        let allowed: Allowed = Arc::new(RwLock::new(BTreeMap::new()));
+        allowed
+            .write()
+            .unwrap()
+            .insert(peer.public.0, (name.clone(), peer_ip));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        spawn_listener(listener, me.clone(), "t".into(), allowed, tx);
+
+        // From 127.0.0.1, no node's address: closed at once, not after a handshake
+        // timeout.
+        let mut stranger = TcpStream::connect(addr).await.unwrap();
+        let mut byte = [0u8; 1];
+        let closed = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::io::AsyncReadExt::read(&mut stranger, &mut byte),
+        )
+        .await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "not closed at once"
+        );
+        // The node's own key from another address gets no session either.
+        let peer = Arc::new(peer);
+        let from = |local: IpAddr| PeerContact {
+            peer: NodeName::new("node-a").unwrap(),
+            address: addr,
+            local,
+            key: me.public,
+            identity: peer.clone(),
+            cluster: "t".into(),
+        };
+        assert!(
+            from(Ipv4Addr::LOCALHOST.into()).open().await.is_err(),
+            "the node's key admitted from 127.0.0.1"
+        );
+        // From its address it gets through.
+        let session = from(peer_ip)
+            .open()
+            .await
+            .expect("the node from its own address");
+        let (_reader, mut writer) = session.split();
+        writer.send(&Message::Keepalive).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+            Ok(Some(Event::Connected { peer, .. })) => assert_eq!(peer, name),
+            _ => panic!("no session from the node's own address"),
+        }
+    }
+
+    /// One address cannot hold more than its share of the handshake slots; another
+    /// node's address still gets in.
+    #[tokio::test]
+    async fn one_address_cannot_take_every_handshake_slot() {
+        let me = Arc::new(Identity::generate().unwrap());
+        let (busy, other) = (Identity::generate().unwrap(), Identity::generate().unwrap());
+        let busy_ip: IpAddr = Ipv4Addr::new(127, 0, 0, 3).into();
+        let other_ip: IpAddr = Ipv4Addr::new(127, 0, 0, 4).into();
+        let other_name = NodeName::new("node-o").unwrap();
+        let allowed: Allowed = Arc::new(RwLock::new(BTreeMap::new()));
+        {
+            let mut a = allowed.write().unwrap();
+            a.insert(busy.public.0, (NodeName::new("node-b").unwrap(), busy_ip));
+            a.insert(other.public.0, (other_name.clone(), other_ip));
+            let _ = &busy;
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        spawn_listener(listener, me.clone(), "t".into(), allowed, tx);
+
+        let connect_from = async |ip: IpAddr| {
+            let socket = TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::new(ip, 0)).unwrap();
+            socket.connect(addr).await.unwrap()
+        };
+        // Silent connections from one address: the ones over its share are closed at
+        // once, the others held (until the handshake timeout).
+        let mut idle = Vec::new();
+        for _ in 0..MAX_PENDING_PER_SOURCE + 2 {
+            idle.push(connect_from(busy_ip).await);
+        }
+        let mut closed = 0;
+        for stream in &mut idle {
+            let mut byte = [0u8; 1];
+            let read = tokio::time::timeout(
+                Duration::from_millis(500),
+                tokio::io::AsyncReadExt::read(stream, &mut byte),
+            )
+            .await;
+            if matches!(read, Ok(Ok(0)) | Ok(Err(_))) {
+                closed += 1;
+            }
+        }
+        assert_eq!(
+            closed, 2,
+            "exactly the connections over the share are closed"
+        );
+        let contact = PeerContact {
+            peer: NodeName::new("node-a").unwrap(),
+            address: addr,
+            local: other_ip,
+            key: me.public,
+            identity: Arc::new(other),
+            cluster: "t".into(),
+        };
+        let session = contact.open().await.expect("another node gets a slot");
+        let (_reader, mut writer) = session.split();
+        writer.send(&Message::Keepalive).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+            Ok(Some(Event::Connected { peer, .. })) => assert_eq!(peer, other_name),
+            _ => panic!("no session for the other node"),
+        }
+    }
+
+    /// Refusals are logged one by one up to a number per window, the rest counted, and
+    /// the count starts over with the next window.
+    #[test]
+    fn refused_connections_cannot_flood_the_log() {
+        let mut log = RefusalLog::default();
+        let remote: SocketAddr = "192.0.2.9:40000".parse().unwrap();
+        let start = std::time::Instant::now();
+        for _ in 0..100 {
+            log.refused(start, remote, &"test");
+        }
+        assert_eq!((log.logged, log.unlogged), (REFUSALS_LOGGED_PER_WINDOW, 95));
+        log.tick(start + REFUSAL_WINDOW / 2);
+        assert_eq!(log.unlogged, 95, "the window is not over yet");
+        log.tick(start + REFUSAL_WINDOW);
+        assert_eq!((log.logged, log.unlogged), (0, 0));
+        log.refused(start + REFUSAL_WINDOW, remote, &"test");
+        assert_eq!((log.logged, log.unlogged), (1, 0));
     }
 
     /// A dialer that backed off far dials at once when woken, not before.
