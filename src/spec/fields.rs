@@ -134,6 +134,7 @@ pub(super) fn show_duration(d: Duration) -> String {
 /// A node's underlay (VTEP) address: a unicast IPv4 or IPv6 address that can source
 /// and receive VXLAN between machines.
 pub(super) fn underlay_address(s: &str) -> Result<IpAddr, String> {
+    no_leading_zeros(s)?;
     let ip: IpAddr = s.parse().map_err(|_| {
         format!(
             "invalid address {}: expected an IPv4 or IPv6 address such as 192.0.2.1 or \
@@ -159,6 +160,24 @@ pub(super) fn underlay_address(s: &str) -> Result<IpAddr, String> {
         )),
         None => Ok(ip),
     }
+}
+
+/// Refuses an IPv4 address written with a leading zero in a part (`10.0.0.01`): some
+/// tools read such parts as octal, so what was meant is not clear.
+fn no_leading_zeros(s: &str) -> Result<(), String> {
+    let address = s.split('/').next().unwrap_or(s);
+    let padded = !address.contains(':')
+        && address
+            .split('.')
+            .any(|part| part.len() > 1 && part.starts_with('0'));
+    if padded {
+        return Err(format!(
+            "invalid address {}: a part with a leading zero is ambiguous (octal to some \
+             tools); write it without",
+            quote(s)
+        ));
+    }
+    Ok(())
 }
 
 fn v4_problem(ip: Ipv4Addr) -> Option<&'static str> {
@@ -197,6 +216,7 @@ fn is_v6_link_local(ip: Ipv6Addr) -> bool {
 /// of its subnet: not the network or (IPv4) broadcast address, not unspecified,
 /// loopback or multicast.
 pub(super) fn bridge_address(s: &str) -> Result<IpNet, String> {
+    no_leading_zeros(s)?;
     let net: IpNet = s.parse().map_err(|_| {
         format!(
             "invalid address {}: expected an address with a prefix length such as \
@@ -225,7 +245,10 @@ pub(super) fn bridge_address(s: &str) -> Result<IpNet, String> {
         // In a /127 both addresses are hosts (RFC 6164); elsewhere the all-zero host is
         // the subnet-router anycast address.
         IpNet::V6(v6) => {
-            v6_problem(v6.addr()).or(if v6.addr() == v6.network() && v6.prefix_len() < 127 {
+            v6_problem(v6.addr()).or(if is_v6_link_local(v6.addr()) {
+                // The kernel gives it link scope: it is no route, and every bridge has one.
+                Some("link-local (every bridge has its own already)")
+            } else if v6.addr() == v6.network() && v6.prefix_len() < 127 {
                 Some("the subnet-router anycast address of its subnet")
             } else {
                 None

@@ -202,6 +202,20 @@ impl SeenAddresses {
                 ),
             ));
         }
+        // The bridge's subnet becomes a route on the node: one that holds an underlay
+        // address would take the VXLAN traffic to that node into the overlay itself.
+        let subnet = address.trunc();
+        if let Some(owner) = nodes.iter().find(|n| subnet.contains(&n.address)) {
+            return Err(e.at(
+                at,
+                format!(
+                    "address {address} in network `{network}`: its subnet {subnet} holds the \
+                     underlay address {} of node `{}`, and its route would cut the nodes off \
+                     from each other",
+                    owner.address, owner.name
+                ),
+            ));
+        }
         if let Some((line, other)) = self.addresses.get(&ip) {
             return Err(e.at(
                 at,
@@ -211,7 +225,6 @@ impl SeenAddresses {
                 ),
             ));
         }
-        let subnet = address.trunc();
         let theirs = self.subnets.entry(node.clone()).or_default();
         if let Some((other_subnet, other, line)) = theirs
             .iter()
