@@ -398,6 +398,29 @@ fn mtu_edges(ipv6: bool) {
     assert!(c.ping_eventually("node-a", "10.1.0.2"));
     let mtu = if ipv6 { 1430 } else { 1450 };
     assert_mtu_edge(&c, "node-a", "10.1.0.2", mtu);
+    if ipv6 {
+        // An underlay that leaves less than IPv6's 1280 for a network with IPv6
+        // addresses: refused before any change (the kernel would drop the addresses).
+        let six = c.spec(
+            "six.yaml",
+            "  - name: six\n    vni: 600\n    addresses: {node-a: \"fd00:60::1/64\"}\n",
+        );
+        let a = c.node("node-a").ns.clone();
+        ok(&format!("ip -n {a} link set eth0 mtu 1300"));
+        let out = c.ctl("node-a", &["apply", "-f", six.to_str().unwrap()]);
+        assert_exit(&out, 2);
+        assert!(
+            stderr(&out).contains("below the 1280 that its IPv6 addresses need"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(c.link("node-a", "ovbr-600").is_none(), "nothing created");
+        assert_eq!(
+            c.link("node-a", "ovbr-100").unwrap()["mtu"],
+            mtu,
+            "nothing changed"
+        );
+    }
 }
 
 #[test]

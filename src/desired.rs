@@ -114,6 +114,17 @@ pub enum DesiredError {
         underlay_mtu: u32,
     },
     #[error(
+        "network {network}: the underlay {underlay} (mtu {underlay_mtu}) leaves at most {max} for \
+         this network, below the {min} that its IPv6 addresses need"
+    )]
+    TooSmallForIpv6 {
+        network: String,
+        max: u32,
+        min: u32,
+        underlay: String,
+        underlay_mtu: u32,
+    },
+    #[error(
         "network {network}: the underlay {underlay} (mtu {underlay_mtu}) is too small for an overlay"
     )]
     UnderlayTooSmall {
@@ -153,6 +164,22 @@ pub fn network_mtu(net: &Network, local: &LocalNode<'_>) -> Result<u32, DesiredE
             underlay_mtu: local.underlay_mtu,
         }),
         Some(mtu) => Ok(mtu),
+        // An explicit mtu below it is refused with the spec; the kernel would drop the
+        // bridge's IPv6 addresses.
+        None if max < crate::spec::MIN_MTU_IPV6
+            && net
+                .addresses
+                .values()
+                .any(|a| matches!(a, ipnet::IpNet::V6(_))) =>
+        {
+            Err(DesiredError::TooSmallForIpv6 {
+                network: net.name.to_string(),
+                max,
+                min: crate::spec::MIN_MTU_IPV6,
+                underlay: local.underlay.to_string(),
+                underlay_mtu: local.underlay_mtu,
+            })
+        }
         None => Ok(max),
     }
 }
@@ -410,6 +437,31 @@ mod tests {
         );
         // Without an explicit mtu, the largest that fits.
         assert_eq!(network_mtu(&spec.networks[1], &local), Ok(1450));
+    }
+
+    #[test]
+    fn a_derived_mtu_too_small_for_ipv6_addresses_is_refused() {
+        let text = "apiVersion: ovl/v1\ncluster:\n  name: t\nnodes:\n  - name: a\n    \
+                    address: 2001:db8::1\nnetworks:\n  - name: six\n    vni: 5\n    \
+                    addresses: {a: \"fd00:60::1/64\"}\n  - name: four\n    vni: 6\n    \
+                    addresses: {a: 10.6.0.1/24}\n";
+        let spec = crate::spec::parse(text.as_bytes(), "net.yaml").unwrap();
+        let local = |underlay_mtu| LocalNode {
+            node: &spec.nodes[0],
+            underlay: "eth0".parse().unwrap(),
+            underlay_mtu,
+        };
+        // 1300 - 70 = 1230: no room for IPv6, fine for IPv4.
+        let err = network_mtu(&spec.networks[0], &local(1300))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "network six: the underlay eth0 (mtu 1300) leaves at most 1230 for this network, \
+             below the 1280 that its IPv6 addresses need"
+        );
+        assert_eq!(network_mtu(&spec.networks[1], &local(1300)), Ok(1230));
+        assert_eq!(network_mtu(&spec.networks[0], &local(1350)), Ok(1280));
     }
 
     #[test]

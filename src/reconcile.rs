@@ -36,8 +36,8 @@ pub enum ReconcileError {
         plan: Box<Plan>,
         source: KernelError,
     },
-    #[error("the kernel did not reach the spec after the plan ran; still different:\n{0}")]
-    NotConverged(Plan),
+    #[error("the kernel did not reach the spec after the plan ran; still different:\n{rest}")]
+    NotConverged { plan: Box<Plan>, rest: Plan },
     #[error("encrypted networks {networks} were not brought up: {reason}")]
     EncryptedNotUp { networks: String, reason: String },
 }
@@ -50,6 +50,9 @@ impl ReconcileError {
             ReconcileError::Execute { plan, .. } => Some(format!(
                 "{plan}The plan did not run to its end: it stopped at the change the error \
                  names. Running the same command again finishes or repairs what it did.\n"
+            )),
+            ReconcileError::NotConverged { plan, .. } => Some(format!(
+                "{plan}The plan ran, but the kernel did not end up as planned (see the error).\n"
             )),
             _ => None,
         }
@@ -200,7 +203,10 @@ pub async fn apply_observed(
         let after = kernel.dump().await?;
         let rest = plan::plan(&want, &after);
         if !rest.is_empty() {
-            return Err(ReconcileError::NotConverged(rest));
+            return Err(ReconcileError::NotConverged {
+                plan: Box::new(plan),
+                rest,
+            });
         }
     }
     let encrypted_not_up = hold_reason.map(|reason| ReconcileError::EncryptedNotUp {
@@ -298,4 +304,45 @@ pub fn without_networks(spec: &Spec, observed: &KernelState) -> KernelState {
         want.sas.clear();
     }
     want
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Change;
+
+    /// A failure while or after running a plan comes with the plan, to be shown before
+    /// the error; other failures have none.
+    #[test]
+    fn failures_of_a_running_plan_show_the_plan() {
+        let plan = Plan {
+            changes: vec![Change::SetMtu {
+                link: "ovbr-600".parse().unwrap(),
+                from: 1430,
+                to: 1230,
+            }],
+            ..Plan::default()
+        };
+        let not_converged = ReconcileError::NotConverged {
+            plan: Box::new(plan.clone()),
+            rest: Plan::default(),
+        };
+        let report = not_converged.plan_report().unwrap();
+        assert!(report.starts_with(&plan.to_string()), "{report}");
+        assert!(report.contains("did not end up as planned"), "{report}");
+        let stopped = ReconcileError::Execute {
+            plan: Box::new(plan.clone()),
+            source: KernelError::Unexpected {
+                what: "test",
+                detail: String::new(),
+            },
+        };
+        assert!(
+            stopped
+                .plan_report()
+                .unwrap()
+                .contains("did not run to its end")
+        );
+        assert_eq!(ReconcileError::NoLocalNode.plan_report(), None);
+    }
 }
