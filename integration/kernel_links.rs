@@ -539,20 +539,40 @@ fn create_adopts_only_its_own_leftovers() {
         );
         assert!(ctx.ns.link("ovbr-9").get("ifalias").is_none());
 
-        // Different MTU: not a leftover of ours.
+        // Leftovers in our half-created group that the spec wants otherwise, or not at
+        // all (a killed apply of another spec): ours all the same (nobody else uses the
+        // group). The dump shows them, and the plan finishes one and deletes the other.
         ctx.ns.ip(&format!(
             "link add ovbr-6 mtu 1500 group {half} type bridge"
         ));
-        let err = ctx.try_apply(Change::CreateLink(bridge(6))).await;
+        ctx.ns.ip(&format!(
+            "link add ovbr-10 mtu 1500 group {half} type bridge"
+        ));
+        let seen = ctx.dump().await;
         assert!(
-            matches!(err, Err(KernelError::ForeignLink { .. })),
-            "{err:?}"
+            seen.links.contains_key(&name("ovbr-6")) && seen.links.contains_key(&name("ovbr-10")),
+            "{:?}",
+            seen.links.keys().collect::<Vec<_>>()
         );
-        let l = ctx.ns.link("ovbr-6");
+        let mut want = seen.clone();
+        want.links.remove(&name("ovbr-6"));
+        want.links.insert(name("ovbr-10"), bridge(10));
+        let plan = ovl::plan::plan(&want, &seen);
+        let lines: Vec<String> = plan.changes.iter().map(|c| c.to_string()).collect();
         assert!(
-            l.get("ifalias").is_none() && l["mtu"] == 1500,
-            "foreign link changed: {l}"
+            lines.iter().any(|l| l.starts_with("- link ovbr-6"))
+                && lines.iter().any(|l| l.starts_with("~ link ovbr-10 alias"))
+                && lines.iter().any(|l| l.starts_with("~ link ovbr-10 mtu")),
+            "{lines:?}"
         );
+        ctx.apply(&plan.changes).await;
+        assert!(!ctx.ns.has_link("ovbr-6"), "the unwanted leftover stays");
+        let l = ctx.ns.link("ovbr-10");
+        assert!(
+            l["ifalias"] == ALIAS && l["mtu"] == MTU && l["group"] == "default",
+            "the wanted leftover was not finished: {l}"
+        );
+        ctx.ns.ip("link del ovbr-10");
 
         // Someone else's alias.
         ctx.ns.ip(&format!("link add ovbr-7 mtu {MTU} type bridge"));

@@ -321,6 +321,15 @@ fn e_killed_apply_converges_on_the_next_run() {
         .parse()
         .unwrap();
     assert_eq!(links, 400);
+    // What a kill between a create and its alias leaves (no alias, our half-created
+    // device group), of a network this spec does not have: the next apply removes it.
+    ok(&format!(
+        "ip -n {ns} link add ovbr-7777 group {} type bridge",
+        ovl::kernel::HALF_CREATED_GROUP
+    ));
+    let plan = c.apply("node-a", &spec);
+    assert!(plan.contains("- link ovbr-7777"), "{plan}");
+    assert!(c.link("node-a", "ovbr-7777").is_none());
 }
 
 #[test]

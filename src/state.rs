@@ -33,10 +33,20 @@ pub mod ownership {
         (REQID_MIN..=REQID_MAX).contains(&reqid)
     }
 
-    /// True when the link name and alias both say the link is ours.
-    pub fn is_owned_link(name: &str, alias: Option<&str>) -> bool {
+    /// The device group a link of ours is created in and left only when its alias is
+    /// set (in the same request): a link in it is one whose creation was interrupted.
+    /// ("0vl" in the high bits, as the reqids.)
+    pub const HALF_CREATED_GROUP: u32 = 0x0f71_0000;
+
+    /// True when the link name and alias both say the link is ours, or when it has our
+    /// name, no alias, and our half-created group (a create of ours was interrupted:
+    /// the plan finishes it, or deletes it when the spec no longer wants it).
+    pub fn is_owned_link(name: &str, alias: Option<&str>, group: u32) -> bool {
         (name.starts_with(BRIDGE_PREFIX) || name.starts_with(VXLAN_PREFIX))
-            && alias.is_some_and(|a| a.starts_with(ALIAS_PREFIX))
+            && match alias {
+                Some(a) => a.starts_with(ALIAS_PREFIX),
+                None => group == HALF_CREATED_GROUP,
+            }
     }
 }
 

@@ -43,7 +43,7 @@ use crate::state::{Link, LinkKind};
 
 /// The device group of a link between its creation and its alias (see the module
 /// docs). Nobody else has a reason to pick it ("0f71", as our XFRM reqids).
-pub const HALF_CREATED_GROUP: u32 = 0x0f71_0000;
+pub use crate::state::ownership::HALF_CREATED_GROUP;
 
 const EEXIST: i32 = libc::EEXIST;
 const ENODEV: i32 = libc::ENODEV;
@@ -156,17 +156,17 @@ async fn adopt_half_created(
             reason,
         });
     };
-    if found.is_owned() {
+    if found.alias.is_some() && found.is_owned() {
         // Ours already (the plan should have seen it): the kernel's answer stands.
         return Err(KernelError::Refused {
             operation: op.to_owned(),
             source: std::io::Error::from_raw_os_error(EEXIST),
         });
     }
-    adoptable(found, link).map_err(|reason| KernelError::ForeignLink {
+    adoptable(found, link).map_err(|why| KernelError::ForeignLink {
         operation: op.to_owned(),
         link: link.name.to_string(),
-        reason,
+        reason: format!("a link of that name exists and is not ours: {why}"),
     })?;
     tracing::warn!(link = %link.name, "adopting a link left without alias by an interrupted create");
     set_alias(route, link, op).await
@@ -178,19 +178,46 @@ fn adoptable(found: &dump::KernelLink, link: &Link) -> Result<(), String> {
     if let Some(alias) = &found.alias {
         return Err(format!("its alias is {alias:?}"));
     }
-    let matches = found.kind.as_ref() == Some(&link.kind)
-        && found.mtu == link.mtu
-        && found.master == link.master
-        && !found.up
-        && found.group == HALF_CREATED_GROUP;
-    if !matches {
+    if found.group != HALF_CREATED_GROUP {
         return Err(format!(
-            "it has no alias and is not what an interrupted create leaves: kind {:?}, mtu {}, \
-             master {:?}, up {}, group {}",
-            found.kind, found.mtu, found.master, found.up, found.group
+            "it has no alias and is in device group {} (a create of ours leaves group \
+             0x{HALF_CREATED_GROUP:08x}): made by someone else",
+            found.group
         ));
     }
-    Ok(())
+    let mut differs = Vec::new();
+    if found.kind.as_ref() != Some(&link.kind) {
+        differs.push(match &found.kind {
+            Some(LinkKind::Bridge) => "it is a bridge".to_owned(),
+            Some(LinkKind::Vxlan(p)) => {
+                format!(
+                    "it is a VXLAN device with other parameters (vni {}, port {})",
+                    p.vni, p.port
+                )
+            }
+            None => "it is of another kind".to_owned(),
+        });
+    }
+    if found.mtu != link.mtu {
+        differs.push(format!("its mtu is {}", found.mtu));
+    }
+    if found.master != link.master {
+        differs.push(match &found.master {
+            Some(m) => format!("its master is {m}"),
+            None => "it has no master".to_owned(),
+        });
+    }
+    if found.up {
+        differs.push("it is up".to_owned());
+    }
+    if differs.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "it has no alias and is not what an interrupted create of this link leaves: {}",
+            differs.join(", ")
+        ))
+    }
 }
 
 /// Refuses, before a plan changes anything, links it would create where a link that is
@@ -209,7 +236,9 @@ fn check_creatable(all: &[dump::KernelLink], changes: &[Change]) -> Result<(), K
         if let Some(found) = all.iter().find(|l| l.name == link.name.as_str())
             && !found.is_owned()
         {
-            adoptable(found, link).map_err(conflict)?;
+            adoptable(found, link).map_err(|why| {
+                conflict(format!("a link of that name exists and is not ours: {why}"))
+            })?;
         }
         if let LinkKind::Vxlan(want) = &link.kind {
             let taken = all.iter().find(|l| {

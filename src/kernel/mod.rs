@@ -51,9 +51,7 @@ pub enum KernelError {
     LinkNotFound { operation: String, link: String },
     /// A link with one of our names exists but is not ours (no ownership alias), so the
     /// controller will not create, adopt or change it.
-    #[error(
-        "{operation}: link {link} already exists and is not owned by ovl-controller ({reason})"
-    )]
+    #[error("{operation}: cannot create {link}: {reason}")]
     ForeignLink {
         operation: String,
         link: String,

@@ -275,7 +275,7 @@ pub(super) struct KernelLink {
 
 impl KernelLink {
     pub(super) fn is_owned(&self) -> bool {
-        ownership::is_owned_link(&self.name, self.alias.as_deref())
+        ownership::is_owned_link(&self.name, self.alias.as_deref(), self.group)
     }
 
     /// The model's view of the link, if it is of a kind we create.

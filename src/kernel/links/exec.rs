@@ -14,6 +14,7 @@ use std::net::IpAddr;
 use futures::TryStreamExt;
 use netlink_packet_core::{NLM_F_APPEND, NLM_F_CREATE, NLM_F_REPLACE};
 use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::link::LinkAttribute;
 use rtnetlink::LinkUnspec;
 
 use super::{EEXIST, ENODEV, dump, errno, fdb_message, refused};
@@ -126,7 +127,14 @@ pub(in crate::kernel) async fn prepare(
         // `ip link set`: RTM_NEWLINK without NLM_F_CREATE, the link found by name.
         Change::SetMtu { link, to, .. } => set(LinkUnspec::new_with_name(link.as_str()).mtu(*to)),
         Change::SetAlias { link, to, .. } => {
-            set(LinkUnspec::new_with_name(link.as_str()).alias(to))
+            // Also out of the half-created group (see `create_link`), as a create does.
+            let mut message = LinkUnspec::new_with_name(link.as_str()).alias(to).build();
+            message.attributes.push(LinkAttribute::Group(0));
+            LinkRequest {
+                message: RouteNetlinkMessage::NewLink(message),
+                flags: 0,
+                tolerated: &[],
+            }
         }
         Change::SetUp { link } => set(LinkUnspec::new_with_name(link.as_str()).up()),
         Change::SetMaster { link, to, .. } => {
