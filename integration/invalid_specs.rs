@@ -153,6 +153,13 @@ fn usage_errors_exit_2() {
         vec!["status", "-o", "xml"],
         vec!["status", "--log-level", "bogus"],
         vec!["validate", "-f", "/nonexistent/spec.yaml"],
+        vec![
+            "validate",
+            "-f",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/networks.yaml"),
+            "--node",
+            "no-such-node",
+        ],
         // A --node the spec does not know, for delete as for apply (no agent answers
         // on that socket, so the command itself must refuse it).
         vec![

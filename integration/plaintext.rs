@@ -68,6 +68,11 @@ fn two_networks_everywhere(ipv6: bool) {
         .map(|n| n["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["blue", "red"]);
+    // Without an agent, the JSON says so rather than leaving the key out.
+    assert!(
+        v.get("agent").is_some_and(serde_json::Value::is_null),
+        "{v}"
+    );
 }
 
 #[test]
@@ -594,6 +599,22 @@ fn j_keyless_agents_keep_plaintext_networks_and_delete_goes_through_them() {
     assert_exit(&out, 2);
     assert!(
         stderr(&out).contains("this agent runs node node-a"),
+        "{}",
+        stderr(&out)
+    );
+    let out = c.ctl(
+        "node-a",
+        &[
+            "status",
+            "--node",
+            "node-b",
+            "--socket",
+            socket.to_str().unwrap(),
+        ],
+    );
+    assert_exit(&out, 2);
+    assert!(
+        stderr(&out).contains("this agent runs node node-a, not node-b"),
         "{}",
         stderr(&out)
     );

@@ -16,8 +16,8 @@ pub struct Status {
     /// The kernel's non-zero XFRM error counters, each with what it usually means.
     #[serde(default)]
     pub xfrm_errors: Vec<XfrmError>,
-    /// Present when the status came from a running agent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Set when the status came from a running agent (`null` without one).
+    #[serde(default)]
     pub agent: Option<AgentStatus>,
 }
 

@@ -174,7 +174,7 @@ pub fn load_spec_text(path: &std::path::Path) -> Result<(Spec, String, String), 
 
 pub fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Validate(args) => validate::run(&args),
+        Command::Validate(args) => validate::run(&args, cli.common.node.as_deref()),
         Command::Apply(args) => apply::run_apply(&cli.common, &args),
         Command::Delete(args) => apply::run_delete(&cli.common, &args),
         Command::Status(args) => status::run(&cli.common, &args),

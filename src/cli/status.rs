@@ -32,9 +32,19 @@ pub fn run(common: &Common, args: &StatusArgs) -> Result<(), Failure> {
                     message: e,
                 });
             }
-            return serde_json::from_str::<Status>(&r.output).map_err(|e| {
+            let status = serde_json::from_str::<Status>(&r.output).map_err(|e| {
                 Failure::runtime(format!("the agent's status was not understood: {e}"))
-            });
+            })?;
+            // As `apply` does: a --node that is not the agent's is a mistake to report.
+            if let (Some(want), Some(agent)) = (common.node.as_deref(), &status.agent)
+                && agent.node != want
+            {
+                return Err(Failure::input(format!(
+                    "this agent runs node {}, not {want}",
+                    agent.node
+                )));
+            }
+            return Ok(status);
         }
         let kernel = Kernel::connect().map_err(Failure::runtime)?;
         let state = kernel.dump().await.map_err(Failure::runtime)?;
