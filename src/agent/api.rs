@@ -15,6 +15,9 @@ use crate::progress::Progress;
 /// Requests and responses are small; anything bigger is refused (a spec is at most
 /// [`crate::spec::MAX_SPEC_BYTES`], JSON-escaped at most ~6x for control characters).
 pub const MAX_API_MESSAGE: usize = 8 << 20;
+/// Local clients served at once; more are answered "busy" at once. With
+/// [`MAX_API_MESSAGE`], this bounds what clients can make the agent hold in memory.
+pub const MAX_API_CLIENTS: usize = 16;
 /// How long the CLI waits for an answer to `apply` and `status`.
 pub const API_TIMEOUT: Duration = Duration::from_secs(120);
 /// What the CLI waits beyond a rotation's own `--timeout` before giving up on the agent.

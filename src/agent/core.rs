@@ -1379,13 +1379,25 @@ fn create_state_dir(dir: &std::path::Path) -> Result<(), AgentError> {
 }
 
 fn spawn_api_server(listener: tokio::net::UnixListener, events: mpsc::UnboundedSender<Event>) {
+    let clients = Arc::new(tokio::sync::Semaphore::new(api::MAX_API_CLIENTS));
     tokio::spawn(async move {
         loop {
             let Ok((mut stream, _)) = listener.accept().await else {
                 continue;
             };
+            let Ok(permit) = clients.clone().try_acquire_owned() else {
+                tokio::spawn(async move {
+                    let busy = format!(
+                        "the agent is busy: {} local requests in progress; try again",
+                        api::MAX_API_CLIENTS
+                    );
+                    api::write_response(&mut stream, &Response::fail(1, String::new(), busy)).await;
+                });
+                continue;
+            };
             let events = events.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let response = match api::read_request(&mut stream).await {
                     Err(e) => {
                         tracing::warn!(error = %e, "local API request refused");
@@ -1433,6 +1445,54 @@ fn spawn_api_server(listener: tokio::net::UnixListener, events: mpsc::UnboundedS
 mod tests {
     use super::*;
     use crate::spec::Name;
+
+    /// Local clients that hold their connection without finishing a request take at
+    /// most [`api::MAX_API_CLIENTS`] slots; the next client is told the agent is busy at
+    /// once instead of being read into memory.
+    #[tokio::test]
+    async fn local_clients_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let listener = api::bind(&socket).unwrap();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        spawn_api_server(listener, tx);
+        let mut idle = Vec::new();
+        for _ in 0..api::MAX_API_CLIENTS {
+            let mut s = tokio::net::UnixStream::connect(&socket).await.unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut s, b"{")
+                .await
+                .unwrap();
+            idle.push(s);
+        }
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            api::call(&socket, &api::Request::Status, &mut |_| {}),
+        )
+        .await
+        .expect("answered at once")
+        .unwrap()
+        .expect("a response");
+        assert!(
+            answer.error.as_deref().is_some_and(|e| e.contains("busy")),
+            "{:?}",
+            answer.error
+        );
+        // A slot given back serves the next client.
+        drop(idle.pop());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut s = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut s, b"not json")
+            .await
+            .unwrap();
+        tokio::io::AsyncWriteExt::shutdown(&mut s).await.unwrap();
+        let mut text = String::new();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read_to_string(&mut s, &mut text),
+        )
+        .await;
+        assert!(text.contains("malformed request"), "{text}");
+    }
 
     const SPEC: &str = "apiVersion: ovl/v1\ncluster:\n  name: t\nnodes:\n  - name: a\n    \
                         address: 192.0.2.1\n  - name: b\n    address: 192.0.2.2\nnetworks:\n  \
