@@ -288,7 +288,15 @@ pub(crate) fn prologue(cluster: &str) -> Vec<u8> {
 
 /// snow's errors are kinds (`Decrypt`, `Input`, …) and never carry key bytes.
 fn handshake(step: &str, error: &snow::Error) -> SessionError {
-    SessionError::Handshake(format!("{step}: {error}"))
+    // snow's own words ("input error", "decrypt error") do not say what the peer did.
+    let what = match error {
+        snow::Error::Input => "it is not a handshake message of ours (wrong size)".to_owned(),
+        snow::Error::Decrypt => {
+            "it does not decrypt (another cluster name, or meant for another node's key)".to_owned()
+        }
+        other => other.to_string(),
+    };
+    SessionError::Handshake(format!("{step}: {what}"))
 }
 
 impl<S: AsyncRead + AsyncWrite> Session<S> {

@@ -535,7 +535,10 @@ fn errors_never_show_key_material() {
         SessionError::UnknownPeer {
             public_key: a.public.to_base64(),
         },
-        SessionError::Handshake("reading the initiator's first message: decrypt error".into()),
+        super::handshake(
+            "reading the initiator's first message",
+            &snow::Error::Decrypt,
+        ),
         SessionError::Decrypt,
     ];
     for e in errors {
