@@ -706,9 +706,18 @@ fn underlay_and_local_addresses() {
             Some(Underlay {
                 name: name("ul0"),
                 index,
-                mtu: 1500
+                mtu: 1500,
+                loopback: false,
             })
         );
+        // A routed VTEP: the address on lo, which is flagged as such.
+        ctx.ns.ip("addr add 198.51.100.3/32 dev lo");
+        let u = ctx
+            .kernel
+            .underlay_for(ip("198.51.100.3"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(u.map(|u| (u.name, u.loopback)), Some((name("lo"), true)));
         let u = ctx
             .kernel
             .underlay_for(ip("2001:db8::1"))

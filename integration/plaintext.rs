@@ -695,3 +695,44 @@ fn k_applies_without_an_agent_wait_for_each_other() {
     let _ = holder.wait();
     assert!(c.link("node-a", "ovbr-100").is_some());
 }
+
+/// Routed VTEPs: each node's address on `lo`, reached through a route over eth0. The
+/// MTU of `lo` says nothing of the path, so a network without `mtu` is refused (exit 2,
+/// nothing created); with the fabric's MTU set in the spec, the overlay works and
+/// full-size packets pass without fragmentation.
+#[test]
+fn l_a_vtep_address_on_loopback_needs_an_explicit_mtu() {
+    let mut c = Cluster::new("lovtep", 2, false, 1500);
+    for (i, node) in c.nodes.iter_mut().enumerate() {
+        let (mine, theirs) = (
+            format!("198.51.100.{}", i + 1),
+            format!("198.51.100.{}", 2 - i),
+        );
+        let via = format!("192.0.2.{}", 2 - i);
+        ok(&format!(
+            "ip -n {ns} addr add {mine}/32 dev lo && ip -n {ns} route add {theirs}/32 via {via}",
+            ns = node.ns
+        ));
+        node.address = mine;
+    }
+    let without_mtu = c.spec(
+        "net.yaml",
+        "  - name: blue\n    vni: 100\n    addresses: {node-a: 10.1.0.1/24, node-b: 10.1.0.2/24}\n",
+    );
+    let out = c.ctl("node-a", &["apply", "-f", without_mtu.to_str().unwrap()]);
+    assert_exit(&out, 2);
+    assert!(
+        stderr(&out).contains("is on lo, a loopback device") && stderr(&out).contains("blue"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(c.link("node-a", "ovbr-100").is_none(), "nothing created");
+    // The path carries 1500: 1450 for the overlay.
+    let sized = c.spec(
+        "sized.yaml",
+        "  - name: blue\n    vni: 100\n    mtu: 1450\n    addresses: {node-a: 10.1.0.1/24, node-b: 10.1.0.2/24}\n",
+    );
+    c.apply_all(&sized);
+    assert!(c.ping_eventually("node-a", "10.1.0.2"));
+    assert_mtu_edge(&c, "node-a", "10.1.0.2", 1450);
+}

@@ -38,6 +38,17 @@ pub enum ReconcileError {
     },
     #[error("the kernel did not reach the spec after the plan ran; still different:\n{rest}")]
     NotConverged { plan: Box<Plan>, rest: Plan },
+    #[error(
+        "node {node}: its address {address} is on {device}, a loopback device (a routed VTEP), \
+         whose MTU says nothing of the path to its peers; set `mtu` on network(s) {networks} \
+         (what the underlay path carries, less the overlay's overhead)"
+    )]
+    LoopbackUnderlay {
+        node: String,
+        address: IpAddr,
+        device: String,
+        networks: String,
+    },
     #[error("encrypted networks {networks} were not brought up: {reason}")]
     EncryptedNotUp { networks: String, reason: String },
 }
@@ -66,6 +77,7 @@ impl ReconcileError {
                 | ReconcileError::NoLocalNode
                 | ReconcileError::SeveralLocalNodes(_)
                 | ReconcileError::AddressNotLocal { .. }
+                | ReconcileError::LoopbackUnderlay { .. }
                 | ReconcileError::Desired(_)
         )
     }
@@ -167,6 +179,20 @@ pub async fn apply_observed(
             address: node.address,
         }
     })?;
+    if underlay.loopback {
+        let unsized_networks: Vec<&str> = desired::member_networks(spec, &node.name)
+            .filter(|n| n.mtu.is_none())
+            .map(|n| n.name.as_str())
+            .collect();
+        if !unsized_networks.is_empty() {
+            return Err(ReconcileError::LoopbackUnderlay {
+                node: node.name.to_string(),
+                address: node.address,
+                device: underlay.name.to_string(),
+                networks: unsized_networks.join(", "),
+            });
+        }
+    }
     let local = LocalNode {
         node,
         underlay: underlay.name,

@@ -242,7 +242,12 @@ pub(in crate::kernel) async fn underlay_on(
             detail: format!("link {name} has no MTU"),
         });
     };
-    Ok(Some(Underlay { name, index, mtu }))
+    Ok(Some(Underlay {
+        name,
+        index,
+        mtu,
+        loopback: msg.header.flags.contains(LinkFlags::Loopback),
+    }))
 }
 
 /// Every address configured on a local interface, each once, sorted.
