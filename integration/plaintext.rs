@@ -400,6 +400,18 @@ fn f_delete_removes_ours_and_spares_foreign_objects() {
     );
     assert!(c.link("node-a", "ovbr-100").is_none(), "nothing created");
     assert_eq!(foreign(&c), before);
+    // A dry run says the same before anything is tried.
+    let out = c.ctl(
+        "node-a",
+        &["apply", "-f", clash.to_str().unwrap(), "--dry-run"],
+    );
+    assert_exit(&out, 1);
+    assert!(
+        stdout(&out).contains("This plan cannot run") && stderr(&out).contains("ovbr-300"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
 }
 
 fn mtu_edges(ipv6: bool) {
@@ -637,6 +649,26 @@ fn j_keyless_agents_keep_plaintext_networks_and_delete_goes_through_them() {
     assert!(stderr(&out).contains("too-big.yaml:"), "{}", stderr(&out));
     let status = stdout(&c.ctl_agent("node-a", &["status"]));
     assert!(!status.contains("NOT in sync"), "{status}");
+    // So is a spec whose plan could not start: a foreign link has a bridge's name.
+    ok(&format!("ip -n {a} link add ovbr-102 type bridge"));
+    let clash = write(
+        "clash.yaml",
+        &format!("{blue}{green}  - name: red\n    vni: 102\n"),
+    );
+    let out = c.ctl_agent("node-a", &["apply", "-f", clash.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    assert!(
+        stdout(&out).contains("The agent keeps the spec it had")
+            && stderr(&out).contains("ovbr-102"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let status = stdout(&c.ctl_agent("node-a", &["status"]));
+    assert!(
+        !status.contains("NOT in sync") && !status.contains("red"),
+        "{status}"
+    );
     ok(&format!("ip -n {a} addr del 10.2.0.1/24 dev ovbr-101"));
     assert!(
         within(10, || c.ping("node-a", "10.2.0.2")),

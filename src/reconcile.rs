@@ -36,6 +36,12 @@ pub enum ReconcileError {
         plan: Box<Plan>,
         source: KernelError,
     },
+    /// A plan that was not run (dry run) would stop before its first change.
+    #[error("{source}")]
+    WouldStop {
+        plan: Box<Plan>,
+        source: KernelError,
+    },
     #[error("the kernel did not reach the spec after the plan ran; still different:\n{rest}")]
     NotConverged { plan: Box<Plan>, rest: Plan },
     #[error(
@@ -54,6 +60,12 @@ pub enum ReconcileError {
 }
 
 impl ReconcileError {
+    /// A new spec that fails so is not taken by the agent: the operator's input, or a
+    /// plan that could not even start.
+    pub fn refuses_spec(&self) -> bool {
+        self.is_input_error() || matches!(self, ReconcileError::WouldStop { .. })
+    }
+
     /// What to show before the error when it stopped a running plan: the plan, and how
     /// to go on.
     pub fn plan_report(&self) -> Option<String> {
@@ -61,6 +73,9 @@ impl ReconcileError {
             ReconcileError::Execute { plan, .. } => Some(format!(
                 "{plan}The plan did not run to its end: it stopped at the change the error \
                  names. Running the same command again finishes or repairs what it did.\n"
+            )),
+            ReconcileError::WouldStop { plan, .. } => Some(format!(
+                "{plan}This plan cannot run: it would stop at the change the error names.\n"
             )),
             ReconcileError::NotConverged { plan, .. } => Some(format!(
                 "{plan}The plan ran, but the kernel did not end up as planned (see the error).\n"
@@ -224,6 +239,14 @@ pub async fn apply_observed(
         keep_encrypted_as_is(spec, &node.name, &observed, &mut want);
     }
     let plan = plan::plan(&want, &observed);
+    if dry_run && !plan.is_empty() {
+        if let Err(source) = kernel.check_plan(&plan.changes).await {
+            return Err(ReconcileError::WouldStop {
+                plan: Box::new(plan),
+                source,
+            });
+        }
+    }
     if !dry_run && !plan.is_empty() {
         execute(kernel, &plan).await?;
         let after = kernel.dump().await?;

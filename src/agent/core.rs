@@ -992,12 +992,17 @@ impl Agent {
             return answer(pass, header, None, deleting);
         }
         // A spec that this node's kernel side refuses as input (an MTU its underlay
-        // cannot carry) is not taken: the agent keeps the spec it had, and keeps it true.
+        // cannot carry), or whose plan could not even start (a foreign link in the
+        // way), is not taken: the agent keeps the spec it had, and keeps it true.
         if let Err(e) = self.reconcile_inner(true).await
-            && e.is_input_error()
+            && e.refuses_spec()
         {
             self.spec = old;
-            return answer(Err(e), String::new(), None, deleting);
+            let mut response = answer(Err(e), String::new(), None, deleting);
+            response
+                .output
+                .push_str("The agent keeps the spec it had.\n");
+            return response;
         }
         self.update_peers();
         let names: Vec<NodeName> = encrypted_peers(&self.spec, &self.me)

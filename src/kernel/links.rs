@@ -220,6 +220,18 @@ fn adoptable(found: &dump::KernelLink, link: &Link) -> Result<(), String> {
     }
 }
 
+/// The check of [`check_creatable`] alone, for a plan that is not run (a dry run, or
+/// the agent's look at a new spec before it takes it).
+pub(super) async fn check_plan(
+    route: &rtnetlink::Handle,
+    changes: &[Change],
+) -> Result<(), KernelError> {
+    if !changes.iter().any(|c| matches!(c, Change::CreateLink(_))) {
+        return Ok(());
+    }
+    check_creatable(&dump::all_links(route).await?, changes)
+}
+
 /// Refuses, before a plan changes anything, links it would create where a link that is
 /// not ours (and not adoptable) has the name, or a foreign VXLAN device has the VNI and
 /// port (the kernel would refuse the create halfway through the plan).

@@ -334,6 +334,12 @@ impl Kernel {
         links::underlay_on(&mut *self.route_batch.lock().await, addr).await
     }
 
+    /// Fails as [`Kernel::execute`] would before its first change: a link to create
+    /// where a foreign link has the name, or a foreign VXLAN device the VNI and port.
+    pub async fn check_plan(&self, changes: &[Change]) -> Result<(), KernelError> {
+        links::check_plan(&self.route, changes).await
+    }
+
     /// Every address configured on a local interface (for "which node am I").
     pub async fn local_addresses(&self) -> Result<Vec<IpAddr>, KernelError> {
         links::local_addresses(&self.route).await
