@@ -239,13 +239,14 @@ pub async fn apply_observed(
         keep_encrypted_as_is(spec, &node.name, &observed, &mut want);
     }
     let plan = plan::plan(&want, &observed);
-    if dry_run && !plan.is_empty() {
-        if let Err(source) = kernel.check_plan(&plan.changes).await {
-            return Err(ReconcileError::WouldStop {
-                plan: Box::new(plan),
-                source,
-            });
-        }
+    if dry_run
+        && !plan.is_empty()
+        && let Err(source) = kernel.check_plan(&plan.changes).await
+    {
+        return Err(ReconcileError::WouldStop {
+            plan: Box::new(plan),
+            source,
+        });
     }
     if !dry_run && !plan.is_empty() {
         execute(kernel, &plan).await?;
