@@ -639,6 +639,30 @@ fn foreign_name_and_vni_clashes_are_refused_before_any_change() {
         );
         assert!(!ctx.ns.has_link(&format!("ovbr-{VNI}")), "the plan started");
         assert_eq!(ctx.dump().await, KernelState::default());
+        ctx.ns.ip("link del ovbr-77");
+
+        // A foreign VXLAN device up on our port with other socket options (gbp): the
+        // kernel would refuse to bring ours up, halfway through the plan.
+        ctx.ns.ip(&format!(
+            "link add gbp9 type vxlan id 9 local {} dstport {PORT} dev ul0 gbp",
+            V4.local
+        ));
+        ctx.ns.ip("link set gbp9 up");
+        let plan = [
+            Change::CreateLink(bridge(VNI)),
+            Change::CreateLink(vxlan(VNI, V4.local)),
+        ];
+        let err = ctx.kernel.execute(&plan).await;
+        assert!(
+            matches!(&err, Err(KernelError::ForeignLink { reason, .. })
+                if reason.contains("gbp9") && reason.contains("gbp") && reason.contains("nothing was changed")),
+            "{err:?}"
+        );
+        assert!(!ctx.ns.has_link(&format!("ovbr-{VNI}")), "the plan started");
+        // Down, it holds no socket: ours may have the port.
+        ctx.ns.ip("link set gbp9 down");
+        ctx.apply(&plan).await;
+        assert!(ctx.ns.has_link(&format!("ovvx-{VNI}")));
     });
 }
 

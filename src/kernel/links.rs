@@ -267,6 +267,23 @@ fn check_creatable(all: &[dump::KernelLink], changes: &[Change]) -> Result<(), K
                     other.name, want.vni, want.port
                 )));
             }
+            let port_held = all.iter().find(|l| {
+                !l.is_owned()
+                    && l.up
+                    && !l.vxlan_socket_options.is_empty()
+                    && matches!(&l.kind, Some(LinkKind::Vxlan(p)) if p.port == want.port
+                        && (p.local.is_ipv6() == want.local.is_ipv6()
+                            || l.vxlan_socket_options.contains(&"external")))
+            });
+            if let Some(other) = port_held {
+                return Err(conflict(format!(
+                    "the VXLAN device {} (not ours) is up on port {} with {}, and the kernel \
+                     lets devices share a port only with the same options",
+                    other.name,
+                    want.port,
+                    other.vxlan_socket_options.join(", ")
+                )));
+            }
         }
     }
     Ok(())

@@ -276,6 +276,10 @@ pub(super) struct KernelLink {
     pub up: bool,
     /// The device group (`ip link set group`); see [`super::HALF_CREATED_GROUP`].
     pub group: u32,
+    /// Of a VXLAN device: the options that shape its UDP socket and that ours do not
+    /// have (`gbp`, `external`, ...). The kernel lets devices share a port only with the
+    /// same ones, so a foreign device up with any of them keeps ours off that port.
+    pub vxlan_socket_options: Vec<&'static str>,
 }
 
 impl KernelLink {
@@ -345,13 +349,17 @@ fn parse_link(msg: &LinkMessage, names: &HashMap<u32, &str>) -> Option<KernelLin
         master: None,
         up: msg.header.flags.contains(LinkFlags::Up),
         group: 0,
+        vxlan_socket_options: Vec::new(),
     };
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::IfAlias(a) if !a.is_empty() => link.alias = Some(a.clone()),
             LinkAttribute::Mtu(m) => link.mtu = *m,
             LinkAttribute::Controller(i) if *i != 0 => link.master = name_for_index(*i, names),
-            LinkAttribute::LinkInfo(infos) => link.kind = parse_kind(infos, names),
+            LinkAttribute::LinkInfo(infos) => {
+                link.kind = parse_kind(infos, names);
+                link.vxlan_socket_options = vxlan_socket_options(infos);
+            }
             LinkAttribute::Group(g) => link.group = *g,
             _ => {}
         }
@@ -375,6 +383,28 @@ fn parse_kind(infos: &[LinkInfo], names: &HashMap<u32, &str>) -> Option<LinkKind
         }
         _ => None,
     }
+}
+
+/// The receive options of a VXLAN device's socket (the kernel's `VXLAN_F_RCV_FLAGS`)
+/// that are on; ours have none.
+fn vxlan_socket_options(infos: &[LinkInfo]) -> Vec<&'static str> {
+    let data = infos.iter().find_map(|i| match i {
+        LinkInfo::Data(InfoData::Vxlan(d)) => Some(d.as_slice()),
+        _ => None,
+    });
+    data.unwrap_or_default()
+        .iter()
+        .filter_map(|d| match d {
+            InfoVxlan::Gbp => Some("gbp"),
+            InfoVxlan::Gpe => Some("gpe"),
+            InfoVxlan::CollectMetadata(true) => Some("external"),
+            InfoVxlan::RemCsumRX(true) => Some("remcsumrx"),
+            InfoVxlan::RemCsumNoPartial => Some("remcsum nopartial"),
+            InfoVxlan::UDPZeroCsumRX(true) => Some("udp6zerocsumrx"),
+            InfoVxlan::Vnifilter(true) => Some("vnifilter"),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Missing attributes come out as values no desired link has (VNI 0, unspecified local
