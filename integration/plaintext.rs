@@ -393,7 +393,10 @@ fn f_delete_removes_ours_and_spares_foreign_objects() {
         text.contains("ovbr-300") && text.contains("ovbr-100"),
         "the plan is shown: {text}"
     );
-    assert!(text.contains("did not run to its end"), "{text}");
+    assert!(
+        text.contains("This plan cannot start") && text.contains("Nothing was changed"),
+        "{text}"
+    );
     assert!(
         err.contains("ovbr-300") && err.contains("nothing was changed"),
         "{err}"
@@ -407,7 +410,7 @@ fn f_delete_removes_ours_and_spares_foreign_objects() {
     );
     assert_exit(&out, 1);
     assert!(
-        stdout(&out).contains("This plan cannot run") && stderr(&out).contains("ovbr-300"),
+        stdout(&out).contains("This plan cannot start") && stderr(&out).contains("ovbr-300"),
         "{}{}",
         stdout(&out),
         stderr(&out)

@@ -8,7 +8,7 @@ use crate::desired::{self, DesiredError, Keyring, LocalNode, Scope};
 use crate::kernel::{Kernel, KernelError};
 use crate::plan::{self, Plan};
 use crate::spec::{Node, NodeName, Spec};
-use crate::state::{IfName, KernelState, LinkKind};
+use crate::state::{Direction, IfName, KernelState, LinkKind, PolicyAction};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -36,7 +36,8 @@ pub enum ReconcileError {
         plan: Box<Plan>,
         source: KernelError,
     },
-    /// A plan that was not run (dry run) would stop before its first change.
+    /// A plan that would stop before its first change (a foreign link in the way): not
+    /// started, or a dry run.
     #[error("{source}")]
     WouldStop {
         plan: Box<Plan>,
@@ -75,7 +76,8 @@ impl ReconcileError {
                  names. Running the same command again finishes or repairs what it did.\n"
             )),
             ReconcileError::WouldStop { plan, .. } => Some(format!(
-                "{plan}This plan cannot run: it would stop at the change the error names.\n"
+                "{plan}This plan cannot start: it would stop before its first change, at the one \
+                 the error names. Nothing was changed.\n"
             )),
             ReconcileError::NotConverged { plan, .. } => Some(format!(
                 "{plan}The plan ran, but the kernel did not end up as planned (see the error).\n"
@@ -239,14 +241,8 @@ pub async fn apply_observed(
         keep_encrypted_as_is(spec, &node.name, &observed, &mut want);
     }
     let plan = plan::plan(&want, &observed);
-    if dry_run
-        && !plan.is_empty()
-        && let Err(source) = kernel.check_plan(&plan.changes).await
-    {
-        return Err(ReconcileError::WouldStop {
-            plan: Box::new(plan),
-            source,
-        });
+    if dry_run && !plan.is_empty() {
+        check_plan(kernel, &plan).await?;
     }
     if !dry_run && !plan.is_empty() {
         execute(kernel, &plan).await?;
@@ -271,19 +267,31 @@ pub async fn apply_observed(
 
 /// Copies into `want` what the kernel holds for the node's encrypted networks (devices,
 /// their addresses and FDB, all XFRM objects), so a pass that cannot handle encrypted
-/// networks changes nothing about them. Except a network whose VXLAN device is not on
-/// the encrypted port (it was plaintext until this spec): that device would carry the
-/// network in clear, so the network is not kept, and the plan takes it down.
+/// networks changes nothing about them. Except a network whose VXLAN device's port no
+/// catch-all block policy of ours protects (it was plaintext until this spec): that
+/// device would carry the network in clear, so the network is not kept, and the plan
+/// takes it down.
 fn keep_encrypted_as_is(
     spec: &Spec,
     me: &NodeName,
     observed: &KernelState,
     want: &mut KernelState,
 ) {
+    // Protected: the kernel holds our catch-all block for the device's port, so what no
+    // per-pair ESP policy takes is dropped (an encrypted network on the previous
+    // encryptedDataPort still is).
+    let protected = |port: u16| {
+        observed.policies.values().any(|p| {
+            p.id.dir == Direction::Out
+                && p.id.selector.dport == port
+                && p.action == PolicyAction::Block
+        })
+    };
     let in_clear = |vni| {
-        observed.links.get(&IfName::vxlan_for(vni)).is_some_and(
-            |l| matches!(&l.kind, LinkKind::Vxlan(v) if v.port != spec.cluster.encrypted_data_port),
-        )
+        observed
+            .links
+            .get(&IfName::vxlan_for(vni))
+            .is_some_and(|l| matches!(&l.kind, LinkKind::Vxlan(v) if !protected(v.port)))
     };
     let names: Vec<IfName> = desired::member_networks(spec, me)
         .filter(|n| n.encrypted && !in_clear(n.vni))
@@ -324,8 +332,21 @@ pub async fn delete(spec: &Spec, kernel: &Kernel, dry_run: bool) -> Result<Plan,
     Ok(plan)
 }
 
-/// Runs `plan`; a failure carries the plan along.
+/// Fails, with the plan, when the plan could not start (a foreign link in the way).
+async fn check_plan(kernel: &Kernel, plan: &Plan) -> Result<(), ReconcileError> {
+    kernel
+        .check_plan(&plan.changes)
+        .await
+        .map_err(|source| ReconcileError::WouldStop {
+            plan: Box::new(plan.clone()),
+            source,
+        })
+}
+
+/// Runs `plan`; a failure carries the plan along. What would stop it before its first
+/// change is found first, so that it is reported as such ([`ReconcileError::WouldStop`]).
 async fn execute(kernel: &Kernel, plan: &Plan) -> Result<(), ReconcileError> {
+    check_plan(kernel, plan).await?;
     kernel
         .execute(&plan.changes)
         .await
@@ -360,6 +381,72 @@ pub fn without_networks(spec: &Spec, observed: &KernelState) -> KernelState {
 mod tests {
     use super::*;
     use crate::plan::Change;
+
+    /// A pass that cannot bring encrypted networks up keeps them as they are, unless
+    /// the network's VXLAN device is on a port no catch-all block of ours protects: it
+    /// was plaintext until now, and would carry the network in clear.
+    #[test]
+    fn held_encrypted_networks_are_kept_only_where_they_fail_closed() {
+        use crate::state::{Link, Policy, PolicyId, Selector, VxlanParams, ownership};
+        let text = "apiVersion: ovl/v1\ncluster:\n  name: t\nnodes:\n  - name: a\n    \
+                    address: 192.0.2.1\n    publicKey: \"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\"\n  \
+                    - name: b\n    address: 192.0.2.2\n    publicKey: \
+                    \"AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=\"\nnetworks:\n  - name: sec\n    \
+                    vni: 300\n    encrypted: true\n";
+        let spec = crate::spec::parse(text.as_bytes(), "net.yaml").unwrap();
+        let me = &spec.nodes[0].name;
+        let link = |name: &str, kind| Link {
+            name: name.parse().unwrap(),
+            kind,
+            mtu: 1416,
+            master: None,
+            alias: Link::alias_for("t", "sec"),
+            up: true,
+        };
+        let vxlan_on = |port| {
+            link(
+                "ovvx-300",
+                LinkKind::Vxlan(VxlanParams {
+                    vni: 300,
+                    local: "192.0.2.1".parse().unwrap(),
+                    port,
+                    underlay: "eth0".parse().unwrap(),
+                    learning: true,
+                }),
+            )
+        };
+        let block_on = |port| Policy {
+            id: PolicyId {
+                dir: Direction::Out,
+                selector: Selector {
+                    src: "0.0.0.0/0".parse().unwrap(),
+                    dst: "0.0.0.0/0".parse().unwrap(),
+                    dport: port,
+                },
+            },
+            priority: 100,
+            action: PolicyAction::Block,
+            reqid: ownership::REQID_MIN,
+        };
+        let kept = |vxlan: Link, policies: Vec<Policy>| {
+            let mut observed = KernelState::default();
+            let bridge = link("ovbr-300", LinkKind::Bridge);
+            observed.links.insert(bridge.name.clone(), bridge);
+            observed.links.insert(vxlan.name.clone(), vxlan);
+            observed.policies = policies.into_iter().map(|p| (p.id, p)).collect();
+            let mut want = KernelState::default();
+            keep_encrypted_as_is(&spec, me, &observed, &mut want);
+            want.links.len()
+        };
+        // On the encrypted port, behind our block: kept.
+        assert_eq!(kept(vxlan_on(4790), vec![block_on(4790)]), 2);
+        // On a port behind our block, if no longer the spec's (encryptedDataPort changed):
+        // still kept, still fail-closed.
+        assert_eq!(kept(vxlan_on(4999), vec![block_on(4999)]), 2);
+        // On the plaintext port, or anywhere without our block: taken down.
+        assert_eq!(kept(vxlan_on(4789), vec![block_on(4790)]), 0);
+        assert_eq!(kept(vxlan_on(4790), vec![]), 0);
+    }
 
     /// A failure while or after running a plan comes with the plan, to be shown before
     /// the error; other failures have none.
