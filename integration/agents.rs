@@ -207,6 +207,7 @@ fn sa_packets(kernel: &str) -> BTreeMap<String, u64> {
 
 #[test]
 fn b_unknown_keys_and_garbage_are_refused_while_peers_keep_working() {
+    let agents_started = Instant::now();
     let (c, mut agents, spec) = cluster_with_agents("rog", "info");
     // A rogue agent with a key the spec does not know, claiming node-a's name.
     let rogue_dir = c.dir.path().join("rogue");
@@ -275,16 +276,18 @@ fn b_unknown_keys_and_garbage_are_refused_while_peers_keep_working() {
         ));
         println!("{ns}: {garbage}");
     }
-    let flood_secs = started.elapsed().as_secs();
+    println!("flood: {} s", started.elapsed().as_secs());
     assert_no_loss(trains);
 
     let log_b = c.agent_log("node-b");
     let refusals = log_b.matches("control connection refused").count();
     assert!(refusals > 0, "node-b should log refused connections");
-    // 3000 refusals, logged one by one only up to 5 per 10 s, then summed up.
+    // 3000 refusals, logged one by one only up to 5 per 10 s window of the agent's
+    // life (rogue's dials included), then summed up.
+    let life = agents_started.elapsed().as_secs();
     assert!(
-        refusals as u64 <= 5 * (flood_secs / 10 + 3),
-        "{refusals} refusal lines in {flood_secs} s: the log can be flooded"
+        refusals as u64 <= 5 * (life / 10 + 2),
+        "{refusals} refusal lines in {life} s: the log can be flooded"
     );
     assert!(
         log_b.contains("more control connections refused"),
@@ -292,7 +295,8 @@ fn b_unknown_keys_and_garbage_are_refused_while_peers_keep_working() {
     );
     // The rogue agent dials from an address that is no node's: refused before its key
     // is even read.
-    let by_address = ["node-b", "node-c", "node-d"].iter().any(|n| {
+    // (node-c and node-d: the garbage from the same address went to node-b only.)
+    let by_address = ["node-c", "node-d"].iter().any(|n| {
         c.agent_log(n)
             .lines()
             .any(|l| l.contains("192.0.2.50") && l.contains("not the address of a node"))

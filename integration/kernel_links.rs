@@ -742,6 +742,23 @@ fn underlay_and_local_addresses() {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(u.map(|u| (u.name, u.loopback)), Some((name("lo"), true)));
+        // The same on a dummy device, where the kernel has the driver (this machine's
+        // has none).
+        let dummy = common::sh(&format!(
+            "ip -n {} link add vtep0 type dummy",
+            ctx.ns.name()
+        ));
+        if dummy.status.success() {
+            ctx.ns.ip("addr add 198.51.100.4/32 dev vtep0");
+            let u = ctx
+                .kernel
+                .underlay_for(ip("198.51.100.4"))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(u.map(|u| (u.name, u.loopback)), Some((name("vtep0"), true)));
+        } else {
+            eprintln!("dummy device part skipped: this kernel has no dummy driver");
+        }
         let u = ctx
             .kernel
             .underlay_for(ip("2001:db8::1"))

@@ -757,7 +757,8 @@ fn l_a_vtep_address_on_loopback_needs_an_explicit_mtu() {
     let out = c.ctl("node-a", &["apply", "-f", without_mtu.to_str().unwrap()]);
     assert_exit(&out, 2);
     assert!(
-        stderr(&out).contains("is on lo, a loopback device") && stderr(&out).contains("blue"),
+        stderr(&out).contains("is on lo, a loopback or dummy device")
+            && stderr(&out).contains("blue"),
         "{}",
         stderr(&out)
     );

@@ -46,7 +46,7 @@ pub enum ReconcileError {
     #[error("the kernel did not reach the spec after the plan ran; still different:\n{rest}")]
     NotConverged { plan: Box<Plan>, rest: Plan },
     #[error(
-        "node {node}: its address {address} is on {device}, a loopback device (a routed VTEP), \
+        "node {node}: its address {address} is on {device}, a loopback or dummy device (a routed VTEP), \
          whose MTU says nothing of the path to its peers; set `mtu` on network(s) {networks} \
          (what the underlay path carries, less the overlay's overhead)"
     )]

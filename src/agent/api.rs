@@ -15,9 +15,12 @@ use crate::progress::Progress;
 /// Requests and responses are small; anything bigger is refused (a spec is at most
 /// [`crate::spec::MAX_SPEC_BYTES`], JSON-escaped at most ~6x for control characters).
 pub const MAX_API_MESSAGE: usize = 8 << 20;
-/// Local clients served at once; more are answered "busy" at once. With
+/// Local requests being read at once; more are answered "busy" at once. With
 /// [`MAX_API_MESSAGE`], this bounds what clients can make the agent hold in memory.
 pub const MAX_API_CLIENTS: usize = 16;
+/// Local requests read and not answered yet (waiting for the agent, or running: a
+/// `rotate` waits for its peers); more are answered "busy".
+pub const MAX_API_QUEUED: usize = 64;
 /// How long the CLI waits for an answer to `apply` and `status`.
 pub const API_TIMEOUT: Duration = Duration::from_secs(120);
 /// What the CLI waits beyond a rotation's own `--timeout` before giving up on the agent.
@@ -140,8 +143,13 @@ pub async fn call(
         let mut line =
             serde_json::to_vec(request).map_err(|e| ApiError::BadResponse(e.to_string()))?;
         line.push(b'\n');
-        write.write_all(&line).await.map_err(io)?;
-        write.shutdown().await.map_err(io)?;
+        // An agent that answers without reading the request (busy) closes its end
+        // while a large request is still being written: its answer is still there to
+        // read, so a failed write is reported only when no answer follows.
+        let sent = match write.write_all(&line).await {
+            Ok(()) => write.shutdown().await,
+            Err(e) => Err(e),
+        };
         let mut reader = BufReader::new(read);
         loop {
             let mut line = Vec::new();
@@ -151,6 +159,7 @@ pub async fn call(
                 .await
                 .map_err(io)?;
             if line.is_empty() {
+                sent.map_err(io)?;
                 return Err(ApiError::BadResponse(
                     "the agent closed the connection without an answer".into(),
                 ));

@@ -92,7 +92,8 @@ pub struct Underlay {
     pub name: IfName,
     pub index: u32,
     pub mtu: u32,
-    /// A loopback device (a routed VTEP address on `lo`): its MTU is not the path's.
+    /// A loopback or dummy device (a routed VTEP address on `lo` or a `dummy`): its MTU
+    /// is not the path's.
     pub loopback: bool,
 }
 

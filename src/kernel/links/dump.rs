@@ -246,8 +246,16 @@ pub(in crate::kernel) async fn underlay_on(
         name,
         index,
         mtu,
-        loopback: msg.header.flags.contains(LinkFlags::Loopback),
+        loopback: msg.header.flags.contains(LinkFlags::Loopback) || is_dummy(&msg),
     }))
+}
+
+/// A `dummy` device: like `lo`, a home for a routed VTEP address, with no path of its own.
+fn is_dummy(msg: &LinkMessage) -> bool {
+    msg.attributes.iter().any(|a| {
+        matches!(a, LinkAttribute::LinkInfo(infos)
+            if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Dummy))))
+    })
 }
 
 /// Every address configured on a local interface, each once, sorted.
