@@ -494,6 +494,9 @@ pub fn spawn_dial_me(
     })
 }
 
+/// Logs a refused connection (through the listener's [`RefusalLog`]).
+type RefusedFn = dyn Fn(SocketAddr, &dyn std::fmt::Display) + Send;
+
 /// Which side of the Noise handshake this node played.
 enum Role {
     Initiator,
@@ -501,7 +504,7 @@ enum Role {
     /// session dropped before that is logged as a refused connection (rate-limited).
     Responder {
         slot: HandshakeSlot,
-        refused: Box<dyn Fn(SocketAddr, &dyn std::fmt::Display) + Send>,
+        refused: Box<RefusedFn>,
         remote: SocketAddr,
     },
 }
