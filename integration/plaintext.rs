@@ -599,40 +599,20 @@ fn j_keyless_agents_keep_plaintext_networks_and_delete_goes_through_them() {
     );
     // A --node that is not the agent's is refused, and nothing changes.
     let socket = c.node_dir("node-a").join("agent.sock");
-    let out = c.ctl(
-        "node-a",
-        &[
-            "delete",
-            "-f",
-            both.to_str().unwrap(),
-            "--node",
-            "node-b",
-            "--socket",
-            socket.to_str().unwrap(),
-        ],
-    );
-    assert_exit(&out, 2);
-    assert!(
-        stderr(&out).contains("this agent runs node node-a"),
-        "{}",
-        stderr(&out)
-    );
-    let out = c.ctl(
-        "node-a",
-        &[
-            "status",
-            "--node",
-            "node-b",
-            "--socket",
-            socket.to_str().unwrap(),
-        ],
-    );
-    assert_exit(&out, 2);
-    assert!(
-        stderr(&out).contains("this agent runs node node-a, not node-b"),
-        "{}",
-        stderr(&out)
-    );
+    for command in [
+        &["delete", "-f", both.to_str().unwrap()][..],
+        &["status"][..],
+    ] {
+        let mut args = command.to_vec();
+        args.extend(["--node", "node-b", "--socket", socket.to_str().unwrap()]);
+        let out = c.ctl("node-a", &args);
+        assert_exit(&out, 2);
+        assert!(
+            stderr(&out).contains("this agent runs node node-a, not node-b"),
+            "{command:?}: {}",
+            stderr(&out)
+        );
+    }
     assert!(c.link("node-a", "ovbr-100").is_some());
     // Applying the whole spec again through the agent brings the network back.
     let plan = c.apply_via_agent("node-a", &both);
