@@ -685,4 +685,22 @@ fn f_a_new_port_or_a_moved_peer_gets_new_keys_never_the_old_ones_again() {
             && !a.iter().any(|s| s.0 == "192.0.2.3" || s.1 == "192.0.2.3"),
         "{a:?}"
     );
+
+    // node-b leaves node-a's spec and comes back, both agents running throughout:
+    // node-b still remembers the newest generation node-a offered it, and takes only
+    // newer ones; the pair must agree fresh keys both ways, not wait for rotations.
+    let moved_text = std::fs::read_to_string(&moved).unwrap();
+    let without_b = moved_text
+        .replace(
+            "    encrypted: true\n",
+            "    encrypted: true\n    nodes: [node-a, node-c, node-d]\n",
+        )
+        .replace(", node-b: 10.3.0.2/24", "");
+    assert_ne!(without_b, moved_text);
+    let without_b_path = c.dir.path().join("without-b.yaml");
+    std::fs::write(&without_b_path, without_b).unwrap();
+    c.apply_via_agent("node-a", &without_b_path);
+    std::thread::sleep(Duration::from_secs(2));
+    c.apply_via_agent("node-a", &moved);
+    wait_full_mesh(&c, Duration::from_secs(30));
 }

@@ -336,6 +336,11 @@ pub struct Schedule {
     epoch: u64,
     rotation: Duration,
     peers: BTreeMap<NodeName, Peer>,
+    /// The last generation counter offered to peers that were dropped (left the spec,
+    /// or forgotten): a peer that comes back continues from there. Its agent still
+    /// knows our epoch and the newest generation it accepted in it, and ignores any
+    /// offer that is not newer (a replay, to it).
+    dropped_counters: BTreeMap<NodeName, u32>,
     entropy: Box<dyn Entropy>,
 }
 
@@ -368,6 +373,7 @@ impl Schedule {
             epoch: epoch_of(boot_id),
             rotation: rotation.max(MIN_ROTATION),
             peers: BTreeMap::new(),
+            dropped_counters: BTreeMap::new(),
             entropy,
         }
     }
@@ -381,13 +387,26 @@ impl Schedule {
     pub fn set_peers(&mut self, peers: &[NodeName], _now: Instant) -> Vec<Action> {
         let wanted: BTreeSet<&NodeName> = peers.iter().collect();
         let mut changed = false;
+        let dropped = &mut self.dropped_counters;
         self.peers.retain(|name, peer| {
             let keep = wanted.contains(name);
-            changed |= !keep && peer.has_keys();
+            if !keep {
+                changed |= peer.has_keys();
+                dropped.insert(name.clone(), peer.counter);
+            }
             keep
         });
         for name in wanted {
-            self.peers.entry(name.clone()).or_default();
+            if !self.peers.contains_key(name) {
+                let counter = self.dropped_counters.remove(name).unwrap_or(0);
+                self.peers.insert(
+                    name.clone(),
+                    Peer {
+                        counter,
+                        ..Peer::default()
+                    },
+                );
+            }
         }
         if changed {
             vec![Action::KernelChanged]
@@ -401,9 +420,14 @@ impl Schedule {
     /// following [`Schedule::set_peers`] starts it afresh. `KernelChanged` when keys were
     /// dropped (their SAs must go).
     pub fn forget(&mut self, peer: &NodeName) -> Vec<Action> {
-        match self.peers.remove(peer) {
-            Some(p) if p.has_keys() => vec![Action::KernelChanged],
-            _ => vec![],
+        let Some(p) = self.peers.remove(peer) else {
+            return vec![];
+        };
+        self.dropped_counters.insert(peer.clone(), p.counter);
+        if p.has_keys() {
+            vec![Action::KernelChanged]
+        } else {
+            vec![]
         }
     }
 

@@ -1358,3 +1358,35 @@ fn a_forgotten_peer_starts_over_without_its_keys() {
     assert_eq!(s.forget(&b), vec![]);
     assert_eq!(s.forget(&name("stranger")), vec![]);
 }
+
+/// A peer dropped from the schedule (forgotten after an address change, or out of the
+/// spec and back) is offered generations that continue where they were: its agent,
+/// still running, remembers the newest generation it accepted from us in this boot and
+/// ignores anything not newer, so starting over at 1 left that direction without keys.
+#[test]
+fn a_peer_that_comes_back_gets_newer_generations_than_before() {
+    let t0 = Instant::now();
+    let (mut s, b, first) = connected(1, 2, t0);
+    let mut newest = first.0;
+    for _ in 0..3 {
+        let actions = s.rotate(&b, t0, &free);
+        newest = newest.max(offer_of(&actions).0);
+    }
+    // The peer accepts an offer only if newer than `newest` (same boot: same epoch).
+    let next_offer = |s: &mut Schedule| {
+        s.on_disconnected(&b, t0);
+        offer_of(&s.on_connected(&b, t0, &free)).0
+    };
+    s.forget(&b);
+    s.set_peers(std::slice::from_ref(&b), t0);
+    let after_forget = next_offer(&mut s);
+    assert!(after_forget > newest, "{after_forget:#x} after {newest:#x}");
+    s.set_peers(&[], t0);
+    s.set_peers(std::slice::from_ref(&b), t0);
+    let after_removal = next_offer(&mut s);
+    assert!(
+        after_removal > after_forget,
+        "{after_removal:#x} after {after_forget:#x}"
+    );
+    assert_eq!(after_removal >> 32, first.0 >> 32, "same epoch");
+}
