@@ -752,3 +752,55 @@ fn l_a_vtep_address_on_loopback_needs_an_explicit_mtu() {
     assert!(c.ping_eventually("node-a", "10.1.0.2"));
     assert_mtu_edge(&c, "node-a", "10.1.0.2", 1450);
 }
+
+/// A peer that moves to another underlay address: the plan replaces its head-end entry,
+/// and what the devices learned about its old address goes too, so frames to its MACs
+/// do not keep following the old address until it sends again.
+#[test]
+fn m_a_moved_peer_leaves_no_learned_entries_behind() {
+    let c = Cluster::new("move", 3, false, 1500);
+    let blue = "  - name: blue\n    vni: 100\n    addresses: {node-a: 10.1.0.1/24, node-b: 10.1.0.2/24, node-c: 10.1.0.3/24}\n";
+    let spec = c.spec("net.yaml", blue);
+    c.apply_all(&spec);
+    assert!(c.ping_eventually("node-a", "10.1.0.3"));
+    let a = c.node("node-a").ns.clone();
+    let learned_towards = |remote: &str| -> Vec<String> {
+        ok(&format!("bridge -n {a} fdb show dev ovvx-100"))
+            .lines()
+            .filter(|l| {
+                !l.starts_with("00:00:00:00:00:00") && l.contains(&format!("dst {remote} "))
+            })
+            .map(str::to_owned)
+            .collect()
+    };
+    assert!(
+        !learned_towards("192.0.2.3").is_empty(),
+        "node-a learned nothing from node-c"
+    );
+    // node-c moves to 192.0.2.7 (its VXLAN device is recreated; its bridge keeps its
+    // own MAC, so the peers' ARP caches stay right).
+    let bridge_mac = || c.link("node-c", "ovbr-100").unwrap()["address"].clone();
+    let mac_before = bridge_mac();
+    let ns_c = c.node("node-c").ns.clone();
+    ok(&format!(
+        "ip -n {ns_c} addr del 192.0.2.3/24 dev eth0 && ip -n {ns_c} addr add 192.0.2.7/24 dev eth0"
+    ));
+    let moved = c.dir.path().join("moved.yaml");
+    std::fs::write(
+        &moved,
+        std::fs::read_to_string(&spec)
+            .unwrap()
+            .replace("\"192.0.2.3\"", "\"192.0.2.7\""),
+    )
+    .unwrap();
+    let plan = c.apply("node-a", &moved);
+    assert!(
+        plan.contains("- fdb 00:00:00:00:00:00 dst 192.0.2.3"),
+        "{plan}"
+    );
+    assert_eq!(learned_towards("192.0.2.3"), Vec::<String>::new());
+    c.apply("node-b", &moved);
+    c.apply("node-c", &moved);
+    assert_eq!(bridge_mac(), mac_before);
+    assert!(c.ping_eventually("node-a", "10.1.0.3"));
+}

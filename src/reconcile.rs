@@ -246,6 +246,7 @@ pub async fn apply_observed(
     }
     if !dry_run && !plan.is_empty() {
         execute(kernel, &plan).await?;
+        forget_learned(kernel, &plan).await;
         let after = kernel.dump().await?;
         let rest = plan::plan(&want, &after);
         if !rest.is_empty() {
@@ -330,6 +331,28 @@ pub async fn delete(spec: &Spec, kernel: &Kernel, dry_run: bool) -> Result<Plan,
         execute(kernel, &plan).await?;
     }
     Ok(plan)
+}
+
+/// After a plan took remotes out of our head-end lists (a peer moved or left), what the
+/// devices learned about those remotes goes too: frames to the peer's MACs would follow
+/// its old address until it sent again. Best effort: a failure is logged.
+async fn forget_learned(kernel: &Kernel, plan: &Plan) {
+    let stale: Vec<(IfName, IpAddr)> = plan
+        .changes
+        .iter()
+        .filter_map(|c| match c {
+            crate::plan::Change::DeleteFdb(e) => Some((e.link.clone(), e.remote)),
+            _ => None,
+        })
+        .collect();
+    match kernel.forget_learned(&stale).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            entries = n,
+            "forgot what the VXLAN devices learned about old remotes"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot forget learned FDB entries of old remotes"),
+    }
 }
 
 /// Fails, with the plan, when the plan could not start (a foreign link in the way).

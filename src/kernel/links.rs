@@ -86,8 +86,13 @@ pub(super) async fn create_link(
     };
     let mut msg = match &link.kind {
         LinkKind::Bridge => {
-            // Not `LinkBridge::new`, which also sets the bridge up.
-            let b = LinkMessageBuilder::<LinkBridge>::new(link.name.as_str()).mtu(link.mtu);
+            // Not `LinkBridge::new`, which also sets the bridge up. A MAC address of its
+            // own: otherwise the bridge takes its port's, and a VXLAN device recreated
+            // (new port, new local address) would change the overlay address's MAC under
+            // every peer's ARP cache.
+            let b = LinkMessageBuilder::<LinkBridge>::new(link.name.as_str())
+                .mtu(link.mtu)
+                .address(random_mac()?);
             match master {
                 Some(m) => b.controller(m).build(),
                 None => b.build(),
@@ -130,6 +135,22 @@ pub(super) async fn create_link(
         return Err(err);
     }
     Ok(())
+}
+
+/// A random locally administered unicast MAC address.
+fn random_mac() -> Result<Vec<u8>, KernelError> {
+    use ring::rand::SecureRandom as _;
+    let mut mac = vec![0u8; 6];
+    ring::rand::SystemRandom::new()
+        .fill(&mut mac)
+        .map_err(|_| KernelError::Unexpected {
+            what: "random number generator",
+            detail: "no random bytes for a bridge's MAC address".into(),
+        })?;
+    if let Some(first) = mac.first_mut() {
+        *first = (*first & 0xfe) | 0x02;
+    }
+    Ok(mac)
 }
 
 /// `CreateLink` found a link with that name: adopt it only when it is exactly what an
@@ -361,4 +382,74 @@ fn refused(op: &str, e: rtnetlink::Error) -> KernelError {
             message: other.to_string(),
         },
     }
+}
+
+/// Deletes what our VXLAN devices learned about remotes that are no longer peers
+/// (`stale`: the device's name, the old remote): entries pointing a MAC at an address
+/// the plan just took out of the head-end list, after a peer moved or left. Frames to
+/// those MACs would follow them to the old address until the peer's next frame taught
+/// the new one. Learned entries are the kernel's (not permanent, never someone's
+/// configuration), on devices of ours only. Returns how many went.
+pub(super) async fn forget_learned(
+    route: &rtnetlink::Handle,
+    stale: &[(crate::state::IfName, IpAddr)],
+) -> Result<usize, KernelError> {
+    use futures::TryStreamExt as _;
+    if stale.is_empty() {
+        return Ok(0);
+    }
+    let links = dump::all_links(route).await?;
+    let targets: std::collections::HashSet<(u32, IpAddr)> = stale
+        .iter()
+        .filter_map(|(name, remote)| {
+            links
+                .iter()
+                .find(|l| l.name == name.as_str() && l.is_owned())
+                .map(|l| (l.index, *remote))
+        })
+        .collect();
+    if targets.is_empty() {
+        return Ok(0);
+    }
+    let learned: Vec<NeighbourMessage> = route
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Bridge)
+        .execute()
+        .try_filter(|m| {
+            let remote = m.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
+                    Some(IpAddr::V4(*ip))
+                }
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => {
+                    Some(IpAddr::V6(*ip))
+                }
+                // Bridge-family messages carry the bare address bytes.
+                NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => {
+                    dump::ip_from_bytes(bytes)
+                }
+                _ => None,
+            });
+            let mac_set = m.attributes.iter().any(|a| {
+                matches!(a, NeighbourAttribute::LinkLayerAddress(mac) if mac.iter().any(|b| *b != 0))
+            });
+            let wanted = remote.is_some_and(|r| targets.contains(&(m.header.ifindex, r)))
+                && mac_set
+                && m.header.state != NeighbourState::Permanent
+                && m.header.state != NeighbourState::Noarp;
+            futures::future::ready(wanted)
+        })
+        .try_collect()
+        .await
+        .map_err(|e| refused("dump the bridge FDB", e))?;
+    let count = learned.len();
+    for msg in learned {
+        if let Err(e) = route.neighbours().del(msg).execute().await {
+            // Aged out meanwhile: nothing to delete.
+            if errno(&e) != Some(libc::ENOENT) {
+                return Err(refused("delete a learned FDB entry", e));
+            }
+        }
+    }
+    Ok(count)
 }

@@ -335,6 +335,15 @@ impl Kernel {
         links::underlay_on(&mut *self.route_batch.lock().await, addr).await
     }
 
+    /// Deletes what our VXLAN devices learned about these old remotes (see
+    /// `links::forget_learned`); how many entries went.
+    pub async fn forget_learned(
+        &self,
+        stale: &[(crate::state::IfName, std::net::IpAddr)],
+    ) -> Result<usize, KernelError> {
+        links::forget_learned(&self.route, stale).await
+    }
+
     /// Fails as [`Kernel::execute`] would before its first change: a link to create
     /// where a foreign link has the name, or a foreign VXLAN device the VNI and port.
     pub async fn check_plan(&self, changes: &[Change]) -> Result<(), KernelError> {

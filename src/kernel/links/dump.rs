@@ -518,7 +518,7 @@ fn head_end_remote(payload: &[u8]) -> Result<Option<(u32, IpAddr)>, DumpError> {
 }
 
 /// In bridge-family messages the destination is raw bytes: 4 for IPv4, 16 for IPv6.
-fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
+pub(super) fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
     if let Ok(o) = <[u8; 4]>::try_from(b) {
         Some(IpAddr::V4(Ipv4Addr::from(o)))
     } else if let Ok(o) = <[u8; 16]>::try_from(b) {
