@@ -604,6 +604,37 @@ fn create_adopts_only_its_own_leftovers() {
     });
 }
 
+/// Our bridges keep their MAC address when their VXLAN port is recreated (new port or
+/// local address): peers' ARP caches stay right. Also one made without its own MAC (by
+/// an older version): the address it has when a port is added is pinned.
+#[test]
+fn bridges_keep_their_mac_when_their_port_is_recreated() {
+    in_netns("brmac", |ctx| async move {
+        add_underlay(&ctx.ns, &V4);
+        // As created now (its own MAC), and as an older version created it (the
+        // kernel's, which follows the ports'), the alias set by hand.
+        ctx.apply(&[Change::CreateLink(bridge(VNI))]).await;
+        ctx.ns
+            .ip(&format!("link add ovbr-77 mtu {MTU} type bridge"));
+        ctx.ns.ip(&format!("link set ovbr-77 alias '{ALIAS}'"));
+        for vni in [VNI, 77] {
+            let br = format!("ovbr-{vni}");
+            ctx.apply(&[Change::CreateLink(vxlan(vni, V4.local))]).await;
+            let before = ctx.ns.link(&br)["address"].clone();
+            let mut moved = vxlan(vni, V4.local);
+            if let LinkKind::Vxlan(p) = &mut moved.kind {
+                p.port = PORT + 1;
+            }
+            ctx.apply(&[
+                Change::DeleteLink(vxlan(vni, V4.local)),
+                Change::CreateLink(moved),
+            ])
+            .await;
+            assert_eq!(ctx.ns.link(&br)["address"], before, "{br} changed its MAC");
+        }
+    });
+}
+
 /// A plan that would create a link where a foreign one has the name, or a VXLAN device
 /// whose VNI and port a foreign one uses, is refused before its first change.
 #[test]
@@ -659,8 +690,14 @@ fn foreign_name_and_vni_clashes_are_refused_before_any_change() {
             "{err:?}"
         );
         assert!(!ctx.ns.has_link(&format!("ovbr-{VNI}")), "the plan started");
-        // Down, it holds no socket: ours may have the port.
+        // Down, it holds no socket: ours may have the port. Another device with the
+        // same VNI and port but other socket options does not clash either (the
+        // kernel's rule).
         ctx.ns.ip("link set gbp9 down");
+        ctx.ns.ip(&format!(
+            "link add gbpv type vxlan id {VNI} local {} dstport {PORT} dev ul0 gbp",
+            V4.local
+        ));
         ctx.apply(&plan).await;
         assert!(ctx.ns.has_link(&format!("ovvx-{VNI}")));
     });

@@ -602,6 +602,7 @@ fn j_keyless_agents_keep_plaintext_networks_and_delete_goes_through_them() {
     for command in [
         &["delete", "-f", both.to_str().unwrap()][..],
         &["status"][..],
+        &["rotate"][..],
     ] {
         let mut args = command.to_vec();
         args.extend(["--node", "node-b", "--socket", socket.to_str().unwrap()]);

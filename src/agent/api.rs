@@ -67,6 +67,9 @@ pub enum Request {
         network: Option<String>,
         peer: Option<String>,
         timeout_secs: u64,
+        /// The CLI's `--node`: refused when not the agent's.
+        #[serde(default)]
+        node: Option<String>,
     },
 }
 

@@ -937,9 +937,20 @@ impl Agent {
             }
             Request::Status => Some((reply, self.api_status().await)),
             Request::Rotate {
+                node: Some(node), ..
+            } if node != self.me.as_str() => Some((
+                reply,
+                Response::fail(
+                    2,
+                    String::new(),
+                    format!("this agent runs node {}, not {node}", self.me),
+                ),
+            )),
+            Request::Rotate {
                 network,
                 peer,
                 timeout_secs,
+                ..
             } => {
                 self.api_rotate(
                     network,

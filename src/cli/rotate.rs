@@ -23,6 +23,7 @@ pub fn run(common: &Common, args: &RotateArgs) -> Result<(), Failure> {
         network: args.network.clone(),
         peer: args.peer.clone(),
         timeout_secs: args.timeout,
+        node: common.node.clone(),
     };
     let mut terminal = Terminal::new();
     let answer = runtime()?.block_on(api::call(&common.socket, &request, &mut |p| {

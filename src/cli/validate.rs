@@ -10,12 +10,13 @@ pub fn run(args: &SpecFile, node: Option<&str>) -> Result<(), Failure> {
         return Err(Failure::input(format!("node {name} is not in the spec")));
     }
     let encrypted = spec.networks.iter().filter(|n| n.encrypted).count();
+    let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
     outln!(
-        "{}: valid: cluster {}, {} nodes, {} networks ({} encrypted)",
+        "{}: valid: cluster {}, {}, {} ({} encrypted)",
         source,
         spec.cluster.name,
-        spec.nodes.len(),
-        spec.networks.len(),
+        count(spec.nodes.len(), "node"),
+        count(spec.networks.len(), "network"),
         encrypted
     );
     Ok(())

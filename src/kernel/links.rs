@@ -99,6 +99,9 @@ pub(super) async fn create_link(
             }
         }
         LinkKind::Vxlan(p) => {
+            if let Some(bridge) = master {
+                pin_mac(route, bridge, op).await?;
+            }
             let dev = indexes.resolve(route, &p.underlay, &op_text).await?;
             let b = LinkVxlan::new(link.name.as_str(), p.vni)
                 .dev(dev)
@@ -135,6 +138,39 @@ pub(super) async fn create_link(
         return Err(err);
     }
     Ok(())
+}
+
+/// Sets the bridge's MAC address to what it is now, which marks it as set: a bridge
+/// whose address the kernel assigned takes its ports' lowest MAC, so adding a new VXLAN
+/// port (one recreated with a new port or local address) would change the overlay MAC
+/// under the peers' ARP caches. Ours get their own at creation; this also covers bridges
+/// made before that, and half-created ones finished by a later apply.
+async fn pin_mac(route: &rtnetlink::Handle, bridge: u32, op: &str) -> Result<(), KernelError> {
+    use futures::TryStreamExt as _;
+    let msg = route
+        .link()
+        .get()
+        .match_index(bridge)
+        .execute()
+        .try_next()
+        .await
+        .map_err(|e| refused(op, e))?;
+    let mac = msg.and_then(|m| {
+        m.attributes.into_iter().find_map(|a| match a {
+            LinkAttribute::Address(mac) => Some(mac),
+            _ => None,
+        })
+    });
+    let Some(mac) = mac else {
+        return Ok(());
+    };
+    let set = LinkUnspec::new_with_index(bridge).address(mac).build();
+    route
+        .link()
+        .change(set)
+        .execute()
+        .await
+        .map_err(|e| refused(op, e))
 }
 
 /// A random locally administered unicast MAC address.
@@ -274,9 +310,12 @@ fn check_creatable(all: &[dump::KernelLink], changes: &[Change]) -> Result<(), K
             })?;
         }
         if let LinkKind::Vxlan(want) = &link.kind {
+            // The kernel's own test: same VNI and port, same family, and the same socket
+            // options (ours have none).
             let taken = all.iter().find(|l| {
                 l.name != link.name.as_str()
                     && !l.is_owned()
+                    && l.vxlan_socket_options.is_empty()
                     && matches!(&l.kind, Some(LinkKind::Vxlan(p)) if p.vni == want.vni
                         && p.port == want.port
                         && p.local.is_ipv6() == want.local.is_ipv6()

@@ -183,6 +183,8 @@ fn no_leading_zeros(s: &str) -> Result<(), String> {
 fn v4_problem(ip: Ipv4Addr) -> Option<&'static str> {
     if ip.is_unspecified() {
         Some("unspecified")
+    } else if ip.octets()[0] == 0 {
+        Some("in 0.0.0.0/8 (\"this network\", not a host's address)")
     } else if ip.is_loopback() {
         Some("a loopback address")
     } else if ip.is_multicast() {
