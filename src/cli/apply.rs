@@ -121,6 +121,9 @@ pub fn run_delete(common: &Common, args: &DeleteArgs) -> Result<(), Failure> {
             outln!("Dry run: nothing is changed.");
         }
         out!("{plan}");
+        if !args.dry_run && !plan.is_empty() {
+            outln!("Applied {} changes.", plan.changes.len());
+        }
         Ok(())
     })
 }
