@@ -114,10 +114,12 @@ pub enum DesiredError {
         underlay_mtu: u32,
     },
     #[error(
-        "network {network}: the underlay {underlay} (mtu {underlay_mtu}) leaves at most {max} for \
-         this network, below the {min} that its IPv6 addresses need"
+        "{at}network {network}: the underlay {underlay} (mtu {underlay_mtu}) leaves at most {max} \
+         for this network, below the {min} that its IPv6 addresses need"
     )]
     TooSmallForIpv6 {
+        /// `file:line:column: ` of the network's name, or empty.
+        at: String,
         network: String,
         max: u32,
         min: u32,
@@ -173,6 +175,11 @@ pub fn network_mtu(net: &Network, local: &LocalNode<'_>) -> Result<u32, DesiredE
                 .any(|a| matches!(a, ipnet::IpNet::V6(_))) =>
         {
             Err(DesiredError::TooSmallForIpv6 {
+                at: net
+                    .name_at
+                    .as_ref()
+                    .map(|p| format!("{p}: "))
+                    .unwrap_or_default(),
                 network: net.name.to_string(),
                 max,
                 min: crate::spec::MIN_MTU_IPV6,
@@ -457,8 +464,8 @@ mod tests {
             .to_string();
         assert_eq!(
             err,
-            "network six: the underlay eth0 (mtu 1300) leaves at most 1230 for this network, \
-             below the 1280 that its IPv6 addresses need"
+            "net.yaml:8:11: network six: the underlay eth0 (mtu 1300) leaves at most 1230 for \
+             this network, below the 1280 that its IPv6 addresses need"
         );
         assert_eq!(network_mtu(&spec.networks[1], &local(1300)), Ok(1230));
         assert_eq!(network_mtu(&spec.networks[0], &local(1350)), Ok(1280));

@@ -176,6 +176,9 @@ pub struct Network {
     /// Where `mtu` was written: whether it fits is known only on the node, against its
     /// underlay, and that error points here too.
     pub mtu_at: Option<SourcePos>,
+    /// Where the network's name was written: errors about the network found only on the
+    /// node (its derived MTU cannot serve it) point here.
+    pub name_at: Option<SourcePos>,
     /// Member nodes, resolved: every node when the spec leaves `nodes` out. Sorted, unique.
     pub nodes: Vec<NodeName>,
     /// Address put on this network's bridge, per member node.

@@ -531,6 +531,7 @@ fn network(
         encrypted,
         mtu,
         mtu_at: raw.mtu.as_ref().map(|m| e.pos(loc(m))),
+        name_at: Some(e.pos(name_loc)),
         nodes: member_names,
         addresses,
     };
