@@ -704,3 +704,53 @@ fn f_a_new_port_or_a_moved_peer_gets_new_keys_never_the_old_ones_again() {
     c.apply_via_agent("node-a", &moved);
     wait_full_mesh(&c, Duration::from_secs(30));
 }
+
+/// A workload (its own MAC and address) moves from behind node-c to behind node-b on the
+/// encrypted network. node-a's VXLAN device moves its learned entry to node-b, but the
+/// kernel kept the entry's cached route: the XFRM bundle of node-a's SA to node-c, whose
+/// SPI node-b does not hold. The agent flushes the cached routes when a learned MAC
+/// moves, so node-a reaches the workload at its new node at once, not after the next
+/// rotation of the node-a -> node-c key.
+#[test]
+fn g_a_workload_moving_between_peers_is_reached_at_its_new_node() {
+    let (c, _agents, _spec) = cluster_with_agents("wlm", "info");
+    let vm = format!("{}-vm", c.switch);
+    let _guard = NsDel(vm.clone());
+    let plug = |node: &str| {
+        ok(&format!(
+            "ip netns add {vm} && ip -n {vm} link set lo up && \
+             ip -n {vm} link add eth0 address 02:00:00:00:00:50 type veth peer name vmport netns {ns} && \
+             ip -n {ns} link set vmport master ovbr-300 up && \
+             ip -n {vm} addr add 10.3.0.50/24 dev eth0 && ip -n {vm} link set eth0 up",
+            ns = c.node(node).ns
+        ));
+    };
+    plug("node-c");
+    assert!(
+        c.ping_eventually("node-a", "10.3.0.50"),
+        "workload behind node-c"
+    );
+    let fdb = ok(&format!(
+        "bridge -n {} fdb show dev ovvx-300",
+        c.node("node-a").ns
+    ));
+    assert!(fdb.contains("02:00:00:00:00:50 dst 192.0.2.3"), "{fdb}");
+    // Moved: the workload speaks first from behind node-b (node-a learns it there).
+    ok(&format!("ip netns del {vm}"));
+    plug("node-b");
+    let _ = sh(&format!("ip netns exec {vm} ping -c 2 -W 1 -q 10.3.0.1"));
+    assert!(
+        c.ping_eventually("node-a", "10.3.0.50"),
+        "node-a does not reach the workload behind node-b: {}",
+        ok(&format!(
+            "bridge -n {} fdb show dev ovvx-300",
+            c.node("node-a").ns
+        ))
+    );
+    assert!(
+        c.agent_log("node-a")
+            .contains("a MAC moved to another remote"),
+        "{}",
+        c.agent_log("node-a")
+    );
+}

@@ -256,6 +256,7 @@ impl Agent {
             })?;
         let api_listener = api::bind(&config.socket)?;
         let link_events = monitor::link_events()?;
+        monitor::spawn_learned_move_guard()?;
         let expiry = monitor::sa_expiry_events()?;
         let (events_tx, events) = mpsc::unbounded_channel();
         let allowed: Allowed = Arc::new(RwLock::new(BTreeMap::new()));
