@@ -248,12 +248,7 @@ impl Agent {
         // The control port first: a start that fails leaves the API socket (perhaps a
         // running agent's) alone.
         let control_addr = SocketAddr::new(node.address, spec.cluster.control_port);
-        let tcp = TcpListener::bind(control_addr)
-            .await
-            .map_err(|source| AgentError::Listen {
-                address: control_addr,
-                source,
-            })?;
+        let tcp = bind_control(control_addr, ADDRESS_WAIT).await?;
         let api_listener = api::bind(&config.socket)?;
         let link_events = monitor::link_events()?;
         monitor::spawn_learned_move_guard()?;
@@ -1395,6 +1390,31 @@ fn create_state_dir(dir: &std::path::Path) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// How long a starting agent waits for its own address to become usable (an IPv6
+/// address still in duplicate address detection, or one being configured as the agent
+/// starts at boot).
+const ADDRESS_WAIT: Duration = Duration::from_secs(60);
+
+/// Binds the control port on the node's address, waiting (up to `wait`) while the
+/// address is not usable yet.
+async fn bind_control(address: SocketAddr, wait: Duration) -> Result<TcpListener, AgentError> {
+    let started = Instant::now();
+    let mut said = false;
+    loop {
+        match TcpListener::bind(address).await {
+            Ok(listener) => return Ok(listener),
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) && started.elapsed() < wait => {
+                if !said {
+                    tracing::warn!(%address, "this node's address is not usable yet (not configured, or still tentative); waiting for it");
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(source) => return Err(AgentError::Listen { address, source }),
+        }
+    }
+}
+
 fn spawn_api_server(listener: tokio::net::UnixListener, events: mpsc::UnboundedSender<Event>) {
     // Requests being read (each up to MAX_API_MESSAGE in memory), and requests read
     // and waiting for or running in the agent (a rotate may take an hour).
@@ -1472,6 +1492,25 @@ fn spawn_api_server(listener: tokio::net::UnixListener, events: mpsc::UnboundedS
 mod tests {
     use super::*;
     use crate::spec::Name;
+
+    /// An address that is not (yet) the node's is waited for, then reported; one that
+    /// is usable is bound at once.
+    #[tokio::test]
+    async fn the_control_port_waits_for_its_address_then_says_why() {
+        let started = Instant::now();
+        let absent: SocketAddr = "192.0.2.123:7946".parse().unwrap();
+        let err = bind_control(absent, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(started.elapsed() >= Duration::from_secs(1), "did not wait");
+        assert!(
+            err.to_string()
+                .contains("cannot listen for control connections on 192.0.2.123:7946"),
+            "{err}"
+        );
+        let here: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        assert!(bind_control(here, Duration::from_secs(1)).await.is_ok());
+    }
 
     /// Local clients that hold their connection without finishing a request take at
     /// most [`api::MAX_API_CLIENTS`] slots; the next client is told the agent is busy at
