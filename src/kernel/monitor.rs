@@ -29,16 +29,26 @@ pub struct SaExpired {
     pub hard: bool,
 }
 
-/// Sends `()` for every link or address change in this namespace.
-pub fn link_events() -> Result<mpsc::UnboundedReceiver<()>, KernelError> {
-    let (mut conn, _handle, mut messages) =
+/// The rtnetlink messages of these multicast groups (a socket bound to them).
+type RouteMessages = futures::channel::mpsc::UnboundedReceiver<(
+    netlink_packet_core::NetlinkMessage<netlink_packet_route::RouteNetlinkMessage>,
+    SocketAddr,
+)>;
+
+fn route_monitor(groups: u32) -> Result<RouteMessages, KernelError> {
+    let (mut conn, _handle, messages) =
         rtnetlink::new_connection().map_err(KernelError::Connect)?;
-    let groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR;
     conn.socket_mut()
         .socket_mut()
         .bind(&SocketAddr::new(0, groups))
         .map_err(KernelError::Connect)?;
     tokio::spawn(conn);
+    Ok(messages)
+}
+
+/// Sends `()` for every link or address change in this namespace.
+pub fn link_events() -> Result<mpsc::UnboundedReceiver<()>, KernelError> {
+    let mut messages = route_monitor(RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)?;
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while messages.next().await.is_some() {
@@ -90,13 +100,7 @@ const LEARNED_TRACKED_MAX: usize = 1 << 16;
 /// is replaced. A flush makes the next frame look its route, and its SA, up again.
 /// Nothing else is touched; the flush is the kernel's ordinary `route/flush`.
 pub fn spawn_learned_move_guard() -> Result<(), KernelError> {
-    let (mut conn, _handle, mut messages) =
-        rtnetlink::new_connection().map_err(KernelError::Connect)?;
-    conn.socket_mut()
-        .socket_mut()
-        .bind(&SocketAddr::new(0, RTMGRP_NEIGH))
-        .map_err(KernelError::Connect)?;
-    tokio::spawn(conn);
+    let mut messages = route_monitor(RTMGRP_NEIGH)?;
     tokio::spawn(async move {
         use netlink_packet_route::RouteNetlinkMessage;
         let mut learned: std::collections::HashMap<(u32, Vec<u8>), IpAddr> =
