@@ -649,21 +649,26 @@ fn foreign_name_and_vni_clashes_are_refused_before_any_change() {
             Change::CreateLink(bridge(VNI)),
             Change::CreateLink(vxlan(VNI, V4.local)),
         ];
-        let err = ctx.kernel.execute(&plan).await;
-        assert!(
-            matches!(&err, Err(KernelError::ForeignLink { reason, .. })
-                if reason.contains(&format!("foo{VNI}")) && reason.contains("nothing was changed")),
-            "{err:?}"
-        );
-        assert!(!ctx.ns.has_link(&format!("ovbr-{VNI}")), "the plan started");
+        // Refused with a reason naming all of `names`, before the plan's first change.
+        let refused_before_start = async |names: &[&str]| {
+            let err = ctx.kernel.execute(&plan).await;
+            assert!(
+                matches!(&err, Err(KernelError::ForeignLink { reason, .. })
+                    if names.iter().all(|n| reason.contains(n))
+                        && reason.contains("nothing was changed")),
+                "{err:?}"
+            );
+            assert!(!ctx.ns.has_link(&format!("ovbr-{VNI}")), "the plan started");
+        };
+        refused_before_start(&[&format!("foo{VNI}")]).await;
         // A name clash later in a plan stops it before its first change as well.
         ctx.ns.ip(&format!("link del foo{VNI}"));
         ctx.ns.ip("link add ovbr-77 type bridge");
-        let plan = [
+        let name_clash = [
             Change::CreateLink(bridge(VNI)),
             Change::CreateLink(bridge(77)),
         ];
-        let err = ctx.kernel.execute(&plan).await;
+        let err = ctx.kernel.execute(&name_clash).await;
         assert!(
             matches!(&err, Err(KernelError::ForeignLink { link, .. }) if link == "ovbr-77"),
             "{err:?}"
@@ -679,17 +684,7 @@ fn foreign_name_and_vni_clashes_are_refused_before_any_change() {
             V4.local
         ));
         ctx.ns.ip("link set gbp9 up");
-        let plan = [
-            Change::CreateLink(bridge(VNI)),
-            Change::CreateLink(vxlan(VNI, V4.local)),
-        ];
-        let err = ctx.kernel.execute(&plan).await;
-        assert!(
-            matches!(&err, Err(KernelError::ForeignLink { reason, .. })
-                if reason.contains("gbp9") && reason.contains("gbp") && reason.contains("nothing was changed")),
-            "{err:?}"
-        );
-        assert!(!ctx.ns.has_link(&format!("ovbr-{VNI}")), "the plan started");
+        refused_before_start(&["gbp9", "gbp"]).await;
         // Down, it holds no socket: ours may have the port. Another device with the
         // same VNI and port but other socket options does not clash either (the
         // kernel's rule).

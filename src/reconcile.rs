@@ -366,17 +366,19 @@ async fn check_plan(kernel: &Kernel, plan: &Plan) -> Result<(), ReconcileError> 
         })
 }
 
-/// Runs `plan`; a failure carries the plan along. What would stop it before its first
-/// change is found first, so that it is reported as such ([`ReconcileError::WouldStop`]).
+/// Runs `plan`; a failure carries the plan along. A plan that the executor's own check
+/// stopped before its first change is reported as such ([`ReconcileError::WouldStop`]).
 async fn execute(kernel: &Kernel, plan: &Plan) -> Result<(), ReconcileError> {
-    check_plan(kernel, plan).await?;
-    kernel
-        .execute(&plan.changes)
-        .await
-        .map_err(|source| ReconcileError::Execute {
-            plan: Box::new(plan.clone()),
-            source,
-        })
+    kernel.execute(&plan.changes).await.map_err(|source| {
+        let plan = Box::new(plan.clone());
+        match source {
+            KernelError::ForeignLink {
+                before_any_change: true,
+                ..
+            } => ReconcileError::WouldStop { plan, source },
+            source => ReconcileError::Execute { plan, source },
+        }
+    })
 }
 
 /// `observed` minus every object of the spec's networks (pure).

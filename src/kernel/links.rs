@@ -211,6 +211,7 @@ async fn adopt_half_created(
             operation: op.to_owned(),
             link: link.name.to_string(),
             reason,
+            before_any_change: false,
         });
     };
     if found.alias.is_some() && found.is_owned() {
@@ -224,6 +225,7 @@ async fn adopt_half_created(
         operation: op.to_owned(),
         link: link.name.to_string(),
         reason: format!("a link of that name exists and is not ours: {why}"),
+        before_any_change: false,
     })?;
     tracing::warn!(link = %link.name, "adopting a link left without alias by an interrupted create");
     set_alias(route, link, op).await
@@ -301,6 +303,7 @@ fn check_creatable(all: &[dump::KernelLink], changes: &[Change]) -> Result<(), K
             operation: change.to_string(),
             link: link.name.to_string(),
             reason: format!("{reason}; nothing was changed"),
+            before_any_change: true,
         };
         if let Some(found) = all.iter().find(|l| l.name == link.name.as_str())
             && !found.is_owned()

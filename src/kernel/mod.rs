@@ -56,6 +56,9 @@ pub enum KernelError {
         operation: String,
         link: String,
         reason: String,
+        /// Found by the check before a plan's first change (nothing was changed), not
+        /// in the middle of one.
+        before_any_change: bool,
     },
     /// A change was handed to the wrong executor (a bug, never a panic).
     #[error("{operation}: not a {executor} change")]
