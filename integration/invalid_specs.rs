@@ -208,6 +208,22 @@ fn keygen_makes_missing_directories_for_root_only_and_never_overwrites() {
     assert_eq!(again.status.code(), Some(1), "{}", stderr(&again));
     assert_eq!(std::fs::read(&key).unwrap(), before);
     assert!(!stdout(&again).contains(&public));
+
+    // The public key cannot be printed (a full disk behind stdout): a failure that says
+    // where the private key went, not a silent success.
+    let lost = dir.path().join("lost.key");
+    let out = Command::new(BIN)
+        .args(["keygen", "--out"])
+        .arg(&lost)
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&lost.display().to_string()),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

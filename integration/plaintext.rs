@@ -415,6 +415,11 @@ fn f_delete_removes_ours_and_spares_foreign_objects() {
         stdout(&out),
         stderr(&out)
     );
+    assert!(
+        stdout(&out).starts_with("Dry run for node node-a: nothing is changed."),
+        "a dry run says so first, also when its plan cannot start: {}",
+        stdout(&out)
+    );
 }
 
 fn mtu_edges(ipv6: bool) {

@@ -66,10 +66,20 @@ pub fn run_apply(common: &Common, args: &ApplyArgs) -> Result<(), Failure> {
         if let Ok(mut t) = terminal.lock() {
             t.finish();
         }
-        let outcome = outcome.map_err(reconcile_failure)?;
-        if args.dry_run {
-            outln!("Dry run for node {}: nothing is changed.", node.name);
-        }
+        let dry_run_header = || {
+            if args.dry_run {
+                outln!("Dry run for node {}: nothing is changed.", node.name);
+            }
+        };
+        let outcome = outcome.map_err(|e| {
+            // A dry run whose plan could not start still shows that plan, under the
+            // header every dry run has (as the agent's answer does).
+            if e.plan_report().is_some() {
+                dry_run_header();
+            }
+            reconcile_failure(e)
+        })?;
+        dry_run_header();
         out!("{}", outcome.plan_text());
         if !args.dry_run && !outcome.plan.is_empty() {
             outln!("Applied {} changes on node {}.", outcome.plan.changes.len(), node.name);

@@ -30,6 +30,16 @@ pub fn run(args: &KeygenArgs) -> Result<(), Failure> {
     }
     let id = Identity::generate().map_err(Failure::runtime)?;
     id.write(&args.out).map_err(Failure::runtime)?;
-    outln!("{}", id.public.to_base64());
-    Ok(())
+    // The public key is the one output the operator needs (it goes into the spec): a
+    // lost line is a failure, not a success with nothing to show.
+    use std::io::Write as _;
+    writeln!(std::io::stdout(), "{}", id.public.to_base64())
+        .and_then(|()| std::io::stdout().flush())
+        .map_err(|e| {
+            Failure::runtime(format!(
+                "the private key was written to {}, but its public key could not be printed \
+                 ({e}); delete the file and run keygen again",
+                args.out.display()
+            ))
+        })
 }
