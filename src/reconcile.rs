@@ -392,9 +392,22 @@ pub fn without_networks(spec: &Spec, observed: &KernelState) -> KernelState {
     want.links.retain(|name, _| !names.contains(name));
     want.addresses.retain(|a| !names.contains(&a.link));
     want.fdb.retain(|e| !names.contains(&e.link));
-    let encrypted_left = want.links.values().any(
-        |l| matches!(&l.kind, LinkKind::Vxlan(v) if v.port == spec.cluster.encrypted_data_port),
-    );
+    // The XFRM objects go only when no encrypted network of ours is left. Which ones
+    // are is read from the kernel, not only from the file given: a VXLAN device on a
+    // port our catch-all block guards is one, whatever `encryptedDataPort` that file
+    // says (a short delete file that leaves the cluster's port out reads as 4790).
+    let guarded = |port: u16| {
+        port == spec.cluster.encrypted_data_port
+            || observed.policies.values().any(|p| {
+                p.id.dir == Direction::Out
+                    && p.id.selector.dport == port
+                    && p.action == PolicyAction::Block
+            })
+    };
+    let encrypted_left = want
+        .links
+        .values()
+        .any(|l| matches!(&l.kind, LinkKind::Vxlan(v) if guarded(v.port)));
     if !encrypted_left {
         want.policies.clear();
         want.sas.clear();
@@ -471,6 +484,68 @@ mod tests {
         // On the plaintext port, or anywhere without our block: taken down.
         assert_eq!(kept(vxlan_on(4789), vec![block_on(4790)]), 0);
         assert_eq!(kept(vxlan_on(4790), vec![]), 0);
+    }
+
+    /// `delete` of one encrypted network keeps the XFRM objects while another encrypted
+    /// network of ours is left, also when the delete file does not name the cluster's
+    /// `encryptedDataPort` (the kernel's block policy says which port is guarded).
+    #[test]
+    fn delete_keeps_xfrm_while_an_encrypted_network_is_left_on_any_guarded_port() {
+        use crate::state::{Link, Policy, PolicyId, Selector, VxlanParams, ownership};
+        // The delete file names one network and leaves the port out (so 4790).
+        let spec_deleting = |vni: u32| {
+            let text = format!(
+                "apiVersion: ovl/v1\ncluster:\n  name: t\nnodes:\n  - name: a\n    \
+                 address: 192.0.2.1\n    publicKey: \"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\"\n\
+                 networks:\n  - name: n\n    vni: {vni}\n    encrypted: true\n"
+            );
+            crate::spec::parse(text.as_bytes(), "del.yaml").unwrap()
+        };
+        let (deleting_300, deleting_400) = (spec_deleting(300), spec_deleting(400));
+        let (vni_300, vni_400) = (deleting_300.networks[0].vni, deleting_400.networks[0].vni);
+        let vxlan = |vni, port| Link {
+            name: IfName::vxlan_for(vni),
+            kind: LinkKind::Vxlan(VxlanParams {
+                vni: vni.get(),
+                local: "192.0.2.1".parse().unwrap(),
+                port,
+                underlay: "eth0".parse().unwrap(),
+                learning: true,
+            }),
+            mtu: 1416,
+            master: None,
+            alias: Link::alias_for("t", "n"),
+            up: true,
+        };
+        let block = Policy {
+            id: PolicyId {
+                dir: Direction::Out,
+                selector: Selector {
+                    src: "0.0.0.0/0".parse().unwrap(),
+                    dst: "0.0.0.0/0".parse().unwrap(),
+                    dport: 4800,
+                },
+            },
+            priority: 100,
+            action: PolicyAction::Block,
+            reqid: ownership::REQID_MIN,
+        };
+        let mut observed = KernelState::default();
+        for l in [vxlan(vni_300, 4800), vxlan(vni_400, 4800)] {
+            observed.links.insert(l.name.clone(), l);
+        }
+        observed.policies.insert(block.id, block);
+        let want = without_networks(&deleting_400, &observed);
+        assert!(want.links.contains_key(&IfName::vxlan_for(vni_300)));
+        assert_eq!(
+            want.policies.len(),
+            1,
+            "the block stays while ovvx-300 is up"
+        );
+        // The last encrypted network goes: so do the XFRM objects.
+        let mut last = observed.clone();
+        last.links.remove(&IfName::vxlan_for(vni_400));
+        assert!(without_networks(&deleting_300, &last).policies.is_empty());
     }
 
     /// A failure while or after running a plan comes with the plan, to be shown before
