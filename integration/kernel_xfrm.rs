@@ -314,10 +314,11 @@ fn esp_foreign_objects_are_left_alone() {
         policies[3].clone(),
     ]);
     changes.extend(ours.iter().cloned().map(Change::AddSa));
-    let (dumped, put_foreign, del_foreign, del_foreign_sa, after) =
+    let (dumped, foreign_slots, put_foreign, del_foreign, del_foreign_sa, after) =
         ns.with_kernel(|k| async move {
             k.execute(&changes).await.expect("execute");
             let dumped = k.dump().await.expect("dump");
+            let foreign_slots = k.foreign_esp_slots();
             let put_foreign = k.execute(&puts(&[policies[1].clone()])).await;
             let del_foreign = k.execute(&[Change::DeletePolicy(foreign_policy)]).await;
             let del_foreign_sa = k.execute(&[Change::DeleteSa(foreign_sa)]).await;
@@ -328,6 +329,7 @@ fn esp_foreign_objects_are_left_alone() {
             k.execute(&deletes).await.expect("delete ours again");
             (
                 dumped,
+                foreign_slots,
                 put_foreign,
                 del_foreign,
                 del_foreign_sa,
@@ -341,6 +343,11 @@ fn esp_foreign_objects_are_left_alone() {
         dumped.policies.keys()
     );
     assert!(dumped.policies.values().all(|p| p.reqid == R));
+    // The foreign SA's slot is known (no SPI of ours is chosen or accepted there).
+    assert_eq!(
+        foreign_slots.into_iter().collect::<Vec<_>>(),
+        vec![(ip("198.51.100.1"), 0x3001)]
+    );
     assert_eq!(dumped.sas.keys().copied().collect::<Vec<_>>(), {
         let mut ids = vec![
             SaId {

@@ -25,31 +25,64 @@ pub enum Format {
     Json,
 }
 
-/// Installs the global subscriber: RUST_LOG if set, else `level`, always with
-/// [`SILENCED_TARGETS`] off. Colour only when standard error is a terminal and NO_COLOR
-/// is unset, so that journald and log files get plain text.
+/// Whether events of `target` are dropped: one of [`SILENCED_TARGETS`] or a module
+/// below it.
+pub fn is_silenced(target: &str) -> bool {
+    SILENCED_TARGETS.iter().any(|quiet| {
+        target
+            .strip_prefix(quiet)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    })
+}
+
+/// Installs the global subscriber: RUST_LOG if set, else `level`, and [`SILENCED_TARGETS`]
+/// dropped by a filter of their own that no RUST_LOG directive can override (a
+/// directive such as `netlink_proto::codecs=trace` is more specific than
+/// `netlink_proto=off`, and would win inside one `EnvFilter`). Colour only when standard
+/// error is a terminal and NO_COLOR is unset, so that journald and log files get plain
+/// text.
 pub fn init(level: &str, format: Format) {
-    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::filter::FilterExt as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let requested = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    for quiet in SILENCED_TARGETS {
-        if let Ok(directive) = format!("{quiet}=off").parse() {
-            filter = filter.add_directive(directive);
-        }
-    }
-    let builder = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(filter);
+    let allowed = tracing_subscriber::filter::filter_fn(|meta| !is_silenced(meta.target()));
+    let filter = allowed.and(requested);
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry();
     // A second init (tests) is refused by tracing; that is fine.
     let _ = match format {
-        Format::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
+        Format::Json => registry
+            .with(
+                layer
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_filter(filter),
+            )
             .try_init(),
-        Format::Text => builder.with_ansi(use_colour()).try_init(),
+        Format::Text => registry
+            .with(layer.with_ansi(use_colour()).with_filter(filter))
+            .try_init(),
     };
 }
 
 fn use_colour() -> bool {
     std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silenced_targets_cover_their_modules_only() {
+        assert!(is_silenced("netlink_proto"));
+        assert!(is_silenced("netlink_proto::codecs"));
+        assert!(is_silenced("xfrmnetlink::state::get"));
+        assert!(!is_silenced("netlink_protocol"));
+        assert!(!is_silenced("ovl::kernel"));
+    }
 }

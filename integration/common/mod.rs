@@ -11,6 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+/// A RUST_LOG that asks for everything, including the key-carrying netlink crates' events
+/// by their most specific targets (the product must silence them all the same).
+pub const TRACE_EVERYTHING: &str = "trace,netlink_proto=trace,netlink_proto::codecs=trace,\
+    netlink_proto::connection=trace,netlink_sys=trace,netlink_packet_xfrm=trace,\
+    netlink_packet_core=trace,xfrmnetlink=trace,rtnetlink=trace,snow=trace";
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_ovl-controller");
 
 /// Root is needed for namespaces; without it a test fails loudly rather than passing.
@@ -534,7 +540,8 @@ impl Cluster {
         self.start_agent_with(node, spec, log_level, &[])
     }
 
-    /// [`Cluster::start_agent`] with extra agent options.
+    /// [`Cluster::start_agent`] with extra agent options. At `log_level` "trace" the
+    /// agent also gets RUST_LOG=[`TRACE_EVERYTHING`].
     pub fn start_agent_with(
         &self,
         node: &str,
@@ -561,10 +568,18 @@ impl Cluster {
         // means this agent listens.
         let sock = self.node_dir(node).join("agent.sock");
         let _ = std::fs::remove_file(&sock);
-        let child = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", &self.node(node).ns, BIN])
             .args(&args)
-            .env_remove("RUST_LOG")
+            .env_remove("RUST_LOG");
+        if log_level == "trace" {
+            // At trace level, RUST_LOG also asks for the netlink crates' own trace events
+            // (which print whole SA replies, keys included), by the most specific
+            // directives a filter knows: they must stay silenced all the same.
+            command.env("RUST_LOG", TRACE_EVERYTHING);
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -169,6 +169,9 @@ pub(crate) struct Agent {
     reconciles: u64,
     reconcile_failures: u64,
     kernel_changes: u64,
+    /// Control messages of authenticated peers that were refused: logged at a bounded
+    /// rate (a compromised peer could send them without end).
+    refused_messages: net::RefusalLog,
 }
 
 fn random_u64() -> u64 {
@@ -308,6 +311,10 @@ impl Agent {
             socket: config.socket.clone(),
             stale: BTreeSet::new(),
             started: now,
+            refused_messages: net::RefusalLog::new(
+                "control message refused",
+                "more control messages refused",
+            ),
             boot_id,
             reconciles: 0,
             reconcile_failures: 0,
@@ -461,9 +468,28 @@ impl Agent {
         self.queue_actions(dropped);
     }
 
+    /// SPIs not to choose for a new inbound SA: those of the SAs we installed, and those
+    /// of other software's SAs towards this node (the kernel refuses a second SA in a
+    /// slot, and a failed add would hold every pass back).
     fn taken_spis(&self) -> impl Fn(u32) -> bool + 'static {
-        let mine: BTreeSet<u32> = self.installed.iter().map(|id| id.spi).collect();
-        move |spi| mine.contains(&spi)
+        let mut taken: BTreeSet<u32> = self.installed.iter().map(|id| id.spi).collect();
+        if let Some(me) = self.node().map(|n| n.address) {
+            taken.extend(foreign_spis_towards(&self.kernel.foreign_esp_slots(), me));
+        }
+        move |spi| taken.contains(&spi)
+    }
+
+    /// Whether a key the peer offers for the direction towards it has an SPI that
+    /// another program's SA towards it holds here: installing it would fail, and with
+    /// it every pass, for all peers. Such an offer is answered with a request for
+    /// another key instead (the peer chose the SPI: by chance, or on purpose).
+    fn offer_into_foreign_slot(&self, peer: &NodeName, msg: &Message) -> bool {
+        let Message::KeyOffer { spi, .. } = msg else {
+            return false;
+        };
+        self.spec.node(peer).is_some_and(|p| {
+            foreign_spis_towards(&self.kernel.foreign_esp_slots(), p.address).any(|s| s == *spi)
+        })
     }
 
     async fn on_event(&mut self, event: Event) {
@@ -501,10 +527,23 @@ impl Agent {
                 if self.sessions.get(&peer).is_none_or(|s| s.id != session) {
                     return; // a message of a session that was replaced
                 }
+                if self.offer_into_foreign_slot(&peer, &msg) {
+                    self.refused_messages.refused(
+                        now,
+                        &peer,
+                        &"its key offer has an SPI that another program's SA towards it \
+                          holds here; asking it for another key",
+                    );
+                    self.queue_actions(vec![Action::Send {
+                        peer,
+                        msg: Message::RekeyRequest,
+                    }]);
+                    return;
+                }
                 let taken = self.taken_spis();
                 match self.schedule.on_message(&peer, msg, now, &taken) {
                     Ok(actions) => self.queue_actions(actions),
-                    Err(e) => tracing::warn!(%peer, error = %e, "control message refused"),
+                    Err(e) => self.refused_messages.refused(now, &peer, &e),
                 }
             }
             Event::Metrics { reply } => {
@@ -547,6 +586,7 @@ impl Agent {
 
     async fn on_timer(&mut self) {
         let now = Instant::now();
+        self.refused_messages.tick(now);
         let taken = self.taken_spis();
         let actions = self.schedule.poll(now, &taken);
         self.queue_actions(actions);
@@ -1293,6 +1333,14 @@ fn retry_delay(n: u32) -> Duration {
         .min(MAX_RETRY_AFTER_FAILURE)
 }
 
+/// The SPIs of the ESP slots towards `dst` that other programs' SAs hold.
+fn foreign_spis_towards(
+    slots: &BTreeSet<(std::net::IpAddr, u32)>,
+    dst: std::net::IpAddr,
+) -> impl Iterator<Item = u32> + '_ {
+    slots.range((dst, 0)..=(dst, u32::MAX)).map(|&(_, spi)| spi)
+}
+
 /// Whether a peer's `DialMe` wakes its dialer: a peer comes up once per start, so one
 /// within [`DIAL_ME_MIN_INTERVAL`] of the last is a bug or a peer pushing us to dial it
 /// over and over, and is ignored.
@@ -1492,6 +1540,22 @@ fn spawn_api_server(listener: tokio::net::UnixListener, events: mpsc::UnboundedS
 mod tests {
     use super::*;
     use crate::spec::Name;
+
+    /// The SPIs held towards one address are found, and only those.
+    #[test]
+    fn foreign_spis_are_found_per_destination() {
+        let a: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let b: std::net::IpAddr = "192.0.2.2".parse().unwrap();
+        let v6: std::net::IpAddr = "2001:db8::1".parse().unwrap();
+        let slots: BTreeSet<_> = [(a, 0x100), (a, u32::MAX), (b, 7), (v6, 9)].into();
+        assert_eq!(
+            foreign_spis_towards(&slots, a).collect::<Vec<_>>(),
+            vec![0x100, u32::MAX]
+        );
+        assert_eq!(foreign_spis_towards(&slots, b).collect::<Vec<_>>(), vec![7]);
+        let none: std::net::IpAddr = "192.0.2.3".parse().unwrap();
+        assert_eq!(foreign_spis_towards(&slots, none).count(), 0);
+    }
 
     /// An address that is not (yet) the node's is waited for, then reported; one that
     /// is usable is bound at once.

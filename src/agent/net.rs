@@ -138,20 +138,33 @@ pub(super) struct HandshakeSlot {
     _global: OwnedSemaphorePermit,
 }
 
-/// Logs refused control connections: the first [`REFUSALS_LOGGED_PER_WINDOW`] of each
-/// [`REFUSAL_WINDOW`] one by one, the rest as one count when the window closes.
-#[derive(Default)]
-struct RefusalLog {
+/// Logs refusals of one kind (control connections, control messages): the first
+/// [`REFUSALS_LOGGED_PER_WINDOW`] of each [`REFUSAL_WINDOW`] one by one, the rest as one
+/// count when the window closes, so that a flood cannot flood the log.
+pub(super) struct RefusalLog {
+    /// The message of each logged refusal, and of the count of the others.
+    what: &'static str,
+    more: &'static str,
     window_started: Option<std::time::Instant>,
     logged: u32,
     unlogged: u64,
 }
 
 impl RefusalLog {
-    fn refused(
+    pub(super) fn new(what: &'static str, more: &'static str) -> RefusalLog {
+        RefusalLog {
+            what,
+            more,
+            window_started: None,
+            logged: 0,
+            unlogged: 0,
+        }
+    }
+
+    pub(super) fn refused(
         &mut self,
         now: std::time::Instant,
-        remote: SocketAddr,
+        source: &dyn std::fmt::Display,
         reason: &dyn std::fmt::Display,
     ) {
         if self
@@ -163,7 +176,7 @@ impl RefusalLog {
         }
         if self.logged < REFUSALS_LOGGED_PER_WINDOW {
             self.logged += 1;
-            tracing::warn!(%remote, %reason, "control connection refused");
+            tracing::warn!(remote = %source, %reason, "{}", self.what);
         } else {
             self.unlogged += 1;
         }
@@ -175,14 +188,15 @@ impl RefusalLog {
             tracing::warn!(
                 count = self.unlogged,
                 window_secs = REFUSAL_WINDOW.as_secs(),
-                "more control connections refused (not logged one by one)"
+                "{} (not logged one by one)",
+                self.more
             );
         }
         self.logged = 0;
         self.unlogged = 0;
     }
 
-    fn tick(&mut self, now: std::time::Instant) {
+    pub(super) fn tick(&mut self, now: std::time::Instant) {
         let over = self
             .window_started
             .is_some_and(|t| now.duration_since(t) >= REFUSAL_WINDOW);
@@ -213,12 +227,15 @@ pub fn spawn_listener(
 ) -> tokio::task::JoinHandle<()> {
     let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     let by_source = Arc::new(PendingBySource::default());
-    let refusals = Arc::new(Mutex::new(RefusalLog::default()));
+    let refusals = Arc::new(Mutex::new(RefusalLog::new(
+        "control connection refused",
+        "more control connections refused",
+    )));
     let refused = {
         let refusals = refusals.clone();
         move |remote: SocketAddr, reason: &dyn std::fmt::Display| {
             if let Ok(mut log) = refusals.lock() {
-                log.refused(std::time::Instant::now(), remote, reason);
+                log.refused(std::time::Instant::now(), &remote, reason);
             }
         }
     };
@@ -854,18 +871,18 @@ mod tests {
     /// the count starts over with the next window.
     #[test]
     fn refused_connections_cannot_flood_the_log() {
-        let mut log = RefusalLog::default();
+        let mut log = RefusalLog::new("test refused", "more tests refused");
         let remote: SocketAddr = "192.0.2.9:40000".parse().unwrap();
         let start = std::time::Instant::now();
         for _ in 0..100 {
-            log.refused(start, remote, &"test");
+            log.refused(start, &remote, &"test");
         }
         assert_eq!((log.logged, log.unlogged), (REFUSALS_LOGGED_PER_WINDOW, 95));
         log.tick(start + REFUSAL_WINDOW / 2);
         assert_eq!(log.unlogged, 95, "the window is not over yet");
         log.tick(start + REFUSAL_WINDOW);
         assert_eq!((log.logged, log.unlogged), (0, 0));
-        log.refused(start + REFUSAL_WINDOW, remote, &"test");
+        log.refused(start + REFUSAL_WINDOW, &remote, &"test");
         assert_eq!((log.logged, log.unlogged), (1, 0));
     }
 

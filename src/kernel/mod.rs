@@ -108,10 +108,12 @@ pub const ESP_RECHECK: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub struct Kernel {
     pub(crate) route: rtnetlink::Handle,
-    pub(crate) xfrm: xfrmnetlink::Handle,
     /// The sockets of [`Kernel::execute`]'s batches (one batch at a time on each).
     route_batch: tokio::sync::Mutex<BatchSocket>,
     xfrm_batch: tokio::sync::Mutex<BatchSocket>,
+    /// The ESP slots (destination, SPI) that SAs of others held at the last full read
+    /// (see [`Kernel::foreign_esp_slots`]).
+    foreign_esp: std::sync::Mutex<std::collections::BTreeSet<(std::net::IpAddr, u32)>>,
     /// ESP support does not change while we run: probe once per address family.
     esp_ok: std::sync::Mutex<std::collections::BTreeSet<bool>>,
     /// A failed probe per address family, answered again for [`ESP_RECHECK`] (a module
@@ -130,17 +132,15 @@ impl Kernel {
     pub fn connect() -> Result<Kernel, KernelError> {
         let (conn, route, _) = rtnetlink::new_connection().map_err(KernelError::Connect)?;
         tokio::spawn(conn);
-        let (conn, xfrm, _) = xfrmnetlink::new_connection().map_err(KernelError::Connect)?;
-        tokio::spawn(conn);
         let route_batch = BatchSocket::open(netlink_sys::constants::NETLINK_ROUTE)
             .map_err(KernelError::Connect)?;
         let xfrm_batch = BatchSocket::open(netlink_sys::constants::NETLINK_XFRM)
             .map_err(KernelError::Connect)?;
         Ok(Kernel {
             route,
-            xfrm,
             route_batch: tokio::sync::Mutex::new(route_batch),
             xfrm_batch: tokio::sync::Mutex::new(xfrm_batch),
+            foreign_esp: Default::default(),
             esp_ok: Default::default(),
             esp_failed: Default::default(),
             progress: Default::default(),
@@ -165,12 +165,24 @@ impl Kernel {
         Some(watch.stats())
     }
 
+    /// The ESP slots (destination, SPI) that SAs of other software (strongSwan, ...)
+    /// held at the last full read by [`Kernel::dump`]: an SA of ours cannot be added
+    /// there (the kernel refuses it), so SPIs are chosen, and peers' SPIs accepted, only
+    /// outside them. A watched `Kernel` reads in full after any XFRM change, so this is
+    /// as fresh as its view.
+    pub fn foreign_esp_slots(&self) -> std::collections::BTreeSet<(std::net::IpAddr, u32)> {
+        self.foreign_esp
+            .lock()
+            .map(|slots| slots.clone())
+            .unwrap_or_default()
+    }
+
     /// Usage counters of our SAs (a separate dump: counters never enter a plan).
     pub async fn sa_counters(
         &self,
     ) -> Result<std::collections::BTreeMap<crate::state::SaId, counters::SaCounters>, KernelError>
     {
-        counters::sa_counters(&self.xfrm).await
+        xfrm::sa_counters(&mut *self.xfrm_batch.lock().await).await
     }
 
     /// Everything the controller owns in this namespace. With a watch
@@ -199,7 +211,14 @@ impl Kernel {
         // On the batch sockets: parsed in place, no copy per message (see `batch::dump`).
         let mut state = links::dump_on(&mut *self.route_batch.lock().await).await?;
         let links_done = elapsed_us(started);
-        let (policies, sas) = xfrm::dump(&mut *self.xfrm_batch.lock().await).await?;
+        let xfrm::XfrmDump {
+            policies,
+            sas,
+            foreign_esp,
+        } = xfrm::dump(&mut *self.xfrm_batch.lock().await).await?;
+        if let Ok(mut slots) = self.foreign_esp.lock() {
+            *slots = foreign_esp;
+        }
         // An SA of ours as we install it (reqid kept: ESP, `rfc4106(gcm(aes))`, our key
         // length) proves that this kernel carries it for that address family, and the
         // modules cannot go away while it exists: no need to probe (`check_esp`) again.

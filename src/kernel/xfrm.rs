@@ -79,12 +79,11 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// The reqid of the throwaway SA of [`check_esp`].
 pub const PROBE_REQID: u32 = ownership::REQID_MAX;
 
-/// Every policy and SA of ours in this namespace, dumped on one of `Kernel`'s own
-/// sockets: the replies are parsed where they were received (`batch::dump`), not copied
-/// through netlink-proto, and state replies are zeroed there once read.
-pub(super) async fn dump(
-    socket: &mut BatchSocket,
-) -> Result<(BTreeMap<PolicyId, Policy>, BTreeMap<SaId, Sa>), KernelError> {
+/// Every policy and SA of ours in this namespace, and the ESP slots (destination, SPI)
+/// that SAs of others hold, dumped on one of `Kernel`'s own sockets: the replies are
+/// parsed where they were received (`batch::dump`), not copied through netlink-proto,
+/// and state replies are zeroed there once read.
+pub(super) async fn dump(socket: &mut BatchSocket) -> Result<XfrmDump, KernelError> {
     let started = super::debug_clock();
     let policies = policy::dump(socket).await?;
     let policies_done = super::elapsed_us(started);
@@ -94,7 +93,24 @@ pub(super) async fn dump(
         total_us = super::elapsed_us(started),
         "xfrm dump"
     );
-    Ok((policies, sas))
+    Ok(XfrmDump {
+        policies,
+        sas: sas.ours,
+        foreign_esp: sas.foreign_esp,
+    })
+}
+
+pub(super) struct XfrmDump {
+    pub policies: BTreeMap<PolicyId, Policy>,
+    pub sas: BTreeMap<SaId, Sa>,
+    pub foreign_esp: std::collections::BTreeSet<(IpAddr, u32)>,
+}
+
+/// Usage counters of our SAs, dumped on one of `Kernel`'s own sockets (see [`dump`]).
+pub(super) async fn sa_counters(
+    socket: &mut BatchSocket,
+) -> Result<BTreeMap<SaId, super::counters::SaCounters>, KernelError> {
+    sa::counters(socket).await
 }
 
 /// Fails with [`KernelError::NoEsp`] when this kernel cannot install the SAs we need: an

@@ -22,28 +22,80 @@ use super::{NlError, Owned, PROBE_REQID, ack, family_of, host_len, ip_of};
 use crate::kernel::KernelError;
 use crate::kernel::batch::u32_at;
 use crate::kernel::batch::{BatchSocket, Reply, Secrets, dump_request};
+use crate::kernel::counters::SaCounters;
 use crate::keys::{SA_AEAD_NAME, SA_ICV_BITS, SA_KEY_LEN, SaKey};
 use crate::state::{Lifetime, Sa, SaId, ownership};
 
-/// Every SA of ours. The replies carry keys: read in place (only [`SaKey`] gets a copy)
-/// and zeroed in our buffer once handled (`Secrets::Zeroize`).
-pub(super) async fn dump(socket: &mut BatchSocket) -> Result<BTreeMap<SaId, Sa>, KernelError> {
+/// What an SA dump found: every SA of ours, and the ESP slots (destination, SPI) that SAs
+/// of others hold (an SA of ours can never be added there: NEWSA would fail).
+#[derive(Default)]
+pub(super) struct SaDump {
+    pub ours: BTreeMap<SaId, Sa>,
+    pub foreign_esp: std::collections::BTreeSet<(IpAddr, u32)>,
+}
+
+/// Every SA in the namespace. The replies carry keys: read in place (only [`SaKey`] gets
+/// a copy) and zeroed in our buffer once handled (`Secrets::Zeroize`).
+pub(super) async fn dump(socket: &mut BatchSocket) -> Result<SaDump, KernelError> {
     let op = "dump xfrm states";
     let request = dump_request(XfrmMessage::GetDumpSa(GetDumpMessage::default()));
     socket
-        .dump(&request, Secrets::Zeroize, BTreeMap::new, |out, reply| {
-            match decode(&StateReply::parse(reply)?) {
-                Owned::Foreign => {}
+        .dump(&request, Secrets::Zeroize, SaDump::default, |out, reply| {
+            let state = StateReply::parse(reply)?;
+            match decode(&state) {
+                Owned::Foreign => {
+                    let info = &state.info;
+                    if info.id.proto == IPPROTO_ESP
+                        && let Some(dst) = ip_of(info.family, &info.id.daddr)
+                    {
+                        out.foreign_esp.insert((dst, info.id.spi));
+                    }
+                }
                 Owned::Ours(sa) => {
                     if sa.reqid == 0 {
                         tracing::warn!(spi = format_args!("0x{:08x}", sa.id.spi), src = %sa.id.src, dst = %sa.id.dst,
                             "SA of ours in a form we never install; it will be replaced");
                     }
-                    out.insert(sa.id, sa);
+                    out.ours.insert(sa.id, sa);
                 }
                 Owned::Unaddressable { reason } => {
                     tracing::warn!(%reason, "ignoring an XFRM state with our reqid that we cannot address");
                 }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.into_kernel(op))
+}
+
+/// Usage counters of every SA of ours, from a dump on our own socket: the replies are
+/// read in place and zeroed, as in [`dump`] (the keys of foreign SAs pass too).
+pub(super) async fn counters(
+    socket: &mut BatchSocket,
+) -> Result<BTreeMap<SaId, SaCounters>, KernelError> {
+    let op = "dump xfrm state counters";
+    let request = dump_request(XfrmMessage::GetDumpSa(GetDumpMessage::default()));
+    socket
+        .dump(&request, Secrets::Zeroize, BTreeMap::new, |out, reply| {
+            let info = StateReply::parse(reply)?.info;
+            if !ownership::is_owned_reqid(info.reqid) {
+                return Ok(());
+            }
+            if let (Some(src), Some(dst)) = (
+                ip_of(info.family, &info.saddr),
+                ip_of(info.family, &info.id.daddr),
+            ) {
+                let id = SaId {
+                    src,
+                    dst,
+                    spi: info.id.spi,
+                };
+                let counters = SaCounters {
+                    bytes: info.lifetime_cur.bytes,
+                    packets: info.lifetime_cur.packets,
+                    added_at: info.lifetime_cur.add_time,
+                };
+                out.insert(id, counters);
             }
             Ok(())
         })
