@@ -1,5 +1,6 @@
 //! A node's static X25519 control-plane identity: created by `keygen`, stored as base64
-//! in a file of mode 0600, refused when group or others can read it.
+//! in a file of mode 0600, refused when group or others can read it or another user
+//! owns it.
 
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
@@ -28,6 +29,10 @@ pub enum IdentityError {
         "{path}: refusing a key file readable or writable by group or others (mode {mode:o}); chmod 600 it"
     )]
     Permissions { path: PathBuf, mode: u32 },
+    #[error(
+        "{path}: refusing a key file owned by uid {owner}, not by this process's uid {me} (whoever owns it can change it)"
+    )]
+    Owner { path: PathBuf, owner: u32, me: u32 },
     #[error("{path}: not a key file written by `ovl-controller keygen`")]
     Format { path: PathBuf },
     #[error("{path}: already exists; refusing to overwrite a node identity")]
@@ -94,13 +99,18 @@ impl Identity {
         result.map_err(io)
     }
 
-    /// Reads a key file, refusing one that group or others may read.
+    /// Reads a key file, refusing one that group or others may read or write, or that
+    /// another user owns. The checks look at the file that was opened (no window
+    /// between checking a path and reading it).
     pub fn load(path: &Path) -> Result<Identity, IdentityError> {
+        use std::io::Read as _;
+        use std::os::unix::fs::MetadataExt as _;
         let io = |source| IdentityError::Io {
             path: path.to_owned(),
             source,
         };
-        let meta = std::fs::metadata(path).map_err(io)?;
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             return Err(IdentityError::Permissions {
@@ -108,7 +118,24 @@ impl Identity {
                 mode,
             });
         }
-        let mut text = std::fs::read_to_string(path).map_err(io)?;
+        let me = nix::unistd::geteuid().as_raw();
+        if meta.uid() != me {
+            return Err(IdentityError::Owner {
+                path: path.to_owned(),
+                owner: meta.uid(),
+                me,
+            });
+        }
+        // A key file is one line of base64: anything much longer is not one.
+        let mut text = String::new();
+        let read = std::io::Read::by_ref(&mut file)
+            .take(1024)
+            .read_to_string(&mut text)
+            .map_err(io);
+        if let Err(e) = read {
+            zeroize::Zeroize::zeroize(&mut text);
+            return Err(e);
+        }
         let decoded = base64::engine::general_purpose::STANDARD.decode(text.trim());
         zeroize::Zeroize::zeroize(&mut text);
         let format = || IdentityError::Format {
@@ -144,6 +171,23 @@ mod tests {
         let back = Identity::load(&path).unwrap();
         assert_eq!(back.public, id.public);
         assert!(matches!(id.write(&path), Err(IdentityError::Exists { .. })));
+    }
+
+    #[test]
+    fn a_key_file_of_another_user_is_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: giving a file to another user needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.key");
+        Identity::generate().unwrap().write(&path).unwrap();
+        std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+        let err = Identity::load(&path).err().unwrap();
+        assert!(
+            matches!(err, IdentityError::Owner { owner: 65534, .. }),
+            "{err}"
+        );
     }
 
     #[test]

@@ -63,6 +63,8 @@ pub enum AgentError {
     },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("the system's random number source failed")]
+    Random,
 }
 
 impl AgentError {
@@ -174,11 +176,13 @@ pub(crate) struct Agent {
     refused_messages: net::RefusalLog,
 }
 
-fn random_u64() -> u64 {
+/// A random boot id; `None` when the system's random source fails (then nothing of
+/// the agent's keys could be trusted either).
+fn random_u64() -> Option<u64> {
     use ring::rand::SecureRandom as _;
     let mut b = [0u8; 8];
-    let _ = ring::rand::SystemRandom::new().fill(&mut b);
-    u64::from_be_bytes(b)
+    ring::rand::SystemRandom::new().fill(&mut b).ok()?;
+    Some(u64::from_be_bytes(b))
 }
 
 /// Nodes that share an encrypted network with `me`: the peers that need keys.
@@ -203,6 +207,11 @@ pub(crate) fn encrypted_peers<'s>(spec: &'s Spec, me: &NodeName) -> BTreeMap<Nod
 
 impl Agent {
     pub(crate) async fn start(config: AgentConfig) -> Result<Agent, AgentError> {
+        // The agent holds key material for its whole life: no core dump of it, and no
+        // ptrace or /proc/PID/mem by anything without CAP_SYS_PTRACE.
+        if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+            tracing::warn!(error = %e, "cannot turn off core dumps of the agent");
+        }
         let kernel = Kernel::connect_watched()?;
         let spec = config.spec;
         let node = reconcile::identify_node(&spec, config.node.as_deref(), &kernel)
@@ -211,7 +220,7 @@ impl Agent {
         let identity = Arc::new(load_identity(&config.key, &node)?);
         create_state_dir(&config.state_dir)?;
 
-        let boot_id = random_u64();
+        let boot_id = random_u64().ok_or(AgentError::Random)?;
         let mut schedule = Schedule::new(boot_id, spec.cluster.rotation);
         // Adopt what the kernel holds, so a restart keeps every working SA.
         let observed = kernel.dump().await?;
@@ -1424,18 +1433,10 @@ fn compatible(old: &Spec, new: &Spec, me: &NodeName, key: &PublicKey) -> Result<
 }
 
 fn create_state_dir(dir: &std::path::Path) -> Result<(), AgentError> {
-    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
-    let err = |source| AgentError::StateDir {
+    super::prepare_state_dir(dir).map_err(|source| AgentError::StateDir {
         path: dir.display().to_string(),
         source,
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(err)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-    Ok(())
+    })
 }
 
 /// How long a starting agent waits for its own address to become usable (an IPv6

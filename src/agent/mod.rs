@@ -22,6 +22,29 @@ use crate::spec::{NodeName, Spec};
 
 pub use self::core::AgentError;
 
+/// Makes the state directory (`--state-dir`) ready: missing directories are created
+/// for root only (0700). An existing one is left as it is (a mistaken `--state-dir
+/// /var/lib` must not change /var/lib), but refused when it is not a directory or when
+/// group or others may write to it (they could put their own files in our place).
+pub fn prepare_state_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = std::fs::metadata(dir)?;
+    let mode = meta.permissions().mode() & 0o777;
+    if !meta.is_dir() {
+        return Err(std::io::Error::other("not a directory"));
+    }
+    if mode & 0o022 != 0 {
+        return Err(std::io::Error::other(format!(
+            "group or others may write to it (mode {mode:o}); chmod 700 it or choose another --state-dir"
+        )));
+    }
+    Ok(())
+}
+
 pub struct AgentConfig {
     pub spec: Spec,
     pub spec_source: String,
@@ -90,6 +113,9 @@ fn raise_open_file_limit() {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
     #[test]
     fn the_open_file_limit_is_raised_to_the_hard_limit() {
         use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -99,5 +125,39 @@ mod tests {
         setrlimit(Resource::RLIMIT_NOFILE, low, hard).unwrap();
         super::raise_open_file_limit();
         assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (hard, hard));
+    }
+
+    fn mode(p: &std::path::Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    /// Missing directories are made for root only; an existing directory is never
+    /// changed, and refused when others may write to it; a file is refused.
+    #[test]
+    fn the_state_dir_is_made_private_and_never_changed() {
+        let root = tempfile::tempdir().unwrap();
+        let fresh = root.path().join("a/b");
+        prepare_state_dir(&fresh).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+        assert_eq!(mode(&root.path().join("a")), 0o700);
+
+        let shared = root.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+        prepare_state_dir(&shared).unwrap();
+        assert_eq!(
+            mode(&shared),
+            0o755,
+            "an existing directory is left as it is"
+        );
+
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = prepare_state_dir(&shared).unwrap_err();
+        assert!(err.to_string().contains("mode 777"), "{err}");
+        assert_eq!(mode(&shared), 0o777);
+
+        let file = root.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        assert!(prepare_state_dir(&file).is_err());
     }
 }

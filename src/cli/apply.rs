@@ -166,22 +166,19 @@ async fn through_agent(
 /// other. Held until dropped; a second run waits, and says so.
 fn lock_node(common: &Common) -> Result<nix::fcntl::Flock<std::fs::File>, Failure> {
     use nix::fcntl::{Flock, FlockArg};
-    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    use std::os::unix::fs::OpenOptionsExt as _;
     let dir = &common.state_dir;
     let fail = |what: &std::path::Path, e: &dyn std::fmt::Display| {
         Failure::runtime(format!("{}: {e}", what.display()))
     };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| fail(dir, &e))?;
+    ovl::agent::prepare_state_dir(dir).map_err(|e| fail(dir, &e))?;
     let path = dir.join("apply.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
         .map_err(|e| fail(&path, &e))?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {

@@ -285,7 +285,9 @@ impl Batch<'_> {
         let mut errors: Vec<(usize, i32)> = Vec::new();
         let last = requests.len() - 1;
         let deadline = tokio::time::Instant::now() + ACK_TIMEOUT;
-        let mut datagram = Vec::with_capacity(RECV_BUFFER);
+        // Zeroed when dropped: without NETLINK_CAP_ACK (kernels before 4.3) an error
+        // answer echoes the whole request, and an SA's key with it.
+        let mut datagram = Zeroizing::new(Vec::with_capacity(RECV_BUFFER));
         let mut done = false;
         while !done {
             match tokio::time::timeout_at(deadline, socket.recv(&mut datagram)).await {
