@@ -488,7 +488,9 @@ fn spec(peers: usize) -> Result<Spec, Error> {
     let mut yaml = String::from("apiVersion: ovl/v1\ncluster:\n  name: bench\nnodes:\n");
     for i in 0..=peers {
         let mut k = [0u8; 32];
-        k[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+        // Distinct per node and never a low-order point (those are refused).
+        k[0] = 9;
+        k[8..16].copy_from_slice(&(i as u64 + 1).to_le_bytes());
         let _ = write!(
             yaml,
             "  - name: node-{i}\n    address: {}\n    publicKey: \"{}\"\n",

@@ -75,6 +75,26 @@ fn e_encrypted_network_fails_closed_without_esp() {
         "{}",
         stdout(&out)
     );
+    // An encrypted network's MTU that cannot fit (1416 is the most a 1500 underlay
+    // carries) is the operator's error now, ESP or not: exit 2, its place in the file,
+    // and nothing changed (the plaintext network's MTU change is not applied either).
+    let too_big = c.spec(
+        "mtu.yaml",
+        &SPEC
+            .replace(
+                "    encrypted: true\n",
+                "    encrypted: true\n    mtu: 1417\n",
+            )
+            .replace("    vni: 100\n", "    vni: 100\n    mtu: 1400\n"),
+    );
+    let out = c.ctl("node-a", &["apply", "-f", too_big.to_str().unwrap()]);
+    assert_exit(&out, 2);
+    assert!(
+        stderr(&out).contains("mtu.yaml:") && stderr(&out).contains("1417"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(c.link("node-a", "ovbr-100").unwrap()["mtu"], 1450);
 }
 
 #[test]

@@ -240,4 +240,17 @@ fn a_closed_stdout_is_not_a_crash() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+
+    // Output lost otherwise (a full disk behind `> file`) is a failure: exit 1, saying so.
+    let out = Command::new(BIN)
+        .args(["validate", "-f", spec])
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot write the output"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -74,7 +74,9 @@ fn spec(peers: usize) -> Spec {
     let mut yaml = String::from("apiVersion: ovl/v1\ncluster:\n  name: batch\nnodes:\n");
     for i in 0..=peers {
         let mut key = [0u8; 32];
-        key[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+        // Distinct per node and never a low-order point (those are refused).
+        key[0] = 9;
+        key[8..16].copy_from_slice(&(i as u64 + 1).to_le_bytes());
         let _ = writeln!(
             yaml,
             "  - name: node-{i}\n    address: {}\n    publicKey: \"{}\"",

@@ -217,6 +217,9 @@ pub fn build(
         if net.encrypted {
             any_encrypted = true;
             if scope == Scope::PlaintextOnly {
+                // Not brought up now, but its MTU is the operator's input all the same:
+                // one that cannot fit is refused now, not when ESP or keys come.
+                network_mtu(net, local)?;
                 continue;
             }
         }

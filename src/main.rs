@@ -15,11 +15,20 @@ fn main() -> ExitCode {
         cli::LogFormat::Json => ovl::logging::Format::Json,
     };
     ovl::logging::init(&cli.common.log_level, format);
-    match cli::run(cli) {
-        Ok(()) => ExitCode::from(cli::EXIT_OK),
-        Err(failure) => {
-            eprintln!("error: {}", failure.message);
-            ExitCode::from(failure.code)
+    let result = cli::run(cli);
+    // Output lost to a full disk (not to a reader gone away) is a failure of its own,
+    // after the command's own error if it had one.
+    let lost = cli::output_failure();
+    let failure = match (result, lost) {
+        (Ok(()), None) => return ExitCode::from(cli::EXIT_OK),
+        (Ok(()), Some(lost)) => lost,
+        (Err(failure), lost) => {
+            if let Some(lost) = lost {
+                eprintln!("error: {}", lost.message);
+            }
+            failure
         }
-    }
+    };
+    eprintln!("error: {}", failure.message);
+    ExitCode::from(failure.code)
 }

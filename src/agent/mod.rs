@@ -28,14 +28,20 @@ pub use self::core::AgentError;
 /// group or others may write to it (they could put their own files in our place).
 pub fn prepare_state_dir(dir: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
+    let not_a_directory = || std::io::Error::other("not a directory");
+    match std::fs::metadata(dir) {
+        Ok(meta) if !meta.is_dir() => return Err(not_a_directory()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?,
+        Err(e) => return Err(e),
+    }
     let meta = std::fs::metadata(dir)?;
     let mode = meta.permissions().mode() & 0o777;
     if !meta.is_dir() {
-        return Err(std::io::Error::other("not a directory"));
+        return Err(not_a_directory());
     }
     if mode & 0o022 != 0 {
         return Err(std::io::Error::other(format!(
@@ -158,6 +164,7 @@ mod tests {
 
         let file = root.path().join("file");
         std::fs::write(&file, b"").unwrap();
-        assert!(prepare_state_dir(&file).is_err());
+        let err = prepare_state_dir(&file).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
     }
 }

@@ -3,11 +3,12 @@
 
 /// `print!` that does not panic when stdout is gone (`ovl-controller status | head -1`):
 /// what could not be written is dropped, and the command still ends with its own exit
-/// code.
+/// code. Any other write error (a full disk behind `> file`) is remembered, and the
+/// command exits 1 ([`output_failure`]).
 macro_rules! out {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        let _ = write!(std::io::stdout(), $($arg)*);
+        $crate::cli::note_output(write!(std::io::stdout(), $($arg)*));
     }};
 }
 
@@ -15,8 +16,29 @@ macro_rules! out {
 macro_rules! outln {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), $($arg)*);
+        $crate::cli::note_output(writeln!(std::io::stdout(), $($arg)*));
     }};
+}
+
+/// The first error writing to stdout other than a reader gone away (EPIPE).
+static OUTPUT_ERROR: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+pub fn note_output(result: std::io::Result<()>) {
+    if let Err(e) = result
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+        && let Ok(mut first) = OUTPUT_ERROR.lock()
+    {
+        first.get_or_insert_with(|| e.to_string());
+    }
+}
+
+/// Flushes stdout; the failure to report if any output was lost other than to a closed
+/// pipe.
+pub fn output_failure() -> Option<Failure> {
+    use std::io::Write as _;
+    note_output(std::io::stdout().flush());
+    let lost = OUTPUT_ERROR.lock().ok()?.take()?;
+    Some(Failure::runtime(format!("cannot write the output: {lost}")))
 }
 
 mod agent;

@@ -269,11 +269,27 @@ pub(super) fn bridge_address(s: &str) -> Result<IpNet, String> {
 /// printed by `ovl-controller keygen`.
 pub(super) fn public_key(s: &str) -> Result<PublicKey, String> {
     let key = (s.len() == 44).then(|| PublicKey::from_base64(s)).flatten();
-    key.ok_or_else(|| {
+    let key = key.ok_or_else(|| {
         format!(
             "invalid publicKey {}: expected 44 characters of standard base64 (32 bytes), as \
              printed by `ovl-controller keygen`",
             quote(s)
         )
-    })
+    })?;
+    if is_low_order(&key) {
+        return Err(format!(
+            "invalid publicKey {}: a low-order X25519 point, which no private key stands \
+             behind (a Diffie-Hellman result with it is known to anyone)",
+            quote(s)
+        ));
+    }
+    Ok(key)
+}
+
+/// Whether X25519 with this public key gives the all-zero result for every private key:
+/// every clamped scalar is a multiple of the cofactor 8, so exactly the points of order
+/// 1, 2, 4 or 8 (in any encoding) end at the identity, u = 0.
+fn is_low_order(key: &PublicKey) -> bool {
+    let point = curve25519_dalek::MontgomeryPoint(key.0);
+    point.mul_clamped([0x55; 32]) == curve25519_dalek::MontgomeryPoint([0; 32])
 }

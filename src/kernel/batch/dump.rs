@@ -33,8 +33,12 @@ const DUMP_BUFFER: usize = 64 << 10;
 const DUMP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A dump that the kernel marks as interrupted (NLM_F_DUMP_INTR: the table changed while
-/// it was read) is started over this often.
-const DUMP_ATTEMPTS: usize = 3;
+/// it was read) is started over, up to this many attempts in all, after a pause that
+/// doubles from [`DUMP_RETRY_FIRST_PAUSE`] (about 2.5 s of pauses in all): a host whose
+/// link table is busy (containers coming and going) interrupts long dumps often, but
+/// not for seconds on end.
+const DUMP_ATTEMPTS: usize = 10;
+const DUMP_RETRY_FIRST_PAUSE: Duration = Duration::from_millis(5);
 
 const NLMSG_NOOP: u16 = 1;
 const NLMSG_DONE: u16 = 3;
@@ -125,7 +129,12 @@ impl BatchSocket {
         start: impl Fn() -> T,
         mut each: impl FnMut(&mut T, Reply<'_>) -> Result<(), DumpError>,
     ) -> Result<T, DumpError> {
-        for _ in 0..DUMP_ATTEMPTS {
+        let mut pause = DUMP_RETRY_FIRST_PAUSE;
+        for attempt in 0..DUMP_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
             let mut acc = start();
             let attempt = self.dump_once(request, secrets, |r| each(&mut acc, r));
             let ended = tokio::time::timeout(DUMP_TIMEOUT, attempt).await;
