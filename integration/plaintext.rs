@@ -810,3 +810,111 @@ fn m_a_moved_peer_leaves_no_learned_entries_behind() {
     assert_eq!(bridge_mac(), mac_before);
     assert!(c.ping_eventually("node-a", "10.1.0.3"));
 }
+
+/// An agent that starts while a run of `apply` without an agent holds the node's lock
+/// waits for it before its first pass (the two plans would trip over each other), and a
+/// run that finds the lock taken while an agent listens hands its request to the agent.
+#[test]
+fn n_an_agent_starting_waits_for_a_running_apply_and_takes_its_turn() {
+    let c = Cluster::new("aglock", 2, false, 1500);
+    let nodes: String = c
+        .nodes
+        .iter()
+        .map(|n| format!("  - name: {}\n    address: \"{}\"\n", n.name, n.address))
+        .collect();
+    let spec = c.dir.path().join("net.yaml");
+    std::fs::write(
+        &spec,
+        format!(
+            "apiVersion: ovl/v1\ncluster:\n  name: aglock\nnodes:\n{nodes}networks:\n  - name: blue\n    vni: 100\n"
+        ),
+    )
+    .unwrap();
+    let state = c.node_dir("node-a").join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    // A run without an agent holds the lock for three seconds.
+    let mut holder = Command::new("flock")
+        .arg(state.join("apply.lock"))
+        .args(["sleep", "3"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut agents = Agents::default();
+    agents
+        .0
+        .insert("node-a".into(), c.start_agent("node-a", &spec, "info"));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        holder.try_wait().unwrap().is_none() && c.link("node-a", "ovbr-100").is_none(),
+        "the agent changed the kernel while the lock was held"
+    );
+    assert!(
+        c.agent_log("node-a")
+            .contains("waiting for a run of apply or delete"),
+        "{}",
+        c.agent_log("node-a")
+    );
+    let _ = holder.wait();
+    assert!(
+        within(10, || c.link("node-a", "ovbr-100").is_some()),
+        "the agent did not take its turn: {}",
+        c.agent_log("node-a")
+    );
+    // With the agent listening, a run goes through it.
+    let out = c.ctl_agent("node-a", &["apply", "-f", spec.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("No changes"), "{}", stdout(&out));
+}
+
+/// An agent stopped (SIGTERM) while it carries out an `apply` first lets that answer
+/// out: the client sees the plan and success, not a lost connection.
+#[test]
+fn o_an_agent_stopping_mid_apply_still_answers_it() {
+    let c = Cluster::new("agstop", 2, false, 1500);
+    let nodes: String = c
+        .nodes
+        .iter()
+        .map(|n| format!("  - name: {}\n    address: \"{}\"\n", n.name, n.address))
+        .collect();
+    let write = |file: &str, networks: &str| {
+        let path = c.dir.path().join(file);
+        let text = format!(
+            "apiVersion: ovl/v1\ncluster:\n  name: agstop\nnodes:\n{nodes}networks:\n{networks}"
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let small = write("small.yaml", "  - name: blue\n    vni: 100\n");
+    // Enough networks that applying them takes a while.
+    let many: String = (0..400)
+        .map(|i| format!("  - name: n{i}\n    vni: {}\n", 1000 + i))
+        .collect();
+    let big = write("big.yaml", &many);
+    let mut agent = c.start_agent("node-a", &small, "info");
+    assert!(within(10, || c.link("node-a", "ovbr-100").is_some()));
+    let mut full: Vec<String> = vec!["apply".into(), "-f".into(), big.display().to_string()];
+    full.extend(c.agent_opts("node-a"));
+    let apply = Command::new("ip")
+        .args(["netns", "exec", &c.node("node-a").ns, BIN])
+        .args(&full)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Stopped as soon as the plan has begun, long before its end.
+    assert!(within(20, || c.link("node-a", "ovbr-1000").is_some()));
+    ok(&format!("kill -TERM {}", agent.id()));
+    let stopped_before_the_end = c.link("node-a", "ovbr-1399").is_none();
+    let out = apply.wait_with_output().unwrap();
+    let _ = agent.wait();
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("+ link ovbr-1399"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(c.link("node-a", "ovbr-1399").is_some());
+    if !stopped_before_the_end {
+        eprintln!("note: the plan had ended before the agent was told to stop");
+    }
+}

@@ -109,6 +109,11 @@ pub enum ApiError {
     },
     #[error("the agent's answer was not understood: {0}")]
     BadResponse(String),
+    #[error(
+        "the agent stopped without answering: the request may have been carried out in part \
+         or in full (`apply --dry-run` shows what is left to do)"
+    )]
+    NoAnswer,
     #[error("the agent did not answer within {0:?}")]
     Timeout(Duration),
     #[error("{}: another agent is running and listening there", .0.display())]
@@ -163,9 +168,7 @@ pub async fn call(
                 .map_err(io)?;
             if line.is_empty() {
                 sent.map_err(io)?;
-                return Err(ApiError::BadResponse(
-                    "the agent closed the connection without an answer".into(),
-                ));
+                return Err(ApiError::NoAnswer);
             }
             match serde_json::from_slice::<Line>(&line) {
                 Ok(Line::Progress { progress }) => on_progress(&progress),

@@ -26,6 +26,9 @@ use crate::status::{AgentStatus, KeyStatus, PeerStatus, Status};
 /// Backstop reconcile: drift that no kernel event reported (an FDB entry or an XFRM
 /// object removed by hand) is repaired within this period.
 pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(20);
+
+/// How long a stopping agent waits for the answers of local requests to be written.
+const STOP_ANSWER_WAIT: Duration = Duration::from_secs(3);
 /// Kernel events come in bursts (our own changes too); wait this long for the burst to
 /// end before reconciling.
 pub const EVENT_DEBOUNCE: Duration = Duration::from_millis(300);
@@ -171,6 +174,10 @@ pub(crate) struct Agent {
     reconciles: u64,
     reconcile_failures: u64,
     kernel_changes: u64,
+    /// Held while the agent runs (see `take_apply_lock`).
+    _apply_lock: nix::fcntl::Flock<std::fs::File>,
+    /// Local requests read and not answered yet (see `spawn_api_server`).
+    api_unanswered: Arc<tokio::sync::Semaphore>,
     /// Control messages of authenticated peers that were refused: logged at a bounded
     /// rate (a compromised peer could send them without end).
     refused_messages: net::RefusalLog,
@@ -218,7 +225,6 @@ impl Agent {
             .await?
             .clone();
         let identity = Arc::new(load_identity(&config.key, &node)?);
-        create_state_dir(&config.state_dir)?;
 
         let boot_id = random_u64().ok_or(AgentError::Random)?;
         let mut schedule = Schedule::new(boot_id, spec.cluster.rotation);
@@ -262,6 +268,10 @@ impl Agent {
         let control_addr = SocketAddr::new(node.address, spec.cluster.control_port);
         let tcp = bind_control(control_addr, ADDRESS_WAIT).await?;
         let api_listener = api::bind(&config.socket)?;
+        // Before the first pass (in `run`): a run of apply without an agent that holds
+        // the lock finishes first. Our socket is bound already, so runs that start from
+        // now on come to us (and wait for us).
+        let apply_lock = take_apply_lock(&config.state_dir).await?;
         let link_events = monitor::link_events()?;
         monitor::spawn_learned_move_guard()?;
         let expiry = monitor::sa_expiry_events()?;
@@ -274,7 +284,7 @@ impl Agent {
             allowed.clone(),
             events_tx.clone(),
         );
-        spawn_api_server(api_listener, events_tx.clone());
+        let api_unanswered = spawn_api_server(api_listener, events_tx.clone());
         if let Some(addr) = config.metrics {
             let listener = TcpListener::bind(addr)
                 .await
@@ -320,6 +330,8 @@ impl Agent {
             socket: config.socket.clone(),
             stale: BTreeSet::new(),
             started: now,
+            api_unanswered,
+            _apply_lock: apply_lock,
             refused_messages: net::RefusalLog::new(
                 "control message refused",
                 "more control messages refused",
@@ -362,6 +374,16 @@ impl Agent {
             self.check_rotations();
         }
         tracing::info!("agent stopping; the kernel keeps forwarding with the installed SAs");
+        // Local requests: those handled get their answers out, those not handled yet
+        // are told so (their events are dropped here), within a few seconds.
+        self.events.close();
+        while self.events.try_recv().is_ok() {}
+        let deadline = Instant::now() + STOP_ANSWER_WAIT;
+        while self.api_unanswered.available_permits() < api::MAX_API_QUEUED
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         // Nobody answers there any more: the CLI then works without an agent at once.
         if let Err(e) = std::fs::remove_file(&self.socket) {
             tracing::warn!(socket = %self.socket.display(), error = %e, "cannot remove the API socket");
@@ -1432,11 +1454,37 @@ fn compatible(old: &Spec, new: &Spec, me: &NodeName, key: &PublicKey) -> Result<
     Ok(())
 }
 
-fn create_state_dir(dir: &std::path::Path) -> Result<(), AgentError> {
-    super::prepare_state_dir(dir).map_err(|source| AgentError::StateDir {
+/// Takes the node's apply lock for the agent's whole run, waiting while a run of
+/// `apply` or `delete` without an agent holds it (it started before us; its plan and
+/// ours would trip over each other). Such a run that starts later finds our socket, or
+/// sees us take the lock, and goes through us.
+async fn take_apply_lock(
+    dir: &std::path::Path,
+) -> Result<nix::fcntl::Flock<std::fs::File>, AgentError> {
+    use nix::fcntl::{Flock, FlockArg};
+    let failed = |source| AgentError::StateDir {
         path: dir.display().to_string(),
         source,
-    })
+    };
+    let mut file = super::open_apply_lock(dir).map_err(failed)?;
+    let mut said = false;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((back, nix::errno::Errno::EWOULDBLOCK)) => {
+                if !said {
+                    tracing::info!(
+                        lock = %dir.join("apply.lock").display(),
+                        "waiting for a run of apply or delete without an agent to finish"
+                    );
+                    said = true;
+                }
+                file = back;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err((_, e)) => return Err(failed(e.into())),
+        }
+    }
 }
 
 /// How long a starting agent waits for its own address to become usable (an IPv6
@@ -1464,11 +1512,18 @@ async fn bind_control(address: SocketAddr, wait: Duration) -> Result<TcpListener
     }
 }
 
-fn spawn_api_server(listener: tokio::net::UnixListener, events: mpsc::UnboundedSender<Event>) {
+/// Serves the local API; returns the count of requests read and not yet answered (as
+/// permits taken from [`api::MAX_API_QUEUED`]), so that a stopping agent can let their
+/// answers out first.
+fn spawn_api_server(
+    listener: tokio::net::UnixListener,
+    events: mpsc::UnboundedSender<Event>,
+) -> Arc<tokio::sync::Semaphore> {
     // Requests being read (each up to MAX_API_MESSAGE in memory), and requests read
     // and waiting for or running in the agent (a rotate may take an hour).
     let reading = Arc::new(tokio::sync::Semaphore::new(api::MAX_API_CLIENTS));
     let queued = Arc::new(tokio::sync::Semaphore::new(api::MAX_API_QUEUED));
+    let unanswered = queued.clone();
     let busy = |what: &str, max: usize| {
         Response::fail(
             1,
@@ -1493,13 +1548,14 @@ fn spawn_api_server(listener: tokio::net::UnixListener, events: mpsc::UnboundedS
                 let read = api::read_request(&mut stream).await;
                 drop(permit);
                 let slot = queued.try_acquire_owned();
-                let response = match (read, slot) {
+                // The slot is held until the answer is written (see the agent's stop).
+                let (response, _slot) = match (read, slot) {
                     (Err(e), _) => {
                         tracing::warn!(error = %e, "local API request refused");
-                        Response::fail(2, String::new(), e)
+                        (Response::fail(2, String::new(), e), None)
                     }
-                    (Ok(_), Err(_)) => full,
-                    (Ok(request), Ok(_slot)) => {
+                    (Ok(_), Err(_)) => (full, None),
+                    (Ok(request), Ok(slot)) => {
                         let (reply, mut answer) = oneshot::channel();
                         let (progress, mut progress_rx) = mpsc::unbounded_channel();
                         let event = Event::Api {
@@ -1513,7 +1569,7 @@ fn spawn_api_server(listener: tokio::net::UnixListener, events: mpsc::UnboundedS
                         // Progress lines until the answer (a client that has gone
                         // stops them; the request itself runs to its end).
                         let mut client_here = true;
-                        loop {
+                        let response = loop {
                             tokio::select! {
                                 biased;
                                 Some(p) = progress_rx.recv(), if client_here => {
@@ -1524,17 +1580,20 @@ fn spawn_api_server(listener: tokio::net::UnixListener, events: mpsc::UnboundedS
                                     Err(_) => Response::fail(
                                         1,
                                         String::new(),
-                                        "the agent dropped the request",
+                                        "the agent stopped before it handled the request; \
+                                         nothing of it was carried out",
                                     ),
                                 },
                             }
-                        }
+                        };
+                        (response, Some(slot))
                     }
                 };
                 api::write_response(&mut stream, &response).await;
             });
         }
     });
+    unanswered
 }
 
 #[cfg(test)]
@@ -1590,7 +1649,7 @@ mod tests {
         let socket = dir.path().join("agent.sock");
         let listener = api::bind(&socket).unwrap();
         let (tx, _rx) = mpsc::unbounded_channel();
-        spawn_api_server(listener, tx);
+        let _ = spawn_api_server(listener, tx);
         let mut idle = Vec::new();
         for _ in 0..api::MAX_API_CLIENTS {
             let mut s = tokio::net::UnixStream::connect(&socket).await.unwrap();

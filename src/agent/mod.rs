@@ -51,6 +51,21 @@ pub fn prepare_state_dir(dir: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Opens `STATE_DIR/apply.lock` (made ready by [`prepare_state_dir`]): the lock that the
+/// agent holds for its whole run and a run of `apply` or `delete` without an agent holds
+/// while it works, so that two of them never plan from the same kernel state at once.
+pub fn open_apply_lock(state_dir: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    prepare_state_dir(state_dir)?;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(state_dir.join("apply.lock"))
+}
+
 pub struct AgentConfig {
     pub spec: Spec,
     pub spec_source: String,

@@ -50,7 +50,14 @@ pub fn run_apply(common: &Common, args: &ApplyArgs) -> Result<(), Failure> {
             return done;
         }
         // A dry run changes nothing: it needs no lock (and creates no directory).
-        let _lock = if args.dry_run { None } else { Some(lock_node(common)?) };
+        let _lock = if args.dry_run {
+            None
+        } else {
+            match wait_turn(common, &request).await? {
+                Turn::Ours(lock) => Some(lock),
+                Turn::AgentDid(done) => return done,
+            }
+        };
         let kernel = Kernel::connect().map_err(Failure::runtime)?;
         let node = reconcile::identify_node(&spec, common.node.as_deref(), &kernel)
             .await
@@ -109,7 +116,10 @@ pub fn run_delete(common: &Common, args: &DeleteArgs) -> Result<(), Failure> {
         let _lock = if args.dry_run {
             None
         } else {
-            Some(lock_node(common)?)
+            match wait_turn(common, &request).await? {
+                Turn::Ours(lock) => Some(lock),
+                Turn::AgentDid(done) => return done,
+            }
         };
         let kernel = Kernel::connect().map_err(Failure::runtime)?;
         // Deleting needs no node (objects are found by VNI), but a --node the spec does
@@ -161,32 +171,40 @@ async fn through_agent(
     }))
 }
 
-/// Serializes `apply` and `delete` runs without an agent on this node (cron and a
-/// person at once): two plans made from the same kernel state would trip over each
-/// other. Held until dropped; a second run waits, and says so.
-fn lock_node(common: &Common) -> Result<nix::fcntl::Flock<std::fs::File>, Failure> {
+/// Whose turn it is to change this node's kernel: ours (the lock held until dropped), or
+/// an agent's that started meanwhile and carried out the request (its outcome).
+enum Turn {
+    Ours(nix::fcntl::Flock<std::fs::File>),
+    AgentDid(Result<(), Failure>),
+}
+
+/// Serializes runs of `apply` and `delete` without an agent on this node (cron and a
+/// person at once), and such runs with an agent starting: two plans made from the same
+/// kernel state would trip over each other. The agent holds the same lock while it
+/// runs; a run that finds the lock taken waits, and says so, and hands its request to
+/// an agent as soon as one listens.
+async fn wait_turn(common: &Common, request: &Request) -> Result<Turn, Failure> {
     use nix::fcntl::{Flock, FlockArg};
-    use std::os::unix::fs::OpenOptionsExt as _;
     let dir = &common.state_dir;
-    let fail = |what: &std::path::Path, e: &dyn std::fmt::Display| {
-        Failure::runtime(format!("{}: {e}", what.display()))
-    };
-    ovl::agent::prepare_state_dir(dir).map_err(|e| fail(dir, &e))?;
     let path = dir.join("apply.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)
-        .map_err(|e| fail(&path, &e))?;
-    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => Ok(lock),
-        Err((file, nix::errno::Errno::EWOULDBLOCK)) => {
-            eprintln!("waiting for another apply or delete on this node to finish...");
-            Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| fail(&path, &e))
+    let fail = |e: &dyn std::fmt::Display| Failure::runtime(format!("{}: {e}", path.display()));
+    let mut file = ovl::agent::open_apply_lock(dir).map_err(|e| fail(&e))?;
+    let mut said = false;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(Turn::Ours(lock)),
+            Err((back, nix::errno::Errno::EWOULDBLOCK)) => {
+                if let Some(done) = through_agent(common, request).await? {
+                    return Ok(Turn::AgentDid(done));
+                }
+                if !said {
+                    eprintln!("waiting for another apply or delete on this node to finish...");
+                    said = true;
+                }
+                file = back;
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err((_, e)) => return Err(fail(&e)),
         }
-        Err((_, e)) => Err(fail(&path, &e)),
     }
 }
