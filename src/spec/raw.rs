@@ -28,6 +28,7 @@ pub(super) struct RawSpec {
     pub cluster: Req<RawCluster>,
     #[serde(default)]
     pub nodes: Req<Vec<Spanned<RawNode>>>,
+    /// Null is as no networks (as the key left out): nothing can be widened by it.
     #[serde(default)]
     pub networks: Option<Spanned<Vec<Spanned<RawNetwork>>>>,
 }
@@ -37,17 +38,17 @@ pub(super) struct RawSpec {
 pub(super) struct RawCluster {
     #[serde(default)]
     pub name: Req<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     pub control_port: Option<Spanned<Scalar>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     pub data_port: Option<Spanned<Scalar>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     pub encrypted_data_port: Option<Spanned<Scalar>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     pub rotation: Option<Spanned<String>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     pub rekey_after_packets: Option<Spanned<Scalar>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     pub rekey_after_bytes: Option<Spanned<Scalar>>,
 }
 
@@ -58,7 +59,7 @@ pub(super) struct RawNode {
     pub name: Req<String>,
     #[serde(default)]
     pub address: Req<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     pub public_key: Option<Spanned<String>>,
 }
 
@@ -69,14 +70,32 @@ pub(super) struct RawNetwork {
     pub name: Req<String>,
     #[serde(default)]
     pub vni: Req<Scalar>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     pub encrypted: Option<Spanned<Scalar>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     pub mtu: Option<Spanned<Scalar>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     pub nodes: Option<Spanned<Vec<Spanned<String>>>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     pub addresses: Option<Spanned<Entries>>,
+}
+
+/// An optional field whose key, when present, must have a value: `encrypted:` with
+/// nothing after it is a slip of the pen, not a wish for the default (and for some
+/// fields, such as `encrypted` or `nodes`, the default is the opposite of a guess).
+fn given<'de, D, T>(d: D) -> Result<Option<Spanned<T>>, D::Error>
+where
+    D: de::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let s = Spanned::<Option<T>>::deserialize(d)?;
+    match s.value {
+        Some(value) => Ok(Some(Spanned::new(value, s.referenced, s.defined))),
+        None => Err(de::Error::custom(
+            "a key without a value (null): give it a value, or leave the key out for its \
+             default",
+        )),
+    }
 }
 
 /// A required field. Missing (`None`) and null (`Some` of `None`) are told apart and
