@@ -406,6 +406,33 @@ fn c_killing_and_restarting_an_agent_loses_nothing() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+
+    // Another tool flushes every XFRM policy, then every state: the agent hears of it and
+    // repairs at once, not at its next periodic pass (every 20 s).
+    let ns = c.node("node-a").ns.clone();
+    let policies = || ok(&format!("ip -n {ns} xfrm policy")).matches("\tdir ").count();
+    let all = policies();
+    assert!(all >= 8, "{all} policies");
+    ok(&format!("ip -n {ns} xfrm policy flush"));
+    let flushed = Instant::now();
+    while policies() < all {
+        assert!(
+            flushed.elapsed() < Duration::from_secs(4),
+            "policies not put back within 4 s of a flush by another tool"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("policies back {:?} after the flush", flushed.elapsed());
+    ok(&format!("ip -n {ns} xfrm state flush"));
+    let flushed = Instant::now();
+    while c.sa_keys("node-a").len() < 6 {
+        assert!(
+            flushed.elapsed() < Duration::from_secs(10),
+            "states not agreed again within 10 s of a flush by another tool"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("pairs keyed again {:?} after the flush", flushed.elapsed());
 }
 
 #[test]

@@ -185,6 +185,7 @@ eth = b'\xff' * 6 + b'\x02\x00\x00\x00\x00\x99' + b'\x08\x00'
 vx = struct.pack('!II', 0x08000000, vni << 8)
 fam = socket.AF_INET6 if ':' in dst else socket.AF_INET
 s = socket.socket(fam, socket.SOCK_DGRAM)
+if fam == socket.AF_INET: s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
 if bind: s.bind((bind, 0))
 for _ in range(5): s.sendto(vx + eth + ip + icmp, (dst, dport))
 "#;
@@ -280,6 +281,28 @@ fn c_enforcement_drops_plaintext_and_spoofed_esp() {
         xfrm_errors(c, "node-a") > before,
         "XFRM error counters did not count the drop"
     );
+
+    // To the underlay's broadcast address, and to a second address of the node: the
+    // kernel's VXLAN socket takes the port on every local address, so the catch-all
+    // must cover every destination, not only the VTEP address.
+    let second = "192.0.2.201";
+    ok(&format!(
+        "ip -n {} addr add {second}/24 dev eth0",
+        c.node("node-a").ns
+    ));
+    for (to, inner) in [("192.0.2.255", "10.3.0.96"), (second, "10.3.0.95")] {
+        let before = xfrm_errors(c, "node-a");
+        let w = watch(c, "node-a", "ovbr-300", inner);
+        craft(c, &x, &format!("{to} 4790 300 {inner} 10.3.0.1"));
+        assert!(
+            !seen(w),
+            "plaintext VXLAN to {to} reached the encrypted bridge"
+        );
+        assert!(
+            xfrm_errors(c, "node-a") > before,
+            "XFRM error counters did not count the drop of plaintext to {to}"
+        );
+    }
 
     // From a namespace spoofing member B's address.
     let b_addr = c.node("node-b").address.clone();

@@ -115,7 +115,7 @@ hand_node() { # NS ME PEER MYADDR SPI_OUT SPI_IN KEY_OUT KEY_IN
     # Policies first (fail closed), as the controller orders them.
     ip -n "$ns" xfrm policy add src 0.0.0.0/0 dst 0.0.0.0/0 proto udp dport $PORT dir out action block priority 2000 \
         tmpl proto esp reqid 1 mode transport
-    ip -n "$ns" xfrm policy add src 0.0.0.0/0 dst "$me/32" proto udp dport $PORT dir in priority 2000 \
+    ip -n "$ns" xfrm policy add src 0.0.0.0/0 dst 0.0.0.0/0 proto udp dport $PORT dir in priority 2000 \
         tmpl proto esp reqid 1 mode transport
     ip -n "$ns" xfrm policy add src "$peer/32" dst "$me/32" proto udp dport $PORT dir in priority 1000 \
         tmpl src "$peer" dst "$me" proto esp reqid 1 mode transport

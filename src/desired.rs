@@ -355,10 +355,14 @@ fn add_enforcement(
         CATCHALL_POLICY_PRIORITY,
         PolicyAction::Block,
     ));
+    // Inbound, any destination: the kernel's VXLAN socket takes the port on every local
+    // address, broadcast and multicast included (a frame to the subnet's broadcast
+    // address or a second address of the node reaches the device too), so a catch-all
+    // that named only our VTEP address would let plaintext in through the others.
     ins.push(policy(
         Direction::In,
         any_net(me),
-        host_net(me),
+        any_net(me),
         CATCHALL_POLICY_PRIORITY,
         PolicyAction::Esp {
             src: None,

@@ -272,7 +272,7 @@ impl Agent {
         // the lock finishes first. Our socket is bound already, so runs that start from
         // now on come to us (and wait for us).
         let apply_lock = take_apply_lock(&config.state_dir).await?;
-        let link_events = monitor::link_events()?;
+        let link_events = monitor::change_events()?;
         monitor::spawn_learned_move_guard()?;
         let expiry = monitor::sa_expiry_events()?;
         let (events_tx, events) = mpsc::unbounded_channel();

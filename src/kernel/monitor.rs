@@ -1,6 +1,7 @@
-//! Kernel events the agent reacts to without waiting for its periodic pass: link and
-//! address changes (drift: a device deleted or changed by hand) and XFRM expiry (an SA
-//! reached its soft lifetime: time to rekey).
+//! Kernel events the agent reacts to without waiting for its periodic pass: link,
+//! address and XFRM changes (drift: a device deleted or changed by hand, a policy
+//! flushed by another tool) and XFRM expiry (an SA reached its soft lifetime: time to
+//! rekey).
 //!
 //! Each monitor is its own netlink socket, bound to the multicast groups first: an
 //! unbound socket receives no multicast (see shared/notes/rust-netlink-xfrm.md).
@@ -46,18 +47,54 @@ fn route_monitor(groups: u32) -> Result<RouteMessages, KernelError> {
     Ok(messages)
 }
 
-/// Sends `()` for every link or address change in this namespace.
-pub fn link_events() -> Result<mpsc::UnboundedReceiver<()>, KernelError> {
+/// Sends `()` for every link or address change in this namespace, and for every change
+/// of XFRM states and policies (ours or not: another tool's `ip xfrm policy flush`
+/// takes our enforcement away, and must be repaired at once, not at the next periodic
+/// pass).
+pub fn change_events() -> Result<mpsc::UnboundedReceiver<()>, KernelError> {
     let mut messages = route_monitor(RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)?;
     let (tx, rx) = mpsc::unbounded_channel();
+    let links = tx.clone();
     tokio::spawn(async move {
         while messages.next().await.is_some() {
-            if tx.send(()).is_err() {
+            if links.send(()).is_err() {
                 break;
             }
         }
     });
+    spawn_xfrm_changes(tx)?;
     Ok(rx)
+}
+
+/// Follows XFRM state and policy notifications (and expiry: a hard expiry deletes a
+/// state without a DELSA). Only each notification's head is read (`watch::drain`): SA
+/// notifications carry keys, which are never copied here.
+fn spawn_xfrm_changes(tx: mpsc::UnboundedSender<()>) -> Result<(), KernelError> {
+    let mut socket = netlink_sys::Socket::new(netlink_sys::constants::NETLINK_XFRM)
+        .map_err(KernelError::Connect)?;
+    socket
+        .bind(&SocketAddr::new(0, super::watch::XFRM_GROUPS))
+        .map_err(KernelError::Connect)?;
+    socket
+        .set_non_blocking(true)
+        .map_err(KernelError::Connect)?;
+    // SAFETY: the `Socket` owns its descriptor and closes it only when dropped, which
+    // happens with the `AsyncFd` (it is never taken out or replaced).
+    let socket = unsafe { tokio::io::unix::AsyncFd::register(socket) }
+        .map_err(|e| KernelError::Connect(e.into()))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut ready) = socket.readable().await else {
+                break;
+            };
+            let quiet = super::watch::drain(socket.get_ref(), |_| true);
+            ready.clear_ready();
+            if !quiet && tx.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Sends every XFRM expire event of this namespace (ours or not: the receiver filters).

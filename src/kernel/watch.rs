@@ -45,7 +45,7 @@ const fn xfrm_group(group: u32) -> u32 {
 
 /// XFRMNLGRP_EXPIRE, _SA, _POLICY: expiry (a hard expiry deletes the state without a
 /// DELSA), state and policy changes including flushes.
-const XFRM_GROUPS: u32 = xfrm_group(netlink_packet_xfrm::constants::XFRMNLGRP_EXPIRE)
+pub(super) const XFRM_GROUPS: u32 = xfrm_group(netlink_packet_xfrm::constants::XFRMNLGRP_EXPIRE)
     | xfrm_group(netlink_packet_xfrm::constants::XFRMNLGRP_SA)
     | xfrm_group(netlink_packet_xfrm::constants::XFRMNLGRP_POLICY);
 
@@ -130,7 +130,7 @@ const HEAD_LEN: usize = 17;
 
 /// Reads every pending datagram of `socket`; true when none of them was `relevant` and
 /// there was no error (an overrun, `ENOBUFS`, means notifications were lost: not quiet).
-fn drain(socket: &Socket, relevant: fn(&[u8]) -> bool) -> bool {
+pub(super) fn drain(socket: &Socket, relevant: fn(&[u8]) -> bool) -> bool {
     let mut quiet = true;
     // Only the head is read (MSG_TRUNC discards the rest of the datagram); an SA
     // notification carries a key far past it, which is never copied here.
