@@ -410,7 +410,11 @@ fn c_killing_and_restarting_an_agent_loses_nothing() {
     // Another tool flushes every XFRM policy, then every state: the agent hears of it and
     // repairs at once, not at its next periodic pass (every 20 s).
     let ns = c.node("node-a").ns.clone();
-    let policies = || ok(&format!("ip -n {ns} xfrm policy")).matches("\tdir ").count();
+    let policies = || {
+        ok(&format!("ip -n {ns} xfrm policy"))
+            .matches("\tdir ")
+            .count()
+    };
     let all = policies();
     assert!(all >= 8, "{all} policies");
     ok(&format!("ip -n {ns} xfrm policy flush"));

@@ -261,7 +261,10 @@ pub fn spawn_listener(
             };
             let ip = remote.ip().to_canonical();
             if !admits(&allowed, ip) {
-                refused(remote, &"not the address of a node of the spec");
+                refused(
+                    remote,
+                    &"not the address of a node that shares an encrypted network with this one",
+                );
                 continue;
             }
             let Some(source) = by_source.take(ip) else {
