@@ -48,7 +48,15 @@ pub fn init(level: &str, format: Format) {
     use tracing_subscriber::util::SubscriberInitExt as _;
     let requested = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let allowed = tracing_subscriber::filter::filter_fn(|meta| !is_silenced(meta.target()));
+    // The level hint of RUST_LOG / `level` is kept, so that events below it are skipped
+    // where they are written, not checked one by one.
+    let hint = tracing_subscriber::layer::Filter::<tracing_subscriber::Registry>::max_level_hint(
+        &requested,
+    );
+    let mut allowed = tracing_subscriber::filter::filter_fn(|meta| !is_silenced(meta.target()));
+    if let Some(hint) = hint {
+        allowed = allowed.with_max_level_hint(hint);
+    }
     let filter = allowed.and(requested);
     let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let registry = tracing_subscriber::registry();

@@ -114,7 +114,10 @@ pub enum ApiError {
          or in full (`apply --dry-run` shows what is left to do)"
     )]
     NoAnswer,
-    #[error("the agent did not answer within {0:?}")]
+    #[error(
+        "the agent did not answer within {0:?}; it may still carry the request out when it gets \
+         to it (`status` shows what it is doing)"
+    )]
     Timeout(Duration),
     #[error("{}: another agent is running and listening there", .0.display())]
     InUse(PathBuf),

@@ -76,7 +76,9 @@ impl AgentError {
         match self {
             AgentError::KeyMismatch { .. } => true,
             AgentError::Identity(
-                IdentityError::Permissions { .. } | IdentityError::Format { .. },
+                IdentityError::Permissions { .. }
+                | IdentityError::Owner { .. }
+                | IdentityError::Format { .. },
             ) => true,
             AgentError::Reconcile(e) => e.is_input_error(),
             _ => false,
@@ -162,6 +164,8 @@ pub(crate) struct Agent {
     last_error: Option<String>,
     /// Failed passes in a row: retries back off (a kernel without ESP stays so).
     failures_in_a_row: u32,
+    /// After a failed pass, kernel events do not bring the next one before this.
+    retry_not_before: Instant,
     /// Why the last pass left the encrypted networks down, if it did.
     encrypted_down: Option<String>,
     /// The local API's socket, removed when the agent stops.
@@ -226,6 +230,17 @@ impl Agent {
             .clone();
         let identity = Arc::new(load_identity(&config.key, &node)?);
 
+        // The control port first: a start that fails leaves the API socket (perhaps a
+        // running agent's) alone.
+        let control_addr = SocketAddr::new(node.address, spec.cluster.control_port);
+        let tcp = bind_control(control_addr, ADDRESS_WAIT).await?;
+        let api_listener = api::bind(&config.socket)?;
+        // Before the kernel is read and adopted, and before the first pass (in `run`): a
+        // run of apply or delete without an agent that holds the lock finishes first.
+        // Our socket is bound already, so runs that start from now on come to us (and
+        // wait for us).
+        let apply_lock = take_apply_lock(&config.state_dir).await?;
+
         let boot_id = random_u64().ok_or(AgentError::Random)?;
         let mut schedule = Schedule::new(boot_id, spec.cluster.rotation);
         // Adopt what the kernel holds, so a restart keeps every working SA.
@@ -263,15 +278,6 @@ impl Agent {
             installed.insert(*sa);
         }
 
-        // The control port first: a start that fails leaves the API socket (perhaps a
-        // running agent's) alone.
-        let control_addr = SocketAddr::new(node.address, spec.cluster.control_port);
-        let tcp = bind_control(control_addr, ADDRESS_WAIT).await?;
-        let api_listener = api::bind(&config.socket)?;
-        // Before the first pass (in `run`): a run of apply without an agent that holds
-        // the lock finishes first. Our socket is bound already, so runs that start from
-        // now on come to us (and wait for us).
-        let apply_lock = take_apply_lock(&config.state_dir).await?;
         let link_events = monitor::change_events()?;
         monitor::spawn_learned_move_guard()?;
         let expiry = monitor::sa_expiry_events()?;
@@ -326,6 +332,7 @@ impl Agent {
             rotations: Vec::new(),
             last_error: None,
             failures_in_a_row: 0,
+            retry_not_before: now,
             encrypted_down: None,
             socket: config.socket.clone(),
             stale: BTreeSet::new(),
@@ -364,7 +371,10 @@ impl Agent {
                     }
                 }
                 Some(()) = self.link_events.recv() => {
-                    let due = Instant::now() + EVENT_DEBOUNCE;
+                    // Soon, but never before a failed pass's back-off is over: a pass
+                    // that keeps failing rewrites what it planned, and the kernel's
+                    // notifications of that would otherwise bring it back at once.
+                    let due = (Instant::now() + EVENT_DEBOUNCE).max(self.retry_not_before);
                     self.reconcile_due = Some(self.reconcile_due.map_or(due, |d| d.min(due)));
                 }
                 Some(expired) = self.expiry.recv() => self.on_expired(expired).await,
@@ -374,8 +384,25 @@ impl Agent {
             self.check_rotations();
         }
         tracing::info!("agent stopping; the kernel keeps forwarding with the installed SAs");
-        // Local requests: those handled get their answers out, those not handled yet
-        // are told so (their events are dropped here), within a few seconds.
+        // Nobody answers there any more: the CLI then works without an agent at once.
+        if let Err(e) = std::fs::remove_file(&self.socket) {
+            tracing::warn!(socket = %self.socket.display(), error = %e, "cannot remove the API socket");
+        }
+        // Local requests: those handled get their answers out, rotations in progress say
+        // how far they got, and those not handled yet are told so (their events are
+        // dropped here), within a few seconds.
+        for r in std::mem::take(&mut self.rotations) {
+            let switched = r.total.saturating_sub(r.peers.len());
+            let _ = r.reply.send(Response::fail(
+                1,
+                String::new(),
+                format!(
+                    "the agent stopped during the rotation: {switched} of {} peers had switched \
+                     to new keys",
+                    r.total
+                ),
+            ));
+        }
         self.events.close();
         while self.events.try_recv().is_ok() {}
         let deadline = Instant::now() + STOP_ANSWER_WAIT;
@@ -383,10 +410,6 @@ impl Agent {
             && Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        // Nobody answers there any more: the CLI then works without an agent at once.
-        if let Err(e) = std::fs::remove_file(&self.socket) {
-            tracing::warn!(socket = %self.socket.display(), error = %e, "cannot remove the API socket");
         }
         Ok(())
     }
@@ -822,6 +845,7 @@ impl Agent {
                 self.in_sync = true;
                 self.last_error = None;
                 self.failures_in_a_row = 0;
+                self.retry_not_before = Instant::now();
                 // Announcements prepared during the pass (rekeys of vanished SAs); the
                 // kernel now holds their SAs.
                 for action in std::mem::take(&mut self.deferred) {
@@ -841,7 +865,8 @@ impl Agent {
                 }
                 self.last_error = Some(why);
                 self.failures_in_a_row = self.failures_in_a_row.saturating_add(1);
-                self.reconcile_due = Some(Instant::now() + retry_delay(self.failures_in_a_row));
+                self.retry_not_before = Instant::now() + retry_delay(self.failures_in_a_row);
+                self.reconcile_due = Some(self.retry_not_before);
             }
         }
         result
@@ -1564,6 +1589,12 @@ fn spawn_api_server(
                             progress,
                         };
                         if events.send(event).is_err() {
+                            let stopping = Response::fail(
+                                1,
+                                String::new(),
+                                "the agent is stopping; nothing of the request was carried out",
+                            );
+                            api::write_response(&mut stream, &stopping).await;
                             return;
                         }
                         // Progress lines until the answer (a client that has gone

@@ -198,7 +198,12 @@ async fn wait_turn(common: &Common, request: &Request) -> Result<Turn, Failure> 
                     return Ok(Turn::AgentDid(done));
                 }
                 if !said {
-                    eprintln!("waiting for another apply or delete on this node to finish...");
+                    eprintln!(
+                        "waiting for another apply or delete on this node to finish... (the \
+                         lock {} is held: by a run without an agent, or by an agent listening \
+                         on another --socket)",
+                        path.display()
+                    );
                     said = true;
                 }
                 file = back;

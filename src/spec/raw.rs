@@ -28,7 +28,6 @@ pub(super) struct RawSpec {
     pub cluster: Req<RawCluster>,
     #[serde(default)]
     pub nodes: Req<Vec<Spanned<RawNode>>>,
-    /// Null is as no networks (as the key left out): nothing can be widened by it.
     #[serde(default)]
     pub networks: Option<Spanned<Vec<Spanned<RawNetwork>>>>,
 }
@@ -38,17 +37,17 @@ pub(super) struct RawSpec {
 pub(super) struct RawCluster {
     #[serde(default)]
     pub name: Req<String>,
-    #[serde(default, deserialize_with = "given")]
+    #[serde(default)]
     pub control_port: Option<Spanned<Scalar>>,
-    #[serde(default, deserialize_with = "given")]
+    #[serde(default)]
     pub data_port: Option<Spanned<Scalar>>,
-    #[serde(default, deserialize_with = "given")]
+    #[serde(default)]
     pub encrypted_data_port: Option<Spanned<Scalar>>,
-    #[serde(default, deserialize_with = "given")]
+    #[serde(default)]
     pub rotation: Option<Spanned<String>>,
-    #[serde(default, deserialize_with = "given")]
+    #[serde(default)]
     pub rekey_after_packets: Option<Spanned<Scalar>>,
-    #[serde(default, deserialize_with = "given")]
+    #[serde(default)]
     pub rekey_after_bytes: Option<Spanned<Scalar>>,
 }
 
@@ -59,7 +58,7 @@ pub(super) struct RawNode {
     pub name: Req<String>,
     #[serde(default)]
     pub address: Req<String>,
-    #[serde(default, deserialize_with = "given")]
+    #[serde(default)]
     pub public_key: Option<Spanned<String>>,
 }
 
@@ -72,17 +71,18 @@ pub(super) struct RawNetwork {
     pub vni: Req<Scalar>,
     #[serde(default, deserialize_with = "given")]
     pub encrypted: Option<Spanned<Scalar>>,
-    #[serde(default, deserialize_with = "given")]
+    #[serde(default)]
     pub mtu: Option<Spanned<Scalar>>,
     #[serde(default, deserialize_with = "given")]
     pub nodes: Option<Spanned<Vec<Spanned<String>>>>,
-    #[serde(default, deserialize_with = "given")]
+    #[serde(default)]
     pub addresses: Option<Spanned<Entries>>,
 }
 
-/// An optional field whose key, when present, must have a value: `encrypted:` with
-/// nothing after it is a slip of the pen, not a wish for the default (and for some
-/// fields, such as `encrypted` or `nodes`, the default is the opposite of a guess).
+/// An optional field whose key, when present, must have a value: `encrypted:` or
+/// `nodes:` with nothing after it is a slip of the pen, and their defaults (plaintext,
+/// every node) are the opposite of what such a slip meant. Other optional fields take
+/// null as their default, which is harmless.
 fn given<'de, D, T>(d: D) -> Result<Option<Spanned<T>>, D::Error>
 where
     D: de::Deserializer<'de>,
