@@ -528,26 +528,30 @@ fn within(secs: u64, mut check: impl FnMut() -> bool) -> bool {
     check()
 }
 
-#[test]
-fn j_keyless_agents_keep_plaintext_networks_and_delete_goes_through_them() {
-    let c = Cluster::new("agdel", 2, false, 1500);
-    // Plaintext only, no publicKey anywhere and no key files: the agents still run.
+/// Writes a plaintext-only spec file without any publicKey (agents then run without key
+/// files): the cluster's nodes and the given `networks:` block.
+fn keyless_spec(c: &Cluster, file: &str, networks: &str) -> std::path::PathBuf {
     let nodes: String = c
         .nodes
         .iter()
         .map(|n| format!("  - name: {}\n    address: \"{}\"\n", n.name, n.address))
         .collect();
+    let path = c.dir.path().join(file);
+    let text = format!(
+        "apiVersion: ovl/v1\ncluster:\n  name: keyless\nnodes:\n{nodes}networks:\n{networks}"
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn j_keyless_agents_keep_plaintext_networks_and_delete_goes_through_them() {
+    let c = Cluster::new("agdel", 2, false, 1500);
+    // Plaintext only, no publicKey anywhere and no key files: the agents still run.
     let blue =
         "  - name: blue\n    vni: 100\n    addresses: {node-a: 10.1.0.1/24, node-b: 10.1.0.2/24}\n";
     let green = "  - name: green\n    vni: 101\n    addresses: {node-a: 10.2.0.1/24, node-b: 10.2.0.2/24}\n";
-    let write = |file: &str, networks: &str| {
-        let path = c.dir.path().join(file);
-        let text = format!(
-            "apiVersion: ovl/v1\ncluster:\n  name: keyless\nnodes:\n{nodes}networks:\n{networks}"
-        );
-        std::fs::write(&path, text).unwrap();
-        path
-    };
+    let write = |file: &str, networks: &str| keyless_spec(&c, file, networks);
     let both = write("both.yaml", &format!("{blue}{green}"));
     let only_green = write("green.yaml", green);
     let mut agents = Agents::default();
@@ -817,19 +821,7 @@ fn m_a_moved_peer_leaves_no_learned_entries_behind() {
 #[test]
 fn n_an_agent_starting_waits_for_a_running_apply_and_takes_its_turn() {
     let c = Cluster::new("aglock", 2, false, 1500);
-    let nodes: String = c
-        .nodes
-        .iter()
-        .map(|n| format!("  - name: {}\n    address: \"{}\"\n", n.name, n.address))
-        .collect();
-    let spec = c.dir.path().join("net.yaml");
-    std::fs::write(
-        &spec,
-        format!(
-            "apiVersion: ovl/v1\ncluster:\n  name: aglock\nnodes:\n{nodes}networks:\n  - name: blue\n    vni: 100\n"
-        ),
-    )
-    .unwrap();
+    let spec = keyless_spec(&c, "net.yaml", "  - name: blue\n    vni: 100\n");
     let state = c.node_dir("node-a").join("state");
     std::fs::create_dir_all(&state).unwrap();
     // A run without an agent holds the lock for three seconds.
@@ -871,19 +863,7 @@ fn n_an_agent_starting_waits_for_a_running_apply_and_takes_its_turn() {
 #[test]
 fn o_an_agent_stopping_mid_apply_still_answers_it() {
     let c = Cluster::new("agstop", 2, false, 1500);
-    let nodes: String = c
-        .nodes
-        .iter()
-        .map(|n| format!("  - name: {}\n    address: \"{}\"\n", n.name, n.address))
-        .collect();
-    let write = |file: &str, networks: &str| {
-        let path = c.dir.path().join(file);
-        let text = format!(
-            "apiVersion: ovl/v1\ncluster:\n  name: agstop\nnodes:\n{nodes}networks:\n{networks}"
-        );
-        std::fs::write(&path, text).unwrap();
-        path
-    };
+    let write = |file: &str, networks: &str| keyless_spec(&c, file, networks);
     let small = write("small.yaml", "  - name: blue\n    vni: 100\n");
     // Enough networks that applying them takes a while.
     let many: String = (0..400)

@@ -46,17 +46,9 @@ pub fn run_apply(common: &Common, args: &ApplyArgs) -> Result<(), Failure> {
             dry_run: args.dry_run,
             node: common.node.clone(),
         };
-        if let Some(done) = through_agent(common, &request).await? {
-            return done;
-        }
-        // A dry run changes nothing: it needs no lock (and creates no directory).
-        let _lock = if args.dry_run {
-            None
-        } else {
-            match wait_turn(common, &request).await? {
-                Turn::Ours(lock) => Some(lock),
-                Turn::AgentDid(done) => return done,
-            }
+        let _lock = match whose_turn(common, &request, args.dry_run).await? {
+            Turn::Ours(lock) => lock,
+            Turn::AgentDid(done) => return done,
         };
         let kernel = Kernel::connect().map_err(Failure::runtime)?;
         let node = reconcile::identify_node(&spec, common.node.as_deref(), &kernel)
@@ -109,17 +101,9 @@ pub fn run_delete(common: &Common, args: &DeleteArgs) -> Result<(), Failure> {
             dry_run: args.dry_run,
             node: common.node.clone(),
         };
-        if let Some(done) = through_agent(common, &request).await? {
-            return done;
-        }
-        // A dry run changes nothing: it needs no lock (and creates no directory).
-        let _lock = if args.dry_run {
-            None
-        } else {
-            match wait_turn(common, &request).await? {
-                Turn::Ours(lock) => Some(lock),
-                Turn::AgentDid(done) => return done,
-            }
+        let _lock = match whose_turn(common, &request, args.dry_run).await? {
+            Turn::Ours(lock) => lock,
+            Turn::AgentDid(done) => return done,
         };
         let kernel = Kernel::connect().map_err(Failure::runtime)?;
         // Deleting needs no node (objects are found by VNI), but a --node the spec does
@@ -171,11 +155,23 @@ async fn through_agent(
     }))
 }
 
-/// Whose turn it is to change this node's kernel: ours (the lock held until dropped), or
-/// an agent's that started meanwhile and carried out the request (its outcome).
+/// Who carries the request out: this run (holding the node's lock until it is dropped,
+/// unless a dry run), or an agent (its outcome).
 enum Turn {
-    Ours(nix::fcntl::Flock<std::fs::File>),
+    Ours(Option<nix::fcntl::Flock<std::fs::File>>),
     AgentDid(Result<(), Failure>),
+}
+
+/// A running agent carries the request out; without one, this run does, in its turn.
+async fn whose_turn(common: &Common, request: &Request, dry_run: bool) -> Result<Turn, Failure> {
+    if let Some(done) = through_agent(common, request).await? {
+        return Ok(Turn::AgentDid(done));
+    }
+    // A dry run changes nothing: it needs no lock (and creates no directory).
+    if dry_run {
+        return Ok(Turn::Ours(None));
+    }
+    wait_turn(common, request).await
 }
 
 /// Serializes runs of `apply` and `delete` without an agent on this node (cron and a
@@ -192,7 +188,7 @@ async fn wait_turn(common: &Common, request: &Request) -> Result<Turn, Failure> 
     let mut said = false;
     loop {
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => return Ok(Turn::Ours(lock)),
+            Ok(lock) => return Ok(Turn::Ours(Some(lock))),
             Err((back, nix::errno::Errno::EWOULDBLOCK)) => {
                 if let Some(done) = through_agent(common, request).await? {
                     return Ok(Turn::AgentDid(done));
