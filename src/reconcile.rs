@@ -281,13 +281,7 @@ fn keep_encrypted_as_is(
     // Protected: the kernel holds our catch-all block for the device's port, so what no
     // per-pair ESP policy takes is dropped (an encrypted network on the previous
     // encryptedDataPort still is).
-    let protected = |port: u16| {
-        observed.policies.values().any(|p| {
-            p.id.dir == Direction::Out
-                && p.id.selector.dport == port
-                && p.action == PolicyAction::Block
-        })
-    };
+    let protected = |port: u16| blocked_by_us(observed, port);
     let in_clear = |vni| {
         observed
             .links
@@ -381,6 +375,14 @@ async fn execute(kernel: &Kernel, plan: &Plan) -> Result<(), ReconcileError> {
     })
 }
 
+/// Whether the kernel holds our catch-all outbound block for UDP `port`: a VXLAN device
+/// on it belongs to an encrypted network, and fails closed.
+fn blocked_by_us(observed: &KernelState, port: u16) -> bool {
+    observed.policies.values().any(|p| {
+        p.id.dir == Direction::Out && p.id.selector.dport == port && p.action == PolicyAction::Block
+    })
+}
+
 /// `observed` minus every object of the spec's networks (pure).
 pub fn without_networks(spec: &Spec, observed: &KernelState) -> KernelState {
     let names: Vec<IfName> = spec
@@ -396,14 +398,8 @@ pub fn without_networks(spec: &Spec, observed: &KernelState) -> KernelState {
     // are is read from the kernel, not only from the file given: a VXLAN device on a
     // port our catch-all block guards is one, whatever `encryptedDataPort` that file
     // says (a short delete file that leaves the cluster's port out reads as 4790).
-    let guarded = |port: u16| {
-        port == spec.cluster.encrypted_data_port
-            || observed.policies.values().any(|p| {
-                p.id.dir == Direction::Out
-                    && p.id.selector.dport == port
-                    && p.action == PolicyAction::Block
-            })
-    };
+    let guarded =
+        |port: u16| port == spec.cluster.encrypted_data_port || blocked_by_us(observed, port);
     let encrypted_left = want
         .links
         .values()

@@ -528,7 +528,7 @@ impl Agent {
     fn taken_spis(&self) -> impl Fn(u32) -> bool + 'static {
         let mut taken: BTreeSet<u32> = self.installed.iter().map(|id| id.spi).collect();
         if let Some(me) = self.node().map(|n| n.address) {
-            taken.extend(foreign_spis_towards(&self.kernel.foreign_esp_slots(), me));
+            taken.extend(self.kernel.foreign_spis_towards(me));
         }
         move |spi| taken.contains(&spi)
     }
@@ -541,9 +541,9 @@ impl Agent {
         let Message::KeyOffer { spi, .. } = msg else {
             return false;
         };
-        self.spec.node(peer).is_some_and(|p| {
-            foreign_spis_towards(&self.kernel.foreign_esp_slots(), p.address).any(|s| s == *spi)
-        })
+        self.spec
+            .node(peer)
+            .is_some_and(|p| self.kernel.foreign_spis_towards(p.address).contains(spi))
     }
 
     async fn on_event(&mut self, event: Event) {
@@ -1389,14 +1389,6 @@ fn retry_delay(n: u32) -> Duration {
         .min(MAX_RETRY_AFTER_FAILURE)
 }
 
-/// The SPIs of the ESP slots towards `dst` that other programs' SAs hold.
-fn foreign_spis_towards(
-    slots: &BTreeSet<(std::net::IpAddr, u32)>,
-    dst: std::net::IpAddr,
-) -> impl Iterator<Item = u32> + '_ {
-    slots.range((dst, 0)..=(dst, u32::MAX)).map(|&(_, spi)| spi)
-}
-
 /// Whether a peer's `DialMe` wakes its dialer: a peer comes up once per start, so one
 /// within [`DIAL_ME_MIN_INTERVAL`] of the last is a bug or a peer pushing us to dial it
 /// over and over, and is ignored.
@@ -1486,29 +1478,23 @@ fn compatible(old: &Spec, new: &Spec, me: &NodeName, key: &PublicKey) -> Result<
 async fn take_apply_lock(
     dir: &std::path::Path,
 ) -> Result<nix::fcntl::Flock<std::fs::File>, AgentError> {
-    use nix::fcntl::{Flock, FlockArg};
-    let failed = |source| AgentError::StateDir {
+    let waited = super::wait_for_apply_lock(dir, async |first| {
+        if first {
+            tracing::info!(
+                lock = %dir.join("apply.lock").display(),
+                "waiting for a run of apply or delete without an agent to finish"
+            );
+        }
+        None::<std::convert::Infallible>
+    })
+    .await
+    .map_err(|source| AgentError::StateDir {
         path: dir.display().to_string(),
         source,
-    };
-    let mut file = super::open_apply_lock(dir).map_err(failed)?;
-    let mut said = false;
-    loop {
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => return Ok(lock),
-            Err((back, nix::errno::Errno::EWOULDBLOCK)) => {
-                if !said {
-                    tracing::info!(
-                        lock = %dir.join("apply.lock").display(),
-                        "waiting for a run of apply or delete without an agent to finish"
-                    );
-                    said = true;
-                }
-                file = back;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err((_, e)) => return Err(failed(e.into())),
-        }
+    })?;
+    match waited {
+        Ok(lock) => Ok(lock),
+        Err(never) => match never {},
     }
 }
 
@@ -1631,22 +1617,6 @@ fn spawn_api_server(
 mod tests {
     use super::*;
     use crate::spec::Name;
-
-    /// The SPIs held towards one address are found, and only those.
-    #[test]
-    fn foreign_spis_are_found_per_destination() {
-        let a: std::net::IpAddr = "192.0.2.1".parse().unwrap();
-        let b: std::net::IpAddr = "192.0.2.2".parse().unwrap();
-        let v6: std::net::IpAddr = "2001:db8::1".parse().unwrap();
-        let slots: BTreeSet<_> = [(a, 0x100), (a, u32::MAX), (b, 7), (v6, 9)].into();
-        assert_eq!(
-            foreign_spis_towards(&slots, a).collect::<Vec<_>>(),
-            vec![0x100, u32::MAX]
-        );
-        assert_eq!(foreign_spis_towards(&slots, b).collect::<Vec<_>>(), vec![7]);
-        let none: std::net::IpAddr = "192.0.2.3".parse().unwrap();
-        assert_eq!(foreign_spis_towards(&slots, none).count(), 0);
-    }
 
     /// An address that is not (yet) the node's is waited for, then reported; one that
     /// is usable is bound at once.

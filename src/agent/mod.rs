@@ -66,6 +66,33 @@ pub fn open_apply_lock(state_dir: &std::path::Path) -> std::io::Result<std::fs::
         .open(state_dir.join("apply.lock"))
 }
 
+/// Takes the node's apply lock ([`open_apply_lock`]), polling every 200 ms while someone
+/// else holds it. At each busy poll `while_busy` runs (told whether it is the first, to
+/// say once that we wait) and may end the wait with an outcome of its own, returned as
+/// `Err`.
+pub async fn wait_for_apply_lock<T>(
+    state_dir: &std::path::Path,
+    mut while_busy: impl AsyncFnMut(bool) -> Option<T>,
+) -> std::io::Result<Result<nix::fcntl::Flock<std::fs::File>, T>> {
+    use nix::fcntl::{Flock, FlockArg};
+    let mut file = open_apply_lock(state_dir)?;
+    let mut first = true;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(Ok(lock)),
+            Err((back, nix::errno::Errno::EWOULDBLOCK)) => {
+                if let Some(outcome) = while_busy(first).await {
+                    return Ok(Err(outcome));
+                }
+                first = false;
+                file = back;
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err((_, e)) => return Err(e.into()),
+        }
+    }
+}
+
 pub struct AgentConfig {
     pub spec: Spec,
     pub spec_source: String,

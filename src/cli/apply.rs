@@ -180,32 +180,27 @@ async fn whose_turn(common: &Common, request: &Request, dry_run: bool) -> Result
 /// runs; a run that finds the lock taken waits, and says so, and hands its request to
 /// an agent as soon as one listens.
 async fn wait_turn(common: &Common, request: &Request) -> Result<Turn, Failure> {
-    use nix::fcntl::{Flock, FlockArg};
-    let dir = &common.state_dir;
-    let path = dir.join("apply.lock");
-    let fail = |e: &dyn std::fmt::Display| Failure::runtime(format!("{}: {e}", path.display()));
-    let mut file = ovl::agent::open_apply_lock(dir).map_err(|e| fail(&e))?;
-    let mut said = false;
-    loop {
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => return Ok(Turn::Ours(Some(lock))),
-            Err((back, nix::errno::Errno::EWOULDBLOCK)) => {
-                if let Some(done) = through_agent(common, request).await? {
-                    return Ok(Turn::AgentDid(done));
-                }
-                if !said {
-                    eprintln!(
-                        "waiting for another apply or delete on this node to finish... (the \
-                         lock {} is held: by a run without an agent, or by an agent listening \
-                         on another --socket)",
-                        path.display()
-                    );
-                    said = true;
-                }
-                file = back;
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            }
-            Err((_, e)) => return Err(fail(&e)),
+    let path = common.state_dir.join("apply.lock");
+    let waited = ovl::agent::wait_for_apply_lock(&common.state_dir, async |first| {
+        match through_agent(common, request).await {
+            Ok(Some(done)) => return Some(Ok(Turn::AgentDid(done))),
+            Err(e) => return Some(Err(e)),
+            Ok(None) => {}
         }
+        if first {
+            eprintln!(
+                "waiting for another apply or delete on this node to finish... (the lock {} \
+                 is held: by a run without an agent, or by an agent listening on another \
+                 --socket)",
+                path.display()
+            );
+        }
+        None
+    })
+    .await
+    .map_err(|e| Failure::runtime(format!("{}: {e}", path.display())))?;
+    match waited {
+        Ok(lock) => Ok(Turn::Ours(Some(lock))),
+        Err(outcome) => outcome,
     }
 }

@@ -106,6 +106,14 @@ const PROGRESS_EVERY: usize = 1000;
 /// How long a failed ESP probe stands before the next one.
 pub const ESP_RECHECK: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// The SPIs of the ESP slots (destination, SPI) in `slots` towards `dst`.
+fn spis_towards(
+    slots: &std::collections::BTreeSet<(std::net::IpAddr, u32)>,
+    dst: std::net::IpAddr,
+) -> impl Iterator<Item = u32> + '_ {
+    slots.range((dst, 0)..=(dst, u32::MAX)).map(|&(_, spi)| spi)
+}
+
 pub struct Kernel {
     pub(crate) route: rtnetlink::Handle,
     /// The sockets of [`Kernel::execute`]'s batches (one batch at a time on each).
@@ -174,6 +182,15 @@ impl Kernel {
         self.foreign_esp
             .lock()
             .map(|slots| slots.clone())
+            .unwrap_or_default()
+    }
+
+    /// The SPIs of [`Kernel::foreign_esp_slots`] towards `dst` (usually none: read
+    /// without copying the set).
+    pub fn foreign_spis_towards(&self, dst: std::net::IpAddr) -> Vec<u32> {
+        self.foreign_esp
+            .lock()
+            .map(|slots| spis_towards(&slots, dst).collect())
             .unwrap_or_default()
     }
 
@@ -519,5 +536,27 @@ fn batch_error(changes: &[Change], e: BatchError) -> KernelError {
                 waited.as_secs()
             ),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// The SPIs held towards one address are found, and only those.
+    #[test]
+    fn spis_are_found_per_destination() {
+        let a: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let b: std::net::IpAddr = "192.0.2.2".parse().unwrap();
+        let v6: std::net::IpAddr = "2001:db8::1".parse().unwrap();
+        let slots: BTreeSet<_> = [(a, 0x100), (a, u32::MAX), (b, 7), (v6, 9)].into();
+        assert_eq!(
+            spis_towards(&slots, a).collect::<Vec<_>>(),
+            vec![0x100, u32::MAX]
+        );
+        assert_eq!(spis_towards(&slots, b).collect::<Vec<_>>(), vec![7]);
+        let none: std::net::IpAddr = "192.0.2.3".parse().unwrap();
+        assert_eq!(spis_towards(&slots, none).count(), 0);
     }
 }
