@@ -517,7 +517,8 @@ fn i_logs_are_json_lines_or_plain_text_with_one_event_per_change() {
     );
 }
 
-/// Polls `check` every 100 ms for up to `secs` seconds.
+/// Polls `check` every 100 ms for up to `secs` seconds. Windows are generous: tests
+/// run side by side on two cores, and what is awaited usually comes at once.
 fn within(secs: u64, mut check: impl FnMut() -> bool) -> bool {
     for _ in 0..secs * 10 {
         if check() {
@@ -559,6 +560,15 @@ fn j_keyless_agents_keep_plaintext_networks_and_delete_goes_through_them() {
         assert!(!c.node_dir(n).join("node.key").exists());
         agents.0.insert(n.into(), c.start_agent(n, &both, "info"));
     }
+    // The agents' first passes (their sockets are up before them).
+    for n in ["node-a", "node-b"] {
+        assert!(
+            within(30, || c.link(n, "ovbr-100").is_some()
+                && c.link(n, "ovbr-101").is_some()),
+            "{}",
+            c.agent_log(n)
+        );
+    }
     assert!(c.ping_eventually("node-a", "10.1.0.2"));
     assert!(c.ping_eventually("node-a", "10.2.0.2"));
     assert!(
@@ -571,7 +581,7 @@ fn j_keyless_agents_keep_plaintext_networks_and_delete_goes_through_them() {
     // The agent keeps the spec true: a device deleted by hand comes back.
     ok(&format!("ip -n {a} link del ovvx-101"));
     assert!(
-        within(10, || c.link("node-a", "ovvx-101").is_some()),
+        within(30, || c.link("node-a", "ovvx-101").is_some()),
         "the agent did not repair a deleted device"
     );
 
@@ -664,7 +674,7 @@ fn j_keyless_agents_keep_plaintext_networks_and_delete_goes_through_them() {
     );
     ok(&format!("ip -n {a} addr del 10.2.0.1/24 dev ovbr-101"));
     assert!(
-        within(10, || c.ping("node-a", "10.2.0.2")),
+        within(30, || c.ping("node-a", "10.2.0.2")),
         "the agent stopped repairing drift after a refused spec"
     );
     // Stopped (as systemd stops it), the agent exits 0 and removes its socket; the
@@ -848,7 +858,7 @@ fn n_an_agent_starting_waits_for_a_running_apply_and_takes_its_turn() {
     );
     let _ = holder.wait();
     assert!(
-        within(10, || c.link("node-a", "ovbr-100").is_some()),
+        within(30, || c.link("node-a", "ovbr-100").is_some()),
         "the agent did not take its turn: {}",
         c.agent_log("node-a")
     );
@@ -871,7 +881,7 @@ fn o_an_agent_stopping_mid_apply_still_answers_it() {
         .collect();
     let big = write("big.yaml", &many);
     let mut agent = c.start_agent("node-a", &small, "info");
-    assert!(within(10, || c.link("node-a", "ovbr-100").is_some()));
+    assert!(within(30, || c.link("node-a", "ovbr-100").is_some()));
     let mut full: Vec<String> = vec!["apply".into(), "-f".into(), big.display().to_string()];
     full.extend(c.agent_opts("node-a"));
     let apply = Command::new("ip")
@@ -882,7 +892,7 @@ fn o_an_agent_stopping_mid_apply_still_answers_it() {
         .spawn()
         .unwrap();
     // Stopped as soon as the plan has begun, long before its end.
-    assert!(within(20, || c.link("node-a", "ovbr-1000").is_some()));
+    assert!(within(30, || c.link("node-a", "ovbr-1000").is_some()));
     ok(&format!("kill -TERM {}", agent.id()));
     let stopped_before_the_end = c.link("node-a", "ovbr-1399").is_none();
     let out = apply.wait_with_output().unwrap();

@@ -192,11 +192,14 @@ impl Cluster {
         .success()
     }
 
-    /// Pings until answered (ARP/ND and bridge learning need a moment), at most ~6 s.
+    /// Pings until three answers came (ARP/ND, bridge learning and an agent's first
+    /// pass need a moment), for at most 20 s: generous, because tests run side by side
+    /// and one of them holding the kernel's rtnl lock (hundreds of links) slows every
+    /// other namespace's device setup. A working path answers within a second.
     pub fn ping_eventually(&self, from: &str, to_addr: &str) -> bool {
         let ns = &self.node(from).ns;
         sh(&format!(
-            "ip netns exec {ns} ping -c 3 -i 0.2 -w 6 -q {to_addr} >/dev/null 2>&1"
+            "ip netns exec {ns} ping -c 3 -i 0.2 -w 20 -q {to_addr} >/dev/null 2>&1"
         ))
         .status
         .success()
