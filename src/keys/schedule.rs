@@ -125,6 +125,15 @@ pub const ROTATION_JITTER_PERCENT: u32 = 15;
 /// bound until the first acknowledged offer retires them.
 pub const MAX_INBOUND_PER_PEER: usize = 4;
 
+/// Fresh offers made at a peer's `RekeyRequest` come at most this often per peer; a
+/// request within it is served when it ends (through `next_rotation`, by
+/// [`Schedule::poll`]). A peer asks when a key of its outbound direction expires, was
+/// lost or collides with a foreign SA: a few times per rotation interval at most. A
+/// peer that floods requests (a bug, or a compromised member of the cluster) would
+/// otherwise make us generate a key and write the kernel for every message. Nothing is
+/// lost by waiting: the current keys keep working meanwhile.
+pub const REKEY_REQUEST_MIN_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Lowest SPI handed out: 1 to 255 are reserved by IANA (RFC 4303 2.1), 0 is never
 /// sent on the wire.
 pub const MIN_SPI: u32 = 0x100;
@@ -293,6 +302,8 @@ struct Peer {
     accepted: Option<u64>,
     next_rotation: Option<Instant>,
     blocked: Option<(Blocked, Instant)>,
+    /// When the newest fresh offer was made (see [`REKEY_REQUEST_MIN_INTERVAL`]).
+    last_offer: Option<Instant>,
 }
 
 impl Peer {
@@ -532,7 +543,14 @@ impl Schedule {
                 key,
             } => on_offer(p, peer, generation, spi, key, now),
             Message::KeyAck { generation, spi } => on_ack(p, peer, generation, spi, now),
-            Message::RekeyRequest => Ok(self.fresh_offer(peer, now, taken_spis)),
+            Message::RekeyRequest => match p.last_offer {
+                Some(at) if now < at + REKEY_REQUEST_MIN_INTERVAL => {
+                    let due = at + REKEY_REQUEST_MIN_INTERVAL;
+                    p.next_rotation = Some(p.next_rotation.map_or(due, |t| t.min(due)));
+                    Ok(vec![])
+                }
+                _ => Ok(self.fresh_offer(peer, now, taken_spis)),
+            },
             // A DialMe means something only as the first message of a session (the
             // agent's listener handles it there); inside a running session it is moot.
             Message::Keepalive | Message::DialMe => Ok(vec![]),
@@ -816,6 +834,7 @@ impl Schedule {
         });
         p.next_rotation = Some(now + jitter);
         p.blocked = None;
+        p.last_offer = Some(now);
         vec![
             Action::KernelChanged,
             Action::Send {

@@ -425,13 +425,58 @@ fn rotate_offers_and_asks_the_peer_to_rekey() {
         }
     );
     // The peer's request: a fresh inbound offer.
-    let answer = s.on_message(&b, Message::RekeyRequest, now, &free).unwrap();
+    let later = now + REKEY_REQUEST_MIN_INTERVAL;
+    let answer = s
+        .on_message(&b, Message::RekeyRequest, later, &free)
+        .unwrap();
     assert_eq!(answer[0], Action::KernelChanged);
     assert_eq!(offer_of(&answer).0 & 0xffff_ffff, 3);
     // Not connected: nothing (the next session starts with fresh keys).
     s.on_disconnected(&b, now);
     assert!(s.rotate(&b, now, &free).is_empty());
     assert!(s.rekey_inbound(&b, now, &free).is_empty());
+}
+
+#[test]
+fn a_flood_of_rekey_requests_makes_one_offer_per_interval() {
+    let now = Instant::now();
+    let (mut s, b, _) = connected(1, 2, now);
+    let offers = |actions: &[Action]| {
+        actions
+            .iter()
+            .filter(|a| {
+                matches!(
+                    a,
+                    Action::Send {
+                        msg: Message::KeyOffer { .. },
+                        ..
+                    }
+                )
+            })
+            .count()
+    };
+    // Just after the session's first offer: a thousand requests make no key at once...
+    let mut made = 0;
+    for i in 0..1000u32 {
+        let at = now + Duration::from_micros(u64::from(i) * 100);
+        made += offers(&s.on_message(&b, Message::RekeyRequest, at, &free).unwrap());
+    }
+    assert_eq!(made, 0);
+    // ...but the request is not forgotten: one fresh offer when the interval ends.
+    let due = now + REKEY_REQUEST_MIN_INTERVAL;
+    assert!(s.next_wakeup().is_some_and(|t| t <= due));
+    let before = s.poll(due - Duration::from_millis(1), &free);
+    assert_eq!(offers(&before), 0);
+    let at_due = s.poll(due, &free);
+    assert_eq!(offers(&at_due), 1);
+    assert_eq!(offer_of(&at_due).0 & 0xffff_ffff, 2);
+    // Requests spread out (one per interval) are each answered at once.
+    for k in 1..=3u32 {
+        let at = due + REKEY_REQUEST_MIN_INTERVAL * k;
+        let answer = s.on_message(&b, Message::RekeyRequest, at, &free).unwrap();
+        assert_eq!(offers(&answer), 1);
+        assert_eq!(offer_of(&answer).0 & 0xffff_ffff, 2 + u64::from(k));
+    }
 }
 
 #[test]
