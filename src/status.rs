@@ -19,6 +19,10 @@ pub struct Status {
     /// Set when the status came from a running agent (`null` without one).
     #[serde(default)]
     pub agent: Option<AgentStatus>,
+    /// The kernel kept changing while it was read (a large change was being carried
+    /// out): the view may be off by what changed meanwhile.
+    #[serde(default)]
+    pub kernel_changing: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -66,7 +70,7 @@ pub fn xfrm_hint(counter: &str) -> &'static str {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AgentStatus {
     pub node: String,
     pub cluster: String,
@@ -76,11 +80,24 @@ pub struct AgentStatus {
     pub last_error: Option<String>,
     pub boot_id: String,
     pub peers: Vec<PeerStatus>,
+    /// Set when the agent was carrying out a change (an apply or delete) when asked:
+    /// the kernel view is current, the agent's own part (`in_sync`, `peers`) is as of
+    /// the change's start.
+    #[serde(default)]
+    pub busy: Option<Busy>,
+}
+
+/// What a busy agent is doing, and for how long it has been at it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Busy {
+    /// `apply` or `delete` (with ` (dry run)` for a dry run).
+    pub what: String,
+    pub secs: u64,
 }
 
 /// One encrypted peer: its control session and, per direction, the keys in use (by
 /// generation and SPI; never the key).
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PeerStatus {
     pub name: String,
     pub address: String,
@@ -91,7 +108,7 @@ pub struct PeerStatus {
     pub next_rotation_secs: Option<u64>,
 }
 
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct KeyStatus {
     pub generation: u64,
     pub spi: String,
@@ -246,6 +263,7 @@ impl Status {
             sas,
             xfrm_errors: Vec::new(),
             agent: None,
+            kernel_changing: false,
         }
     }
 
@@ -255,13 +273,28 @@ impl Status {
         counters: &BTreeMap<crate::state::SaId, crate::kernel::counters::SaCounters>,
         now_unix: u64,
     ) -> Status {
+        // By the SA's shown identity, looked up once each (thousands of SAs at scale).
+        let by_shown: BTreeMap<(String, String, String), &crate::kernel::counters::SaCounters> =
+            counters
+                .iter()
+                .map(|(id, c)| {
+                    let shown = (
+                        id.src.to_string(),
+                        id.dst.to_string(),
+                        format!("0x{:08x}", id.spi),
+                    );
+                    (shown, c)
+                })
+                .collect();
         for sa in &mut self.sas {
-            let found = counters.iter().find(|(id, _)| {
-                id.src.to_string() == sa.src
-                    && id.dst.to_string() == sa.dst
-                    && format!("0x{:08x}", id.spi) == sa.spi
-            });
-            if let Some((_, c)) = found {
+            let shown = (
+                std::mem::take(&mut sa.src),
+                std::mem::take(&mut sa.dst),
+                std::mem::take(&mut sa.spi),
+            );
+            let found = by_shown.get(&shown);
+            (sa.src, sa.dst, sa.spi) = shown;
+            if let Some(c) = found {
                 sa.bytes = c.bytes;
                 sa.packets = c.packets;
                 sa.age_secs = now_unix.saturating_sub(c.added_at);
@@ -290,6 +323,26 @@ impl Status {
     }
 }
 
+/// The SAs' usage counters, by SA.
+pub type SaUsage = BTreeMap<crate::state::SaId, crate::kernel::counters::SaCounters>;
+
+/// The kernel's own view: devices, policies, SAs with their usage, and the XFRM error
+/// counters; with the usage it was built from (an agent adds it to its keys).
+pub async fn read_kernel(
+    kernel: &crate::kernel::Kernel,
+) -> Result<(Status, SaUsage), crate::kernel::KernelError> {
+    let state = kernel.dump().await?;
+    let usage = kernel.sa_counters().await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut status = Status::from_kernel(&state)
+        .with_counters(&usage, now)
+        .with_xfrm_stat(&crate::kernel::counters::xfrm_stat());
+    status.kernel_changing = kernel.read_was_unsettled().await;
+    Ok((status, usage))
+}
+
 impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.agent {
@@ -300,7 +353,12 @@ impl fmt::Display for Status {
                     a.node,
                     a.cluster,
                     a.uptime_secs,
-                    if a.in_sync {
+                    if let Some(b) = &a.busy {
+                        format!(
+                            "busy with {} for {}s (its peers and keys below as of the start)",
+                            b.what, b.secs
+                        )
+                    } else if a.in_sync {
                         "kernel in sync".to_owned()
                     } else {
                         format!(
@@ -311,6 +369,13 @@ impl fmt::Display for Status {
                 )?;
             }
             None => writeln!(f, "Agent: not running (kernel view only)")?,
+        }
+        if self.kernel_changing {
+            writeln!(
+                f,
+                "Note: the kernel kept changing while it was read (a change is being carried \
+                 out); what follows may be off by what changed meanwhile."
+            )?;
         }
         if self.networks.is_empty() && self.policies.is_empty() && self.sas.is_empty() {
             return writeln!(f, "No overlay networks on this node.");

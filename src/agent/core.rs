@@ -21,7 +21,7 @@ use crate::progress::Progress;
 use crate::reconcile::{self, Keys, ReconcileError};
 use crate::spec::{self, Node, NodeName, PublicKey, Spec};
 use crate::state::SaId;
-use crate::status::{AgentStatus, KeyStatus, PeerStatus, Status};
+use crate::status::{AgentStatus, Busy, KeyStatus, PeerStatus, SaUsage, Status};
 
 /// Backstop reconcile: drift that no kernel event reported (an FDB entry or an XFRM
 /// object removed by hand) is repaired within this period.
@@ -174,6 +174,8 @@ pub(crate) struct Agent {
     /// their directions.
     stale: BTreeSet<SaId>,
     started: Instant,
+    /// What the agent is carrying out, for `status` meanwhile (see [`BusyWith`]).
+    busy: SharedBusy,
     boot_id: u64,
     reconciles: u64,
     reconcile_failures: u64,
@@ -290,7 +292,8 @@ impl Agent {
             allowed.clone(),
             events_tx.clone(),
         );
-        let api_unanswered = spawn_api_server(api_listener, events_tx.clone());
+        let busy = SharedBusy::default();
+        let api_unanswered = spawn_api_server(api_listener, events_tx.clone(), busy.clone());
         if let Some(addr) = config.metrics {
             let listener = TcpListener::bind(addr)
                 .await
@@ -337,6 +340,7 @@ impl Agent {
             socket: config.socket.clone(),
             stale: BTreeSet::new(),
             started: now,
+            busy,
             api_unanswered,
             _apply_lock: apply_lock,
             refused_messages: net::RefusalLog::new(
@@ -426,6 +430,19 @@ impl Agent {
             t = t.min(r.deadline);
         }
         t
+    }
+
+    /// Publishes (or withdraws) what the agent is carrying out, for `status` requests
+    /// that come meanwhile.
+    fn set_busy(&self, what: Option<&'static str>) {
+        let busy = what.map(|what| BusyWith {
+            what,
+            since: Instant::now(),
+            view: self.agent_view(),
+        });
+        if let Ok(mut slot) = self.busy.lock() {
+            *slot = busy;
+        }
     }
 
     fn node(&self) -> Option<&Node> {
@@ -1021,12 +1038,21 @@ impl Agent {
                     let _ = progress.send(p.clone());
                 });
                 self.kernel.set_progress(Some(sink));
+                self.set_busy(match (deleting, dry_run) {
+                    (false, false) => Some("apply"),
+                    (false, true) => Some("apply (dry run)"),
+                    (true, false) => Some("delete"),
+                    (true, true) => Some("delete (dry run)"),
+                });
                 let response = self
                     .api_change(&spec, &source, dry_run, node.as_deref(), deleting)
                     .await;
+                self.set_busy(None);
                 self.kernel.set_progress(None);
                 Some((reply, response))
             }
+            // Answered meanwhile without the agent (see `answer_status`).
+            Request::Status if reply.is_closed() => None,
             Request::Status => Some((reply, self.api_status().await)),
             Request::Rotate {
                 node: Some(node), ..
@@ -1119,57 +1145,60 @@ impl Agent {
     }
 
     async fn api_status(&mut self) -> Response {
-        let status = match self.status().await {
-            Ok(s) => s,
-            Err(e) => return Response::fail(1, String::new(), e),
-        };
-        match serde_json::to_string(&status) {
-            Ok(json) => Response::ok(json),
-            Err(e) => Response::fail(1, String::new(), format!("cannot encode status: {e}")),
+        match self.status().await {
+            Ok(status) => status_response(&status),
+            Err(e) => Response::fail(1, String::new(), e),
         }
     }
 
     async fn status(&mut self) -> Result<Status, KernelError> {
-        let observed = self.kernel.dump().await?;
-        let counters = self.kernel.sa_counters().await?;
+        let (status, usage) = crate::status::read_kernel(&self.kernel).await?;
+        let mut view = self.agent_view();
+        fill_usage(&mut view.agent.peers, &view.key_sas, &usage);
+        Ok(status.with_agent(view.agent))
+    }
+
+    /// The agent's own part of its status: who it is, how its last pass went, and per
+    /// encrypted peer its session and keys (usage not filled in: see [`fill_usage`]).
+    fn agent_view(&self) -> AgentView {
         let me = self.node().map(|n| n.address);
         let now = Instant::now();
         let mut peers = Vec::new();
+        let mut key_sas = Vec::new();
         for (name, node) in encrypted_peers(&self.spec, &self.me) {
             let session = self
                 .sessions
                 .get(&name)
                 .map(|s| now.duration_since(s.since));
             let keys = self.schedule.status(&name);
-            let mut st = peer_status(&name, node.address, session, keys.clone(), now);
-            // Usage per key, matched by SPI from the schedule (not from the text).
-            if let (Some(me), Some(keys)) = (me, keys) {
-                let pairs = [
-                    (&mut st.inbound, &keys.inbound, node.address, me),
-                    (&mut st.outbound, &keys.outbound, me, node.address),
-                ];
-                for (shown, held, src, dst) in pairs {
-                    for (k, info) in shown.iter_mut().zip(held.iter()) {
-                        if let Some(c) = counters.get(&SaId {
-                            src,
-                            dst,
-                            spi: info.spi,
-                        }) {
-                            k.packets = c.packets;
-                            k.bytes = c.bytes;
-                        }
-                    }
-                }
+            // Each shown key's SA, matched by SPI from the schedule (not from the text).
+            let mut sas: [Vec<SaId>; 2] = Default::default();
+            if let (Some(me), Some(keys)) = (me, &keys) {
+                let (src_in, dst_in) = (node.address, me);
+                sas[0] = keys
+                    .inbound
+                    .iter()
+                    .map(|k| SaId {
+                        src: src_in,
+                        dst: dst_in,
+                        spi: k.spi,
+                    })
+                    .collect();
+                sas[1] = keys
+                    .outbound
+                    .iter()
+                    .map(|k| SaId {
+                        src: dst_in,
+                        dst: src_in,
+                        spi: k.spi,
+                    })
+                    .collect();
             }
-            peers.push(st);
+            peers.push(peer_status(&name, node.address, session, keys, now));
+            key_sas.push(sas);
         }
-        let unix_now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        Ok(Status::from_kernel(&observed)
-            .with_counters(&counters, unix_now)
-            .with_xfrm_stat(&crate::kernel::counters::xfrm_stat())
-            .with_agent(AgentStatus {
+        AgentView {
+            agent: AgentStatus {
                 node: self.me.to_string(),
                 cluster: self.spec.cluster.name.to_string(),
                 uptime_secs: now.duration_since(self.started).as_secs(),
@@ -1177,7 +1206,10 @@ impl Agent {
                 last_error: self.last_error.clone(),
                 boot_id: format!("{:016x}", self.boot_id),
                 peers,
-            }))
+                busy: None,
+            },
+            key_sas,
+        }
     }
 
     async fn api_rotate(
@@ -1305,6 +1337,88 @@ impl Agent {
             }
         }
         self.rotations = still;
+    }
+}
+
+/// The agent's part of a status, with each shown key's SA (per peer: inbound,
+/// outbound; in the order of the peer's keys).
+#[derive(Clone)]
+struct AgentView {
+    agent: AgentStatus,
+    key_sas: Vec<[Vec<SaId>; 2]>,
+}
+
+/// Fills in each shown key's usage from the kernel's counters.
+fn fill_usage(peers: &mut [PeerStatus], key_sas: &[[Vec<SaId>; 2]], usage: &SaUsage) {
+    for (peer, [inbound, outbound]) in peers.iter_mut().zip(key_sas) {
+        let pairs = [(&mut peer.inbound, inbound), (&mut peer.outbound, outbound)];
+        for (shown, sas) in pairs {
+            for (k, id) in shown.iter_mut().zip(sas) {
+                if let Some(c) = usage.get(id) {
+                    k.packets = c.packets;
+                    k.bytes = c.bytes;
+                }
+            }
+        }
+    }
+}
+
+/// What the agent is carrying out (an apply or delete), published for `status`
+/// requests that come meanwhile: they are answered from the kernel, read on a
+/// connection of their own, and this view, instead of waiting for the change's end.
+struct BusyWith {
+    what: &'static str,
+    since: Instant,
+    view: AgentView,
+}
+
+type SharedBusy = Arc<std::sync::Mutex<Option<BusyWith>>>;
+
+/// How long a `status` request waits for the agent before it looks whether the agent
+/// is busy with a change (then it is answered without the agent).
+const STATUS_WAIT_FOR_AGENT: Duration = Duration::from_millis(500);
+
+/// Answers a `status` request: by the agent when it answers soon, or else, while the
+/// agent is busy with a change, from the kernel and the view published at the change's
+/// start.
+async fn answer_status(answer: &mut oneshot::Receiver<Response>, busy: &SharedBusy) -> Response {
+    loop {
+        match tokio::time::timeout(STATUS_WAIT_FOR_AGENT, &mut *answer).await {
+            Ok(Ok(response)) => return response,
+            Ok(Err(_)) => {
+                return Response::fail(1, String::new(), "the agent stopped before it answered");
+            }
+            Err(_) => {}
+        }
+        let snapshot = busy.lock().ok().and_then(|b| {
+            b.as_ref()
+                .map(|b| (b.what, b.since.elapsed().as_secs(), b.view.clone()))
+        });
+        let Some((what, secs, view)) = snapshot else {
+            continue;
+        };
+        let read = async {
+            let kernel = Kernel::connect_for_display()?;
+            crate::status::read_kernel(&kernel).await
+        };
+        let (status, usage) = match read.await {
+            Ok(read) => read,
+            Err(e) => return Response::fail(1, String::new(), e),
+        };
+        let AgentView { mut agent, key_sas } = view;
+        fill_usage(&mut agent.peers, &key_sas, &usage);
+        agent.busy = Some(Busy {
+            what: what.to_owned(),
+            secs,
+        });
+        return status_response(&status.with_agent(agent));
+    }
+}
+
+fn status_response(status: &Status) -> Response {
+    match serde_json::to_string(status) {
+        Ok(json) => Response::ok(json),
+        Err(e) => Response::fail(1, String::new(), format!("cannot encode status: {e}")),
     }
 }
 
@@ -1529,6 +1643,7 @@ async fn bind_control(address: SocketAddr, wait: Duration) -> Result<TcpListener
 fn spawn_api_server(
     listener: tokio::net::UnixListener,
     events: mpsc::UnboundedSender<Event>,
+    changing: SharedBusy,
 ) -> Arc<tokio::sync::Semaphore> {
     // Requests being read (each up to MAX_API_MESSAGE in memory), and requests read
     // and waiting for or running in the agent (a rotate may take an hour).
@@ -1553,6 +1668,7 @@ fn spawn_api_server(
                 continue;
             };
             let events = events.clone();
+            let changing = changing.clone();
             let queued = queued.clone();
             let full = busy("in progress", api::MAX_API_QUEUED);
             tokio::spawn(async move {
@@ -1567,6 +1683,7 @@ fn spawn_api_server(
                     }
                     (Ok(_), Err(_)) => (full, None),
                     (Ok(request), Ok(slot)) => {
+                        let is_status = matches!(request, Request::Status);
                         let (reply, mut answer) = oneshot::channel();
                         let (progress, mut progress_rx) = mpsc::unbounded_channel();
                         let event = Event::Api {
@@ -1581,6 +1698,11 @@ fn spawn_api_server(
                                 "the agent is stopping; nothing of the request was carried out",
                             );
                             api::write_response(&mut stream, &stopping).await;
+                            return;
+                        }
+                        if is_status {
+                            let response = answer_status(&mut answer, &changing).await;
+                            api::write_response(&mut stream, &response).await;
                             return;
                         }
                         // Progress lines until the answer (a client that has gone
@@ -1637,6 +1759,70 @@ mod tests {
         assert!(bind_control(here, Duration::from_secs(1)).await.is_ok());
     }
 
+    /// A `status` request while the agent carries out a change is answered without
+    /// waiting for it: the kernel's view now, the agent's view published at the start.
+    #[tokio::test]
+    async fn status_is_answered_while_the_agent_is_busy_with_a_change() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: the local API answers root only, and this test is not root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let listener = api::bind(&socket).unwrap();
+        // The agent's loop: takes requests and never answers (it is busy).
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let held = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some(event) = rx.recv().await {
+                held.push(event);
+            }
+        });
+        let changing = SharedBusy::default();
+        let _ = spawn_api_server(listener, tx, changing.clone());
+        let call = || async {
+            let mut ignore = |_: &Progress| {};
+            api::call(&socket, &api::Request::Status, &mut ignore).await
+        };
+        // Not busy with a change: the request waits for the agent.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(2), call())
+                .await
+                .is_err()
+        );
+        let agent = AgentStatus {
+            node: "node-a".into(),
+            cluster: "c".into(),
+            uptime_secs: 7,
+            in_sync: true,
+            last_error: None,
+            boot_id: "0".into(),
+            peers: vec![],
+            busy: None,
+        };
+        *changing.lock().unwrap() = Some(BusyWith {
+            what: "apply",
+            since: Instant::now() - Duration::from_secs(3),
+            view: AgentView {
+                agent,
+                key_sas: vec![],
+            },
+        });
+        let answer = tokio::time::timeout(Duration::from_secs(10), call())
+            .await
+            .expect("answered while the agent is busy")
+            .unwrap()
+            .expect("a response");
+        assert_eq!(answer.error, None);
+        let status: Status = serde_json::from_str(&answer.output).unwrap();
+        let agent = status.agent.expect("the agent's part");
+        assert_eq!(agent.node, "node-a");
+        let busy = agent.busy.expect("marked busy");
+        assert_eq!(busy.what, "apply");
+        assert!(busy.secs >= 3, "{busy:?}");
+        held.abort();
+    }
+
     /// Local clients that hold their connection without finishing a request take at
     /// most [`api::MAX_API_CLIENTS`] slots; the next client is told the agent is busy at
     /// once instead of being read into memory.
@@ -1650,7 +1836,7 @@ mod tests {
         let socket = dir.path().join("agent.sock");
         let listener = api::bind(&socket).unwrap();
         let (tx, _rx) = mpsc::unbounded_channel();
-        let _ = spawn_api_server(listener, tx);
+        let _ = spawn_api_server(listener, tx, SharedBusy::default());
         let mut idle = Vec::new();
         for _ in 0..api::MAX_API_CLIENTS {
             let mut s = tokio::net::UnixStream::connect(&socket).await.unwrap();

@@ -28,11 +28,13 @@ pub fn run(common: &Common, args: &AgentArgs) -> Result<(), Failure> {
         key: common.key.clone(),
         metrics,
     };
-    super::runtime()?.block_on(agent::run(config)).map_err(|e| {
-        if e.is_input_error() {
-            Failure::input(e)
-        } else {
-            Failure::runtime(e)
-        }
-    })
+    super::agent_runtime()?
+        .block_on(agent::run(config))
+        .map_err(|e| {
+            if e.is_input_error() {
+                Failure::input(e)
+            } else {
+                Failure::runtime(e)
+            }
+        })
 }

@@ -207,6 +207,20 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 /// A single-threaded runtime: the CLI does one thing at a time.
+/// The agent's runtime: its main loop runs on the calling thread, everything it spawns
+/// (the local API, control sessions and their keepalives, metrics, the netlink
+/// connections) on two worker threads. A kernel change can hold the main loop inside
+/// one system call for seconds (the kernel carries out a netlink batch in the sender's
+/// `send()`; deleting a link costs tens of milliseconds): the rest keeps going meanwhile.
+pub fn agent_runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("ovl-agent")
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime(format!("cannot start the async runtime: {e}")))
+}
+
 pub fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

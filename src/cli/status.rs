@@ -46,15 +46,11 @@ pub fn run(common: &Common, args: &StatusArgs) -> Result<(), Failure> {
             }
             return Ok(status);
         }
-        let kernel = Kernel::connect().map_err(Failure::runtime)?;
-        let state = kernel.dump().await.map_err(Failure::runtime)?;
-        let counters = kernel.sa_counters().await.map_err(Failure::runtime)?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        Ok(Status::from_kernel(&state)
-            .with_counters(&counters, now)
-            .with_xfrm_stat(&ovl::kernel::counters::xfrm_stat()))
+        let kernel = Kernel::connect_for_display().map_err(Failure::runtime)?;
+        let (status, _) = ovl::status::read_kernel(&kernel)
+            .await
+            .map_err(Failure::runtime)?;
+        Ok(status)
     })?;
     match args.output {
         Format::Table => out!("{status}"),

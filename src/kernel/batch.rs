@@ -114,6 +114,10 @@ pub(super) struct BatchSocket {
     /// Answers to what we sent may still be queued (an exchange that stopped early):
     /// read and dropped before the next one ([`BatchSocket::drain`]).
     unread: bool,
+    /// For a view that is only shown: a dump still interrupted at its last attempt is
+    /// taken as it came instead of failing, and `unsettled` records that it was.
+    pub accept_unsettled: bool,
+    pub unsettled: bool,
 }
 
 impl BatchSocket {
@@ -148,6 +152,8 @@ impl BatchSocket {
             max_messages,
             max_bytes,
             unread: false,
+            accept_unsettled: false,
+            unsettled: false,
         })
     }
 

@@ -156,6 +156,23 @@ impl Kernel {
         })
     }
 
+    /// [`Kernel::connect`] for a view that is only shown (`status`): a dump the kernel
+    /// keeps interrupting (a large change is being carried out meanwhile) is taken as
+    /// its last attempt read it, and [`Kernel::read_was_unsettled`] says so.
+    pub fn connect_for_display() -> Result<Kernel, KernelError> {
+        let mut kernel = Kernel::connect()?;
+        for socket in [&mut kernel.route_batch, &mut kernel.xfrm_batch] {
+            socket.get_mut().accept_unsettled = true;
+        }
+        Ok(kernel)
+    }
+
+    /// Whether a dump of a [`Kernel::connect_for_display`] was taken while the kernel
+    /// kept changing (it may be off by what changed meanwhile).
+    pub async fn read_was_unsettled(&self) -> bool {
+        self.route_batch.lock().await.unsettled || self.xfrm_batch.lock().await.unsettled
+    }
+
     /// [`Kernel::connect`], and [`Kernel::dump`] answers from its last full read while
     /// the kernel's change notifications say that nothing changed since (see `watch`).
     /// For the agent, which reads the kernel on every pass.

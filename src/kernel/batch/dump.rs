@@ -39,6 +39,8 @@ const DUMP_TIMEOUT: Duration = Duration::from_secs(30);
 /// not for seconds on end.
 const DUMP_ATTEMPTS: usize = 10;
 const DUMP_RETRY_FIRST_PAUSE: Duration = Duration::from_millis(5);
+/// Attempts for a view that is only shown (see `BatchSocket::accept_unsettled`).
+const DISPLAY_DUMP_ATTEMPTS: usize = 3;
 
 const NLMSG_NOOP: u16 = 1;
 const NLMSG_DONE: u16 = 3;
@@ -130,8 +132,14 @@ impl BatchSocket {
         mut each: impl FnMut(&mut T, Reply<'_>) -> Result<(), DumpError>,
     ) -> Result<T, DumpError> {
         let mut pause = DUMP_RETRY_FIRST_PAUSE;
-        for attempt in 0..DUMP_ATTEMPTS {
-            if attempt > 0 {
+        // A view only shown is not worth seconds of waiting for the kernel to settle.
+        let attempts = if self.accept_unsettled {
+            DISPLAY_DUMP_ATTEMPTS
+        } else {
+            DUMP_ATTEMPTS
+        };
+        for round in 0..attempts {
+            if round > 0 {
                 tokio::time::sleep(pause).await;
                 pause *= 2;
             }
@@ -141,6 +149,10 @@ impl BatchSocket {
             match ended {
                 Err(_) => return Err(DumpError::Timeout),
                 Ok(Ok(Ended::Complete)) => return Ok(acc),
+                Ok(Ok(Ended::Interrupted)) if self.accept_unsettled && round + 1 == attempts => {
+                    self.unsettled = true;
+                    return Ok(acc);
+                }
                 Ok(Ok(Ended::Interrupted)) => {}
                 Ok(Err(e)) => return Err(e),
             }
