@@ -205,7 +205,13 @@ fn keygen_makes_missing_directories_for_root_only_and_never_overwrites() {
         .arg(&key)
         .output()
         .unwrap();
-    assert_eq!(again.status.code(), Some(1), "{}", stderr(&again));
+    // Refusing to overwrite an identity is a usage error (exit 2).
+    assert_eq!(again.status.code(), Some(2), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("refusing to overwrite"),
+        "{}",
+        stderr(&again)
+    );
     assert_eq!(std::fs::read(&key).unwrap(), before);
     assert!(!stdout(&again).contains(&public));
 
@@ -223,6 +229,81 @@ fn keygen_makes_missing_directories_for_root_only_and_never_overwrites() {
         stderr(&out).contains(&lost.display().to_string()),
         "{}",
         stderr(&out)
+    );
+}
+
+/// An error at a place in the spec starts with that place, as compilers write them
+/// (the README's `net.yaml:12:10: ...`); other errors start with `error: `.
+#[test]
+fn spec_errors_start_with_their_place() {
+    let case = corpus()
+        .into_iter()
+        .find(|c| c.location.contains(':'))
+        .expect("a corpus case with a line and column");
+    let out = Command::new(BIN)
+        .args(["validate", "-f"])
+        .arg(&case.file)
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    let place = format!("{}:{}: ", case.file.display(), case.location);
+    assert!(err.starts_with(&place), "{place:?} first in: {err}");
+    let out = Command::new(BIN)
+        .args(["validate", "-f", "/nonexistent/net.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).starts_with("error: "), "{}", stderr(&out));
+}
+
+/// Mistakes in the invocation exit 2 before anything runs: an agent's --key that
+/// names no file (its node has a publicKey), a --state-dir that others may write to
+/// (named in the message).
+#[test]
+fn a_missing_key_or_an_unsafe_state_dir_exits_2() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = concat!(env!("CARGO_MANIFEST_DIR"), "/config/networks.yaml");
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let socket = dir.path().join("agent.sock");
+    let missing = dir.path().join("missing.key");
+    let out = Command::new(BIN)
+        .args(["agent", "-f", spec, "--node", "node-a", "--key"])
+        .arg(&missing)
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--socket")
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&missing.display().to_string()),
+        "{}",
+        stderr(&out)
+    );
+
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = Command::new(BIN)
+        .args(["apply", "-f", spec, "--state-dir"])
+        .arg(&state)
+        .arg("--socket")
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("{}: group or others may write", state.display())),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::metadata(&state).unwrap().permissions().mode() & 0o777,
+        0o777,
+        "left as it was"
     );
 }
 

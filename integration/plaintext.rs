@@ -908,3 +908,34 @@ fn o_an_agent_stopping_mid_apply_still_answers_it() {
         eprintln!("note: the plan had ended before the agent was told to stop");
     }
 }
+
+/// XFRM objects of ours left behind by an encrypted spec go when a spec without any
+/// encrypted network is applied without an agent; foreign ones stay. (This kernel has
+/// no ESP: the leftover is made by hand, as the controller makes its catch-all block,
+/// in the controller's reqid range.)
+#[test]
+fn p_a_plaintext_only_apply_removes_our_leftover_xfrm_objects() {
+    let c = Cluster::new("xleft", 2, false, 1500);
+    let spec = keyless_spec(&c, "plain.yaml", "  - name: blue\n    vni: 100\n");
+    let a = c.node("node-a").ns.clone();
+    let policies = || ok(&format!("ip -n {a} xfrm policy"));
+    ok(&format!(
+        "ip -n {a} xfrm policy add src 0.0.0.0/0 dst 0.0.0.0/0 proto udp dport 4790 dir out \
+         action block priority 2000 tmpl proto esp reqid 0x0f710001 mode transport"
+    ));
+    ok(&format!(
+        "ip -n {a} xfrm policy add src 0.0.0.0/0 dst 0.0.0.0/0 proto udp dport 5555 dir out \
+         action block priority 2000 tmpl proto esp reqid 7 mode transport"
+    ));
+    let plan = c.apply("node-a", &spec);
+    assert!(plan.contains("- xfrm policy"), "{plan}");
+    let left = policies();
+    assert!(!left.contains("dport 4790"), "ours stayed:\n{left}");
+    assert!(
+        left.contains("dport 5555"),
+        "the foreign policy went:\n{left}"
+    );
+    // And with nothing of ours left, the next run has nothing to do.
+    let again = c.apply("node-a", &spec);
+    assert!(again.contains("No changes"), "{again}");
+}

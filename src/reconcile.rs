@@ -268,7 +268,8 @@ pub async fn apply_observed(
 
 /// Copies into `want` what the kernel holds for the node's encrypted networks (devices,
 /// their addresses and FDB, all XFRM objects), so a pass that cannot handle encrypted
-/// networks changes nothing about them. Except a network whose VXLAN device's port no
+/// networks changes nothing about them; with no encrypted network of the node's in the
+/// spec, no XFRM object is kept. Except a network whose VXLAN device's port no
 /// catch-all block policy of ours protects (it was plaintext until this spec): that
 /// device would carry the network in clear, so the network is not kept, and the plan
 /// takes it down.
@@ -311,8 +312,12 @@ fn keep_encrypted_as_is(
             .filter(|e| names.contains(&e.link))
             .cloned(),
     );
-    want.policies = observed.policies.clone();
-    want.sas = observed.sas.clone();
+    // Without an encrypted network of this node's left in the spec, our XFRM objects
+    // protect nothing: they go (the plan removes them after the devices).
+    if !names.is_empty() {
+        want.policies = observed.policies.clone();
+        want.sas = observed.sas.clone();
+    }
 }
 
 /// Removes what the spec's networks own on this node. XFRM objects go only when no
@@ -480,6 +485,23 @@ mod tests {
         // On the plaintext port, or anywhere without our block: taken down.
         assert_eq!(kept(vxlan_on(4789), vec![block_on(4790)]), 0);
         assert_eq!(kept(vxlan_on(4790), vec![]), 0);
+
+        // The XFRM objects are kept while the spec has an encrypted network of this
+        // node's, and go with the last one (a plaintext-only spec applied without an
+        // agent after an encrypted one).
+        let xfrm_kept = |spec: &Spec| {
+            let mut observed = KernelState::default();
+            let block = block_on(4790);
+            observed.policies.insert(block.id, block);
+            let mut want = KernelState::default();
+            keep_encrypted_as_is(spec, &spec.nodes[0].name, &observed, &mut want);
+            want.policies.len()
+        };
+        assert_eq!(xfrm_kept(&spec), 1);
+        let plaintext = text.replace("    encrypted: true\n", "");
+        let plaintext = crate::spec::parse(plaintext.as_bytes(), "net.yaml").unwrap();
+        assert!(!plaintext.networks[0].encrypted);
+        assert_eq!(xfrm_kept(&plaintext), 0);
     }
 
     /// `delete` of one encrypted network keeps the XFRM objects while another encrypted

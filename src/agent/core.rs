@@ -52,11 +52,8 @@ pub enum AgentError {
     Reconcile(#[from] ReconcileError),
     #[error("the key file's public key {found} is not node {node}'s publicKey in the spec")]
     KeyMismatch { node: String, found: String },
-    #[error("{path}: {source}")]
-    StateDir {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    StateDir(#[from] super::StateDirError),
     #[error(transparent)]
     Api(#[from] api::ApiError),
     #[error("cannot listen for control connections on {address}: {source}")]
@@ -80,7 +77,13 @@ impl AgentError {
                 | IdentityError::Owner { .. }
                 | IdentityError::Format { .. },
             ) => true,
+            // A --key that names no file is a mistake in the invocation, as a missing
+            // -f file is.
+            AgentError::Identity(IdentityError::Io { source, .. }) => {
+                source.kind() == std::io::ErrorKind::NotFound
+            }
             AgentError::Reconcile(e) => e.is_input_error(),
+            AgentError::StateDir(e) => e.is_input_error(),
             _ => false,
         }
     }
@@ -1585,6 +1588,9 @@ fn compatible(old: &Spec, new: &Spec, me: &NodeName, key: &PublicKey) -> Result<
     Ok(())
 }
 
+/// How often an agent that waits for the apply lock says so at warning level.
+const LOCK_WAIT_WARNING: Duration = Duration::from_secs(30);
+
 /// Takes the node's apply lock for the agent's whole run, waiting while a run of
 /// `apply` or `delete` without an agent holds it (it started before us; its plan and
 /// ours would trip over each other). Such a run that starts later finds our socket, or
@@ -1592,20 +1598,30 @@ fn compatible(old: &Spec, new: &Spec, me: &NodeName, key: &PublicKey) -> Result<
 async fn take_apply_lock(
     dir: &std::path::Path,
 ) -> Result<nix::fcntl::Flock<std::fs::File>, AgentError> {
+    let lock = dir.join("apply.lock");
+    let started = Instant::now();
+    let mut next_warning = started + LOCK_WAIT_WARNING;
     let waited = super::wait_for_apply_lock(dir, async |first| {
         if first {
             tracing::info!(
-                lock = %dir.join("apply.lock").display(),
+                lock = %lock.display(),
                 "waiting for a run of apply or delete without an agent to finish"
+            );
+        }
+        // Runs without an agent end within seconds; a lock held for long is most
+        // likely another agent with the same --state-dir (its own --socket).
+        if Instant::now() >= next_warning {
+            next_warning += LOCK_WAIT_WARNING;
+            tracing::warn!(
+                lock = %lock.display(),
+                waited_secs = started.elapsed().as_secs(),
+                "still waiting for the node's apply lock: is another agent running with \
+                 this --state-dir? Each agent needs its own"
             );
         }
         None::<std::convert::Infallible>
     })
-    .await
-    .map_err(|source| AgentError::StateDir {
-        path: dir.display().to_string(),
-        source,
-    })?;
+    .await?;
     match waited {
         Ok(lock) => Ok(lock),
         Err(never) => match never {},

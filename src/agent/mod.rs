@@ -22,48 +22,85 @@ use crate::spec::{NodeName, Spec};
 
 pub use self::core::AgentError;
 
+/// Why the state directory or its apply lock cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateDirError {
+    #[error("{path}: not a directory (--state-dir)")]
+    NotADirectory { path: PathBuf },
+    #[error(
+        "{path}: group or others may write to it (mode {mode:o}); chmod 700 it or choose another --state-dir"
+    )]
+    Unsafe { path: PathBuf, mode: u32 },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl StateDirError {
+    /// A `--state-dir` that cannot be used as it is: a mistake in the invocation.
+    pub fn is_input_error(&self) -> bool {
+        matches!(
+            self,
+            StateDirError::NotADirectory { .. } | StateDirError::Unsafe { .. }
+        )
+    }
+}
+
 /// Makes the state directory (`--state-dir`) ready: missing directories are created
 /// for root only (0700). An existing one is left as it is (a mistaken `--state-dir
 /// /var/lib` must not change /var/lib), but refused when it is not a directory or when
 /// group or others may write to it (they could put their own files in our place).
-pub fn prepare_state_dir(dir: &std::path::Path) -> std::io::Result<()> {
+pub fn prepare_state_dir(dir: &std::path::Path) -> Result<(), StateDirError> {
     use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
-    let not_a_directory = || std::io::Error::other("not a directory");
+    let io = |source| StateDirError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    let not_a_directory = || StateDirError::NotADirectory {
+        path: dir.to_owned(),
+    };
     match std::fs::metadata(dir) {
         Ok(meta) if !meta.is_dir() => return Err(not_a_directory()),
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(dir)?,
-        Err(e) => return Err(e),
+            .create(dir)
+            .map_err(io)?,
+        Err(e) => return Err(io(e)),
     }
-    let meta = std::fs::metadata(dir)?;
+    let meta = std::fs::metadata(dir).map_err(io)?;
     let mode = meta.permissions().mode() & 0o777;
     if !meta.is_dir() {
         return Err(not_a_directory());
     }
     if mode & 0o022 != 0 {
-        return Err(std::io::Error::other(format!(
-            "group or others may write to it (mode {mode:o}); chmod 700 it or choose another --state-dir"
-        )));
+        return Err(StateDirError::Unsafe {
+            path: dir.to_owned(),
+            mode,
+        });
     }
     Ok(())
 }
 
 /// Opens `STATE_DIR/apply.lock` (made ready by [`prepare_state_dir`]): the lock that the
 /// agent holds for its whole run and a run of `apply` or `delete` without an agent holds
-/// while it works, so that two of them never plan from the same kernel state at once.
-pub fn open_apply_lock(state_dir: &std::path::Path) -> std::io::Result<std::fs::File> {
+/// for its plan. Never follows a link there (the directory is ours, but a link planted
+/// in it must not make us create or open a file elsewhere).
+pub fn open_apply_lock(state_dir: &std::path::Path) -> Result<std::fs::File, StateDirError> {
     use std::os::unix::fs::OpenOptionsExt as _;
     prepare_state_dir(state_dir)?;
+    let path = state_dir.join("apply.lock");
     std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
-        .open(state_dir.join("apply.lock"))
+        .open(&path)
+        .map_err(|source| StateDirError::Io { path, source })
 }
 
 /// Takes the node's apply lock ([`open_apply_lock`]), polling every 200 ms while someone
@@ -73,7 +110,7 @@ pub fn open_apply_lock(state_dir: &std::path::Path) -> std::io::Result<std::fs::
 pub async fn wait_for_apply_lock<T>(
     state_dir: &std::path::Path,
     mut while_busy: impl AsyncFnMut(bool) -> Option<T>,
-) -> std::io::Result<Result<nix::fcntl::Flock<std::fs::File>, T>> {
+) -> Result<Result<nix::fcntl::Flock<std::fs::File>, T>, StateDirError> {
     use nix::fcntl::{Flock, FlockArg};
     let mut file = open_apply_lock(state_dir)?;
     let mut first = true;
@@ -88,7 +125,12 @@ pub async fn wait_for_apply_lock<T>(
                 file = back;
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             }
-            Err((_, e)) => return Err(e.into()),
+            Err((_, e)) => {
+                return Err(StateDirError::Io {
+                    path: state_dir.join("apply.lock"),
+                    source: e.into(),
+                });
+            }
         }
     }
 }

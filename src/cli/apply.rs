@@ -198,7 +198,13 @@ async fn wait_turn(common: &Common, request: &Request) -> Result<Turn, Failure> 
         None
     })
     .await
-    .map_err(|e| Failure::runtime(format!("{}: {e}", path.display())))?;
+    .map_err(|e| {
+        if e.is_input_error() {
+            Failure::input(e)
+        } else {
+            Failure::runtime(e)
+        }
+    })?;
     match waited {
         Ok(lock) => Ok(Turn::Ours(Some(lock))),
         Err(outcome) => outcome,

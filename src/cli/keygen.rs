@@ -29,7 +29,11 @@ pub fn run(args: &KeygenArgs) -> Result<(), Failure> {
             .map_err(|e| Failure::runtime(format!("{}: {e}", dir.display())))?;
     }
     let id = Identity::generate().map_err(Failure::runtime)?;
-    id.write(&args.out).map_err(Failure::runtime)?;
+    id.write(&args.out).map_err(|e| match e {
+        // Refusing to overwrite an identity is about the invocation (exit 2).
+        ovl::identity::IdentityError::Exists { .. } => Failure::input(e),
+        e => Failure::runtime(e),
+    })?;
     // The public key is the one output the operator needs (it goes into the spec): a
     // lost line is a failure, not a success with nothing to show.
     use std::io::Write as _;
