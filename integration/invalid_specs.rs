@@ -268,32 +268,33 @@ fn a_missing_key_or_an_unsafe_state_dir_exits_2() {
     std::fs::create_dir(&state).unwrap();
     let socket = dir.path().join("agent.sock");
     let missing = dir.path().join("missing.key");
-    let out = Command::new(BIN)
-        .args(["agent", "-f", spec, "--node", "node-a", "--key"])
-        .arg(&missing)
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--socket")
-        .arg(&socket)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    // `args`, then the state dir and socket of this test.
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let missing_path = missing.display().to_string();
+    let out = run(&[
+        "agent",
+        "-f",
+        spec,
+        "--node",
+        "node-a",
+        "--key",
+        &missing_path,
+    ]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains(&missing.display().to_string()),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains(&missing_path), "{}", stderr(&out));
 
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let out = Command::new(BIN)
-        .args(["apply", "-f", spec, "--state-dir"])
-        .arg(&state)
-        .arg("--socket")
-        .arg(&socket)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = run(&["apply", "-f", spec]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(

@@ -1775,17 +1775,30 @@ mod tests {
         assert!(bind_control(here, Duration::from_secs(1)).await.is_ok());
     }
 
-    /// A `status` request while the agent carries out a change is answered without
-    /// waiting for it: the kernel's view now, the agent's view published at the start.
-    #[tokio::test]
-    async fn status_is_answered_while_the_agent_is_busy_with_a_change() {
+    /// A local API socket in a fresh directory (kept while the first part lives), or
+    /// `None`, said why, when not root: the local API answers root only.
+    fn api_socket_as_root() -> Option<(
+        tempfile::TempDir,
+        std::path::PathBuf,
+        tokio::net::UnixListener,
+    )> {
         if !nix::unistd::Uid::effective().is_root() {
             eprintln!("skipped: the local API answers root only, and this test is not root");
-            return;
+            return None;
         }
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
         let listener = api::bind(&socket).unwrap();
+        Some((dir, socket, listener))
+    }
+
+    /// A `status` request while the agent carries out a change is answered without
+    /// waiting for it: the kernel's view now, the agent's view published at the start.
+    #[tokio::test]
+    async fn status_is_answered_while_the_agent_is_busy_with_a_change() {
+        let Some((_dir, socket, listener)) = api_socket_as_root() else {
+            return;
+        };
         // The agent's loop: takes requests and never answers (it is busy).
         let (tx, mut rx) = mpsc::unbounded_channel();
         let held = tokio::spawn(async move {
@@ -1844,13 +1857,9 @@ mod tests {
     /// once instead of being read into memory.
     #[tokio::test]
     async fn local_clients_are_bounded() {
-        if !nix::unistd::Uid::effective().is_root() {
-            eprintln!("skipped: the local API answers root only, and this test is not root");
+        let Some((_dir, socket, listener)) = api_socket_as_root() else {
             return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("agent.sock");
-        let listener = api::bind(&socket).unwrap();
+        };
         let (tx, _rx) = mpsc::unbounded_channel();
         let _ = spawn_api_server(listener, tx, SharedBusy::default());
         let mut idle = Vec::new();

@@ -54,12 +54,20 @@ impl StateDirError {
 /// group or others may write to it (they could put their own files in our place).
 pub fn prepare_state_dir(dir: &std::path::Path) -> Result<(), StateDirError> {
     use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
-    let io = |source| StateDirError::Io {
-        path: dir.to_owned(),
-        source,
-    };
     let not_a_directory = || StateDirError::NotADirectory {
         path: dir.to_owned(),
+    };
+    // A part of the path that is a file (ENOTDIR) is the same mistake as the path
+    // itself being one.
+    let io = |source: std::io::Error| {
+        if source.raw_os_error() == Some(libc::ENOTDIR) {
+            not_a_directory()
+        } else {
+            StateDirError::Io {
+                path: dir.to_owned(),
+                source,
+            }
+        }
     };
     match std::fs::metadata(dir) {
         Ok(meta) if !meta.is_dir() => return Err(not_a_directory()),
@@ -250,5 +258,8 @@ mod tests {
         std::fs::write(&file, b"").unwrap();
         let err = prepare_state_dir(&file).unwrap_err();
         assert!(err.to_string().contains("not a directory"), "{err}");
+        assert!(err.is_input_error());
+        let under_a_file = prepare_state_dir(&file.join("sub")).unwrap_err();
+        assert!(under_a_file.is_input_error(), "{under_a_file}");
     }
 }

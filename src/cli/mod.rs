@@ -206,7 +206,6 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-/// A single-threaded runtime: the CLI does one thing at a time.
 /// The agent's runtime: its main loop runs on the calling thread, everything it spawns
 /// (the local API, control sessions and their keepalives, metrics, the netlink
 /// connections) on two worker threads. A kernel change can hold the main loop inside
@@ -221,6 +220,7 @@ pub fn agent_runtime() -> Result<tokio::runtime::Runtime, Failure> {
         .map_err(|e| Failure::runtime(format!("cannot start the async runtime: {e}")))
 }
 
+/// A single-threaded runtime: the CLI does one thing at a time.
 pub fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
