@@ -1410,11 +1410,29 @@ async fn answer_status(answer: &mut oneshot::Receiver<Response>, busy: &SharedBu
         };
         let AgentView { mut agent, key_sas } = view;
         fill_usage(&mut agent.peers, &key_sas, &usage);
+        age_by(&mut agent, secs);
+        // The kernel is in the middle of a change: not in sync, whatever the last pass.
+        agent.in_sync = false;
         agent.busy = Some(Busy {
             what: what.to_owned(),
             secs,
         });
         return status_response(&status.with_agent(agent));
+    }
+}
+
+/// Moves the times of a view taken `secs` ago to now: uptime and ages grow, the time
+/// to the next rotation shrinks.
+fn age_by(agent: &mut AgentStatus, secs: u64) {
+    agent.uptime_secs += secs;
+    for p in &mut agent.peers {
+        if let Some(s) = &mut p.connected_secs {
+            *s += secs;
+        }
+        for k in p.inbound.iter_mut().chain(p.outbound.iter_mut()) {
+            k.age_secs += secs;
+        }
+        p.next_rotation_secs = p.next_rotation_secs.map(|t| t.saturating_sub(secs));
     }
 }
 
@@ -1849,6 +1867,9 @@ mod tests {
         let busy = agent.busy.expect("marked busy");
         assert_eq!(busy.what, "apply");
         assert!(busy.secs >= 3, "{busy:?}");
+        // Times as of now, not of the change's start; mid-change is not in sync.
+        assert!(agent.uptime_secs >= 7 + 3, "{}", agent.uptime_secs);
+        assert!(!agent.in_sync);
         held.abort();
     }
 
