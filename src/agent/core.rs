@@ -1177,25 +1177,19 @@ impl Agent {
             // Each shown key's SA, matched by SPI from the schedule (not from the text).
             let mut sas: [Vec<SaId>; 2] = Default::default();
             if let (Some(me), Some(keys)) = (me, &keys) {
-                let (src_in, dst_in) = (node.address, me);
-                sas[0] = keys
-                    .inbound
-                    .iter()
-                    .map(|k| SaId {
-                        src: src_in,
-                        dst: dst_in,
-                        spi: k.spi,
-                    })
-                    .collect();
-                sas[1] = keys
-                    .outbound
-                    .iter()
-                    .map(|k| SaId {
-                        src: dst_in,
-                        dst: src_in,
-                        spi: k.spi,
-                    })
-                    .collect();
+                let ids = |held: &[crate::keys::schedule::KeyInfo], src, dst| {
+                    held.iter()
+                        .map(|k| SaId {
+                            src,
+                            dst,
+                            spi: k.spi,
+                        })
+                        .collect()
+                };
+                sas = [
+                    ids(&keys.inbound, node.address, me),
+                    ids(&keys.outbound, me, node.address),
+                ];
             }
             peers.push(peer_status(&name, node.address, session, keys, now));
             key_sas.push(sas);
